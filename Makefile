@@ -1,0 +1,34 @@
+# The two user commands are `make serve` and `make test`; both set up what they need.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MODEL ?=
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test test-fast lint clean generate
+
+install: $(STAMP)
+
+# torch is pinned and installed first: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet triton==3.7.1 numpy
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	@echo "Starting kubellm on http://$(HOST):$(PORT)  (try: curl http://$(HOST):$(PORT)/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"kubellm-default\", \"prompt\": \"Hello\", \"max_tokens\": 16}')"
+	$(BIN)/kubellm serve $(MODEL) --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/yamllint -s .
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,103 @@
+"""Torch reference implementations of the paged-attention kernels.
+
+They define the semantics the Triton kernels must match, and they are the
+attention path on CPU. The KV cache layout shared by all of them:
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+A token at position p of a sequence lives in block block_table[p // block_size]
+at offset p % block_size; its flat slot is block * block_size + offset.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def store_kvcache(
+    key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int; negative slots (padding) are skipped
+) -> None:
+    """Scatter this step's K/V into their cache slots."""
+    block_size = k_cache.shape[1]
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    slots = slot_mapping.long()
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, offsets] = key.to(k_cache.dtype)
+    v_cache[blocks, offsets] = value.to(v_cache.dtype)
+
+
+def gather_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first seq_len cached tokens of one sequence: [seq_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    return cache[blocks].flatten(0, 1)[:seq_len]
+
+
+def _attend(
+    q: torch.Tensor,  # [Lq, Hq, D]
+    k: torch.Tensor,  # [Lk, Hkv, D]
+    v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention where the Lq queries are the last Lq of the Lk positions."""
+    num_q, num_heads, _ = q.shape
+    num_k, num_kv_heads, _ = k.shape
+    group = num_heads // num_kv_heads
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
+    q_pos = torch.arange(num_k - num_q, num_k, device=q.device)[:, None]
+    k_pos = torch.arange(num_k, device=q.device)[None, :]
+    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim], queries of B sequences packed back to back
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32, cumulative query lengths
+    seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
+    scale: float,
+) -> torch.Tensor:
+    """Varlen causal attention over the paged cache (prefill, chunked prefill, prefix hits, decode).
+
+    Query i of sequence b sits at position seq_lens[b] - q_len_b + i and attends
+    to cache positions 0..that position. The step's K/V must already be stored.
+    """
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, seq_len in enumerate(lens):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        k = gather_kv(k_cache, block_tables[b], seq_len)
+        v = gather_kv(v_cache, block_tables[b], seq_len)
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, num_heads, head_dim], one query token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks_per_seq]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+) -> torch.Tensor:
+    """Single-token decode: the special case of prefill attention with one query each."""
+    batch = q.shape[0]
+    query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    return paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
