@@ -1,0 +1,1 @@
+"""Helpers shared by the operator tests (schema checks, the kmock operator harness)."""
