@@ -1,0 +1,24 @@
+"""Triton kernels for paged attention, and their torch references (kernels.reference).
+
+The Triton kernels are imported lazily (`kernels.paged_decode_attention` etc.),
+so CPU-only code that uses kernels.reference never loads Triton or compiles anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "store_kvcache": "kernels.cache",
+    "paged_decode_attention": "kernels.attention",
+    "paged_prefill_attention": "kernels.attention",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -1,0 +1,343 @@
+"""Triton paged attention: decode (split-K, GQA-grouped) and varlen prefill.
+
+Both kernels read K/V through block tables from the cache layout
+[num_blocks, block_size, num_kv_heads, head_dim] and match the torch
+reference in kernels/reference.py (same signatures, same semantics).
+
+What makes them fast on Hopper:
+- GQA grouping: one program serves every query head of a KV head, so each K/V
+  tile is read from HBM once per KV head, not once per query head. The group's
+  query rows are padded to 16, the smallest tl.dot M, so QK^T and PV run on the
+  tensor cores.
+- A KV tile spans several cache blocks (BLOCK_N tokens gathered through the
+  block table), so the loop does few, wide iterations whatever the block size.
+- Softmax in base 2: log2(e) is folded into the scale once, exp2 is one
+  instruction. Accumulation is fp32; inputs and outputs stay in the cache dtype.
+- Decode splits each sequence's context over NUM_SPLITS programs when there
+  are too few (sequence, KV head) pairs to fill the 132 SMs (flash-decoding),
+  then a small kernel merges the partial results by their log-sum-exp. The
+  split of a sequence is computed on the device from its length, so the launch
+  depends on shapes only and is safe inside a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MIN_DOT_M = 16  # the smallest M tl.dot accepts
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _kv_tile_offsets(block_table_row_ptr, positions, valid, cache_head_offset,
+                     stride_cache_block, stride_cache_slot, offs_d,
+                     PAGE_SIZE: tl.constexpr):
+    """Element offsets of a [BLOCK_N, HEAD_DIM] K/V tile gathered through the block table."""
+    page = tl.load(block_table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
+    row = page * stride_cache_block + (positions % PAGE_SIZE) * stride_cache_slot + cache_head_offset
+    return row[:, None] + offs_d[None, :]
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr,
+    qk_scale,
+    stride_qb, stride_qh, stride_ob, stride_oh,
+    stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads = tl.num_programs(1) * GROUP
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kv_head * GROUP + offs_g
+    head_valid = offs_g < GROUP
+
+    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=head_valid[:, None], other=0.0)
+
+    # This split's share of the context, in whole tiles, from the device-side length.
+    seq_len = tl.load(seq_lens_ptr + seq)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
+    start = split * tiles_per_split * BLOCK_N
+    end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
+
+    block_table_row = block_tables_ptr + seq * stride_bt
+    cache_head_offset = kv_head * stride_cache_head
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    for tile_start in range(start, end, BLOCK_N):
+        positions = tile_start + offs_n
+        valid = positions < end
+        kv_offs = _kv_tile_offsets(block_table_row, positions, valid, cache_head_offset,
+                                   stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
+        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (short sequence) has l_i == 0 and acc == 0: it writes zeros
+    # with a log-sum-exp of -inf, which the merge weighs as nothing.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=head_valid[:, None])
+    else:
+        row = (seq * num_heads + heads) * NUM_SPLITS + split  # [B, num_heads, NUM_SPLITS]
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], out,
+                 mask=head_valid[:, None])
+        tl.store(partial_lse_ptr + row, m_i + tl.log2(tl.maximum(l_i, 1e-30)), mask=head_valid)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    row = seq * tl.num_programs(1) + head
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    split_valid = offs_s < NUM_SPLITS
+    lse = tl.load(partial_lse_ptr + row * NUM_SPLITS + offs_s, mask=split_valid, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    # Only an empty sequence (a padded CUDA-graph slot) has no finite lse: it gets zeros.
+    weights = tl.exp2(lse - tl.where(lse_max == float("-inf"), 0.0, lse_max))
+    partial = tl.load(partial_out_ptr + (row * NUM_SPLITS + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=split_valid[:, None], other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(partial * weights[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program: BLOCK_Q query tokens of one sequence x all GROUP heads of one KV head.
+
+    The tile's rows are (token, head-in-group) pairs, BLOCK_Q * GROUP of them
+    padded to BLOCK_M (a power of two), so K/V tiles are shared by the whole
+    group and decode rows (one token) in a mixed batch still fill the
+    tensor-core M dimension with useful heads.
+    """
+    q_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    q_begin = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    if q_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + seq)
+    context_len = seq_len - q_len
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    token = q_tile * BLOCK_Q + offs_m // GROUP
+    head = kv_head * GROUP + offs_m % GROUP
+    row_valid = (offs_m < BLOCK_Q * GROUP) & (token < q_len)
+    q_offs = (q_begin + token)[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_valid[:, None], other=0.0)
+    q_pos = context_len + token  # every row sees position 0, so no row is all -inf
+
+    # Causal: this tile's last query sits at context_len + min(q_len, (q_tile+1)*BLOCK_Q) - 1.
+    kv_end = context_len + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
+    # Tiles wholly before the tile's first query need no causal mask.
+    unmasked_end = (context_len + q_tile * BLOCK_Q) // BLOCK_N * BLOCK_N
+
+    block_table_row = block_tables_ptr + seq * stride_bt
+    cache_head_offset = kv_head * stride_cache_head
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for tile_start in range(0, kv_end, BLOCK_N):
+        positions = tile_start + offs_n
+        valid = positions < kv_end
+        kv_offs = _kv_tile_offsets(block_table_row, positions, valid, cache_head_offset,
+                                   stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
+        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if tile_start >= unmasked_end:
+            causal = positions[None, :] <= q_pos[:, None]
+            scores = tl.where(causal, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    o_offs = (q_begin + token)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and warps of one kernel launch (benchmarks sweep these)."""
+
+    block_n: int
+    num_warps: int
+    num_stages: int
+    block_q: int = 0  # prefill only: query tokens per program
+    num_splits: int = 0  # decode only: 0 = choose from the batch shape
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 models (CPU-parity tests on a GPU) must not silently drop to tf32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1:
+        raise ValueError("paged attention needs the head dimension contiguous")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must share one layout")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[1]} query heads do not divide into {k_cache.shape[2]} KV heads")
+
+
+def default_decode_config(head_dim: int) -> LaunchConfig:
+    if _interpreted():
+        return LaunchConfig(block_n=16, num_warps=1, num_stages=1)
+    return LaunchConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int) -> int:
+    """Enough splits to give every SM about two programs, never more than the context has tiles."""
+    if _interpreted():
+        target_programs = 2 * batch * num_kv_heads  # exercise the merge path in tests
+    else:
+        target_programs = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    wanted = math.ceil(target_programs / (batch * num_kv_heads))
+    return max(1, min(wanted, math.ceil(max_context / block_n), 32))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, num_heads, head_dim], one query token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks_per_seq]
+    seq_lens: torch.Tensor,  # [B]
+    scale: float,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Single-token decode over the paged cache, split over the context when the batch is small.
+
+    The split count depends only on shapes (batch, heads, block-table width),
+    never on the lengths' values, so the launch replays correctly in a CUDA graph.
+    """
+    batch, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    _check_layout(q, k_cache, v_cache)
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    config = config or default_decode_config(head_dim)
+    group = num_heads // num_kv_heads
+    num_splits = config.num_splits or choose_num_splits(
+        batch, num_kv_heads, block_tables.shape[1] * page_size, config.block_n)
+    if num_splits > 1:
+        partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out  # unused
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(MIN_DOT_M, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        PAGE_SIZE=page_size, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch, num_heads)](
+            partial_out, partial_lse, out, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=1 if _interpreted() else 2,
+        )
+    return out
+
+
+def default_prefill_config(head_dim: int, group: int) -> LaunchConfig:
+    """About 64 (token, head) rows per program on the GPU, 16 under the interpreter."""
+    block_q = max(1, (MIN_DOT_M if _interpreted() else 64) // group)
+    if _interpreted():
+        return LaunchConfig(block_n=16, num_warps=1, num_stages=1, block_q=block_q)
+    return LaunchConfig(block_n=64, num_warps=4, num_stages=2, block_q=block_q)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim], queries of B sequences packed back to back
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32
+    seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
+    scale: float,
+    max_query_len: int | None = None,
+    config: LaunchConfig | None = None,
+) -> torch.Tensor:
+    """Varlen causal attention over the paged cache (prefill, chunked prefill, prefix hits, mixed).
+
+    max_query_len sizes the grid; pass it (AttentionMetadata has it) to avoid
+    a device-to-host sync. The step's K/V must already be in the cache.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    _, page_size, num_kv_heads, _ = k_cache.shape
+    _check_layout(q, k_cache, v_cache)
+    out = torch.empty_like(q)
+    batch = seq_lens.shape[0]
+    if num_tokens == 0 or batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    config = config or default_prefill_config(head_dim, group)
+    if max_query_len is None:
+        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
+    grid = (triton.cdiv(max_query_len, config.block_q), batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
+        BLOCK_Q=config.block_q, BLOCK_M=max(MIN_DOT_M, triton.next_power_of_2(config.block_q * group)),
+        BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out

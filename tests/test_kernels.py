@@ -1,0 +1,167 @@
+"""The Triton kernels against their torch reference (kernels/reference.py).
+
+Without a GPU these run under TRITON_INTERPRET=1 (tests/conftest.py sets it)
+at small sizes in fp32/fp16, because the interpreter's bf16 tl.dot is broken.
+Cases marked `gpu` run at realistic sizes in bf16 and are skipped on CPU.
+The reference always runs in fp32 on the same (rounded) inputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference
+from kernels.attention import LaunchConfig
+from kernels.random_inputs import PagedProblem, make_paged_problem
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+requires_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (realistic sizes, bf16)")
+
+# ‖out − ref‖ / ‖ref‖ allowed per input dtype (fp32 dots run in IEEE fp32, not tf32).
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
+    error = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert error < TOLERANCE[dtype], f"relative error {error:.2e} over {TOLERANCE[dtype]:.0e}"
+
+
+def fp32_reference_decode(p: PagedProblem) -> torch.Tensor:
+    return reference.paged_decode_attention(
+        p.q.float(), p.k_cache.float(), p.v_cache.float(), p.block_tables, p.seq_lens, p.scale)
+
+
+def fp32_reference_prefill(p: PagedProblem) -> torch.Tensor:
+    return reference.paged_prefill_attention(
+        p.q.float(), p.k_cache.float(), p.v_cache.float(), p.block_tables, p.query_start_loc,
+        p.seq_lens, p.scale)
+
+
+def small_shapes() -> list:
+    """head_dim x GQA ratio x block size, each paired with a CPU-safe dtype."""
+    params = []
+    for head_dim in (64, 128):
+        for group in (1, 4, 8):
+            for block_size in (16, 32):
+                dtype = torch.float16 if (group + block_size) % 3 == 0 else torch.float32
+                num_kv_heads = 2 if group < 8 else 1
+                params.append(pytest.param(head_dim, group, num_kv_heads, block_size, dtype,
+                                           id=f"d{head_dim}-g{group}-bs{block_size}-{str(dtype)[6:]}"))
+    return params
+
+
+def ragged_seq_lens(block_size: int) -> list[int]:
+    """Length 1, exact block boundaries, one past a boundary, and a multi-block tail."""
+    return [1, block_size, block_size + 1, 2 * block_size + 5]
+
+
+@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size,dtype", small_shapes())
+def test_decode_matches_reference(head_dim, group, num_kv_heads, block_size, dtype):
+    seq_lens = ragged_seq_lens(block_size)
+    p = make_paged_problem(seq_lens, [1] * len(seq_lens), group * num_kv_heads, num_kv_heads,
+                           head_dim, block_size, dtype, DEVICE)
+    out = kernels.paged_decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, p.scale)
+    assert_close(out, fp32_reference_decode(p), dtype)
+
+
+@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size,dtype", small_shapes())
+def test_prefill_matches_reference(head_dim, group, num_kv_heads, block_size, dtype):
+    # Whole prompts, a decode row inside a mixed batch, and chunks behind a cached prefix.
+    seq_lens = [1, block_size, block_size + 1, 2 * block_size + 5, 2 * block_size]
+    query_lens = [1, block_size, 1, block_size + 3, 5]
+    p = make_paged_problem(seq_lens, query_lens, group * num_kv_heads, num_kv_heads,
+                           head_dim, block_size, dtype, DEVICE)
+    out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,
+                                          p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
+    assert_close(out, fp32_reference_prefill(p), dtype)
+
+
+def test_decode_merges_splits_including_empty_ones():
+    # Three splits over contexts of 1..40 tokens: short sequences leave splits empty.
+    p = make_paged_problem([1, 9, 40], [1, 1, 1], 4, 2, 64, 16, torch.float32, DEVICE)
+    config = LaunchConfig(block_n=16, num_warps=1, num_stages=1, num_splits=3)
+    out = kernels.paged_decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens,
+                                         p.scale, config=config)
+    assert_close(out, fp32_reference_decode(p), torch.float32)
+
+
+def test_decode_padding_slot_gives_zeros_and_leaves_others_alone():
+    # A CUDA-graph batch is padded with length-0 sequences: finite zeros, no effect on real ones.
+    p = make_paged_problem([20, 1], [1, 1], 4, 2, 64, 16, torch.float32, DEVICE)
+    padded_lens = torch.tensor([20, 0], dtype=torch.int32, device=DEVICE)
+    out = kernels.paged_decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, padded_lens, p.scale)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    assert_close(out[:1], fp32_reference_decode(p)[:1], torch.float32)
+
+
+def test_prefill_reads_queries_from_a_strided_view():
+    # The model slices q out of a fused qkv projection: rows are strided, heads contiguous.
+    p = make_paged_problem([17, 33], [17, 8], 4, 2, 64, 16, torch.float32, DEVICE)
+    fused = torch.cat([p.q.flatten(1), torch.randn(p.q.shape[0], 2 * 2 * 64, device=DEVICE)], dim=1)
+    q_view = fused[:, : 4 * 64].view(-1, 4, 64)
+    assert not q_view.is_contiguous()
+    out = kernels.paged_prefill_attention(q_view, p.k_cache, p.v_cache, p.block_tables,
+                                          p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
+    assert_close(out, fp32_reference_prefill(p), torch.float32)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_store_kvcache_matches_reference(head_dim, block_size, dtype):
+    num_kv_heads, num_blocks = 2, 6
+    gen = torch.Generator().manual_seed(head_dim + block_size)
+    # key/value are strided views of one fused tensor, as the model produces them.
+    kv = torch.randn(7, 2, num_kv_heads, head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    key, value = kv[:, 0], kv[:, 1]
+    slots = torch.tensor([0, block_size - 1, -1, block_size, 3 * block_size + 2, -1,
+                          num_blocks * block_size - 1], device=DEVICE)
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype=dtype, device=DEVICE)
+    expected = cache.clone()
+    kernels.store_kvcache(key, value, cache[0], cache[1], slots)
+    reference.store_kvcache(key, value, expected[0], expected[1], slots)
+    assert torch.equal(cache, expected)
+
+
+# ---- realistic sizes, bf16, GPU only -------------------------------------------------------
+
+GPU_SHAPES = [  # (num_heads, num_kv_heads, head_dim): Llama-3.1-8B, Qwen2.5-0.5B, an MHA model
+    pytest.param(32, 8, 128, id="llama8b"),
+    pytest.param(14, 2, 64, id="qwen0.5b"),
+    pytest.param(16, 16, 128, id="mha"),
+]
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", GPU_SHAPES)
+@pytest.mark.parametrize("batch,max_len", [(1, 32768), (8, 4096), (128, 2048)])
+@pytest.mark.gpu
+@requires_gpu
+def test_decode_bf16_gpu(batch, max_len, num_heads, num_kv_heads, head_dim, block_size):
+    gen = torch.Generator().manual_seed(batch)
+    seq_lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    seq_lens[0] = max_len
+    p = make_paged_problem(seq_lens, [1] * batch, num_heads, num_kv_heads, head_dim, block_size,
+                           torch.bfloat16, DEVICE)
+    out = kernels.paged_decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, p.scale)
+    assert_close(out, fp32_reference_decode(p), torch.bfloat16)
+
+
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim", GPU_SHAPES)
+@pytest.mark.gpu
+@requires_gpu
+def test_prefill_bf16_gpu(num_heads, num_kv_heads, head_dim, block_size):
+    # A whole 4k prompt, a chunk behind a 6k prefix, decode rows and short prompts, mixed.
+    seq_lens = [4096, 6000, 700, 1, 33, 2049]
+    query_lens = [4096, 1024, 1, 1, 33, 512]
+    p = make_paged_problem(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size,
+                           torch.bfloat16, DEVICE)
+    out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,
+                                          p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
+    assert_close(out, fp32_reference_prefill(p), torch.bfloat16)
