@@ -351,7 +351,11 @@ def open_api_schema() -> dict:
         "metadata": {"type": "object"},
         "spec": spec_schema(),
         "status": status_schema(),
-    }, required=("spec",))
+    }, required=("spec",), rules=(
+        rule("self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 42",
+             "the name must be a DNS label of at most 42 characters (it names the Service, and child objects "
+             "add suffixes)"),
+    ))
 
 
 def crd() -> dict:

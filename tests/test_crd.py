@@ -114,26 +114,26 @@ def test_valid_specs_are_admitted(model_spec):
     ("cache.accessMode", "ReadOnlyMany", "cannot be ReadOnlyMany"),
 ])
 def test_cross_field_rules_reject(path, value, fragment):
-    failures = cel_failures(with_change(FULL, path, value))
+    failures = cel_failures(document(with_change(FULL, path, value)))
     assert any(fragment in failure for failure in failures), failures
 
 
 def test_token_secret_only_with_hub_sources():
     bad = with_change(with_change(MINIMAL, "model.source", "pvc://models/llama"), "model.hfTokenSecret",
                       {"name": "t"})
-    assert any("hfTokenSecret" in failure for failure in cel_failures(bad))
+    assert any("hfTokenSecret" in failure for failure in cel_failures(document(bad)))
 
 
 def test_existing_claim_only_with_hub_sources():
     bad = with_change(with_change(MINIMAL, "model.source", "file:///models/x"), "cache.existingClaim", "c")
-    assert any("existingClaim" in failure for failure in cel_failures(bad))
+    assert any("existingClaim" in failure for failure in cel_failures(document(bad)))
 
 
 @pytest.mark.parametrize("max_surge,max_unavailable,allowed", [
     (0, 0, False), ("0%", 0, False), (0, 1, True), (1, 0, True), ("25%", "0%", True)])
 def test_rolling_update_needs_progress(max_surge, max_unavailable, allowed):
     rollout = {"strategy": "RollingUpdate", "maxSurge": max_surge, "maxUnavailable": max_unavailable}
-    assert (cel_failures(with_change(MINIMAL, "rollout", rollout)) == []) is allowed
+    assert (cel_failures(document(with_change(MINIMAL, "rollout", rollout))) == []) is allowed
 
 
 @pytest.mark.parametrize("path,value", [
@@ -148,6 +148,13 @@ def test_rolling_update_needs_progress(max_surge, max_unavailable, allowed):
 ])
 def test_schema_rejects_bad_fields(path, value):
     assert schema_errors(document(with_change(MINIMAL, path, value)))
+
+
+@pytest.mark.parametrize("name,allowed", [("llama", True), ("a" * 42, True), ("a" * 43, False),
+                                          ("Llama", False), ("8b", False), ("llama.8b", False)])
+def test_name_must_fit_child_names(name, allowed):
+    named = {**document(MINIMAL), "metadata": {"name": name}}
+    assert (cel_failures(named) == []) is allowed
 
 
 def test_spec_requires_a_model_source():

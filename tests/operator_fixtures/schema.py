@@ -50,15 +50,12 @@ def _cel_failures(schema: dict, value: object, path: str, environment: celpy.Env
     return failures
 
 
-def cel_failures(model_deployment_spec: dict) -> list[str]:
-    """Messages of the CEL rules the (defaulted) spec breaks."""
-    spec_schema = crd.open_api_schema()["properties"]["spec"]
-    return _cel_failures(spec_schema, spec.with_defaults(model_deployment_spec), "spec", celpy.Environment())
+def cel_failures(document: dict) -> list[str]:
+    """Messages of the CEL rules a ModelDeployment document breaks, once its spec is defaulted."""
+    defaulted = {**document, "spec": spec.with_defaults(document["spec"])}
+    return _cel_failures(crd.open_api_schema(), defaulted, "", celpy.Environment())
 
 
 def admission_errors(document: dict) -> list[str]:
     """Everything the API server would reject in a ModelDeployment document."""
-    errors = schema_errors(document)
-    if not errors:
-        errors = cel_failures(copy.deepcopy(document["spec"]))
-    return errors
+    return schema_errors(document) or cel_failures(copy.deepcopy(document))
