@@ -1,0 +1,137 @@
+"""Offline inference with vLLM's names, so scripts can switch with one import:
+
+    from engine import LLM, SamplingParams
+    llm = LLM(model="path/to/hf-folder")
+    outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceOf
+from typing import Union
+
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+
+# A prompt is text, or pre-tokenized ids as {"prompt_token_ids": [...]} (vLLM's TokensPrompt).
+Prompt = Union[str, dict]
+Conversation = list[dict]
+
+
+class LLM:
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        gpu_memory_utilization: float = 0.9,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        max_model_len: int | None = None,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        **other_engine_args,
+    ):
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            block_size=block_size,
+            num_kv_blocks=num_kv_blocks,
+            gpu_memory_utilization=gpu_memory_utilization,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_model_len=max_model_len,
+            enable_prefix_caching=enable_prefix_caching,
+            seed=seed,
+            **other_engine_args,
+        )
+        self.llm_engine = LLMEngine(config)
+        self._request_ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.llm_engine.tokenizer
+
+    def get_stats(self) -> EngineStats:
+        return self.llm_engine.get_stats()
+
+    def generate(
+        self,
+        prompts: Prompt | SequenceOf[Prompt],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of the prompts."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        return self._run([_prompt_input(p) for p in prompts], sampling_params, use_tqdm)
+
+    def chat(
+        self,
+        messages: Conversation | SequenceOf[Conversation],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation or a list of them, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        engine = self.llm_engine
+        texts = [engine.apply_chat_template(conversation) for conversation in conversations]
+        return self._run(texts, sampling_params, use_tqdm)
+
+    def _run(
+        self,
+        prompts: list[str | list[int]],
+        sampling_params: SamplingParams | SequenceOf[SamplingParams] | None,
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        params = _params_per_prompt(sampling_params, len(prompts))
+        engine = self.llm_engine
+        request_ids = [str(next(self._request_ids)) for _ in prompts]
+        try:
+            for request_id, prompt, request_params in zip(request_ids, prompts, params):
+                engine.add_request(request_id, prompt, request_params)
+        except Exception:
+            engine.abort_request(request_ids)  # all or nothing: the engine stays clean
+            raise
+        finished: dict[str, RequestOutput] = {}
+        with tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm) as progress:
+            while len(finished) < len(prompts):
+                for output in engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _prompt_input(prompt: Prompt) -> str | list[int]:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        return list(prompt["prompt_token_ids"])
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return prompt["prompt"]
+    raise InvalidRequestError(
+        f"a prompt must be a string or a dict with 'prompt_token_ids' or 'prompt', got {prompt!r:.80}", param="prompt"
+    )
+
+
+def _params_per_prompt(
+    sampling_params: SamplingParams | SequenceOf[SamplingParams] | None, num_prompts: int
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    if len(sampling_params) != num_prompts:
+        raise InvalidRequestError(
+            f"got {len(sampling_params)} SamplingParams for {num_prompts} prompts; pass one, or one per prompt",
+            param="sampling_params",
+        )
+    return list(sampling_params)

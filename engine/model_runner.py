@@ -1,0 +1,164 @@
+"""Runs one scheduled batch through the model and samples the next tokens.
+
+The runner owns the device side: the model weights, the paged KV cache (one K
+and one V tensor per layer, [num_blocks, block_size, num_kv_heads, head_dim])
+and the sampler. Each step it flattens the batch into the tensors attention
+needs (built in one place, `prepare_inputs`), runs the model, computes logits
+only at the last position of the sequences that sample this step, and copies
+the sampled tokens back to the host once.
+
+KV cache size: `num_kv_blocks` when given. Otherwise, on CUDA, whatever
+gpu_memory_utilization of the GPU leaves after the weights and the peak
+activations of a profiling forward pass of a full step (max_num_batched_tokens
+tokens). On CPU, room for max_num_seqs sequences of max_model_len tokens,
+capped at CPU_KV_CACHE_BYTES.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.attention_metadata import AttentionMetadata
+from engine.block_manager import cdiv
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from engine.layers.sampler import SampledToken, Sampler
+from engine.model_config import ModelConfig
+from engine.models import load_model
+from engine.scheduler import ScheduledBatch
+
+CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class ModelInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # [S]: the last new token of each sequence that samples
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig):
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.device)
+        self.block_size = config.block_size
+        self.model = load_model(model_config.path, model_config, config.torch_dtype, self.device)
+        self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks()
+        self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
+        self.sampler = Sampler(model_config.eos_token_ids, config.seed, self.device)
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of every layer for block_size tokens, on this (tensor-parallel) rank."""
+        cfg = self.model_config
+        num_kv_heads = max(cfg.num_key_value_heads // self.config.tensor_parallel_size, 1)
+        elements = 2 * cfg.num_hidden_layers * self.block_size * num_kv_heads * cfg.head_dim
+        return elements * self.config.torch_dtype.itemsize
+
+    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
+        """Compute the batch's new tokens; one SampledToken per sequence in batch.sampling_seqs."""
+        inputs = self.prepare_inputs(batch)
+        with torch.inference_mode():
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            sampling_seqs = batch.sampling_seqs
+            if not sampling_seqs:
+                return []
+            logits = self.model.compute_logits(hidden[inputs.logits_indices])
+            return self.sampler(logits, sampling_seqs)
+
+    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        size = self.block_size
+        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
+            start = seq.num_computed_tokens
+            end = start + num_new
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_table
+            slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
+            query_start_loc.append(query_start_loc[-1] + num_new)
+            seq_lens.append(end)
+            if samples:
+                logits_indices.append(query_start_loc[-1] - 1)
+        width = max(len(seq.block_table) for seq in batch.seqs)
+        block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+
+        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            slot_mapping=tensor(slot_mapping, torch.int64),
+            query_start_loc=tensor(query_start_loc, torch.int32),
+            seq_lens=tensor(seq_lens, torch.int32),
+            block_tables=tensor(block_tables, torch.int32),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+        return ModelInputs(
+            input_ids=tensor(input_ids, torch.int64),
+            positions=tensor(positions, torch.int64),
+            attn_metadata=metadata,
+            logits_indices=tensor(logits_indices, torch.int64),
+        )
+
+    def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
+        cfg = self.model_config
+        num_kv_heads = max(cfg.num_key_value_heads // self.config.tensor_parallel_size, 1)
+        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, num_kv_heads, cfg.head_dim)
+        kv_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+        self.model.bind_kv_cache([(kv_cache[0, i], kv_cache[1, i]) for i in range(cfg.num_hidden_layers)])
+        return kv_cache
+
+    def _default_num_kv_blocks(self) -> int:
+        if self.device.type == "cuda":
+            num_blocks = self._free_gpu_memory_after_profiling() // self.bytes_per_block
+        else:
+            wanted = self.config.max_num_seqs * cdiv(self.config.max_model_len, self.block_size)
+            num_blocks = min(wanted, CPU_KV_CACHE_BYTES // self.bytes_per_block)
+        if num_blocks < 1:
+            raise ConfigError(
+                "no memory is left for the KV cache after loading the model; "
+                "raise gpu_memory_utilization or lower max_num_batched_tokens"
+            )
+        return num_blocks
+
+    def _free_gpu_memory_after_profiling(self) -> int:
+        """Bytes the cache may take: the utilisation target minus weights, activations and others' use."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._profile_forward()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        return int(total * self.config.gpu_memory_utilization) - peak - used_by_others
+
+    def _profile_forward(self) -> None:
+        """A worst-case step without a cache: max_num_batched_tokens tokens, max_num_seqs logits rows."""
+        num_tokens = self.config.max_num_batched_tokens
+        seq_len = min(num_tokens, self.config.max_model_len)
+        lengths = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        starts = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0).to(torch.int32)
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        metadata = AttentionMetadata(
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=self.device),
+            query_start_loc=starts.to(self.device),
+            seq_lens=torch.tensor(lengths, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros((len(lengths), 1), dtype=torch.int32, device=self.device),
+            max_query_len=seq_len,
+            max_seq_len=seq_len,
+        )
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            hidden = self.model(input_ids, positions.to(self.device), metadata)
+            rows = torch.full((self.config.max_num_seqs,), num_tokens - 1, device=self.device)
+            self.model.compute_logits(hidden[rows])
