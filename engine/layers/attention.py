@@ -1,0 +1,75 @@
+"""Paged attention for one layer, and the single place that picks the kernel backend.
+
+The runner allocates each layer's KV cache after a profiling pass and binds it
+to `Attention.k_cache` / `.v_cache`. Until then (the profiling pass itself)
+each sequence attends causally over its own new tokens only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention_metadata import AttentionMetadata
+
+# Both modules expose store_kvcache, paged_prefill_attention and paged_decode_attention
+# with the same signatures (kernels/reference.py defines them).
+_CPU_BACKEND = "kernels.reference"
+_CUDA_BACKEND = "kernels.triton_attention"
+
+
+@functools.cache
+def attention_backend(device_type: str) -> ModuleType:
+    """Triton kernels on CUDA, the torch reference elsewhere; imported lazily so CPU never needs a GPU stack."""
+    return importlib.import_module(_CUDA_BACKEND if device_type == "cuda" else _CPU_BACKEND)
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = scale
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, num_heads * head_dim]
+        if self.k_cache is None or self.v_cache is None:
+            return causal_attention_without_cache(q, k, v, meta.query_start_loc, self.scale).flatten(1)
+        backend = attention_backend(q.device.type)
+        backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            out = backend.paged_decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale
+            )
+        else:
+            out = backend.paged_prefill_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale
+            )
+        return out.flatten(1)
+
+
+def causal_attention_without_cache(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Each packed sequence attends causally over its own tokens (the profiling pass: no cache yet)."""
+    out = torch.empty_like(q)
+    group = q.shape[1] // k.shape[1]
+    starts = query_start_loc.tolist()
+    for lo, hi in zip(starts[:-1], starts[1:]):
+        if hi == lo:
+            continue
+        qs, ks, vs = (t[lo:hi].transpose(0, 1) for t in (q, k, v))  # [heads, len, head_dim]
+        ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
+        out[lo:hi] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+    return out

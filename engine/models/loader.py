@@ -1,0 +1,151 @@
+"""Build a model on its target device and fill it from safetensors, one tensor at a time.
+
+Parameters are allocated once, on the target device, in the target dtype; each
+checkpoint tensor is read, copied (and cast) into its parameter slice, and
+dropped, so host memory never holds more than one tensor of the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.layers.weights import ShapeMismatchError, default_weight_loader
+from engine.model_config import ModelConfig
+from engine.models.registry import MODEL_REGISTRY
+
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype, model_config: ModelConfig, device: str | torch.device) -> torch.dtype:
+    """"auto" is the checkpoint's dtype on CUDA and float32 elsewhere (bf16 on CPU is slow and inexact)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return model_config.dtype if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def load_model(
+    model_path: str | Path,
+    model_config: ModelConfig,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The model of `model_config.architecture`, weights loaded, in eval mode, no gradients."""
+    folder = Path(model_path)
+    files = checkpoint_files(folder)
+    model_class = MODEL_REGISTRY.get(model_config.architecture)
+    if model_class is None:
+        raise UnsupportedModelError(f"no model class for architecture {model_config.architecture}")
+    with _default_dtype(resolve_dtype(dtype, model_config, device)), torch.device(device):
+        model = model_class(model_config)
+    load_weights(model, files)
+    return model.eval()
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """The safetensors files of a folder: the shards its index names, else every *.safetensors."""
+    index_file = folder / INDEX_FILE
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise ModelLoadError(f"{index_file} is not a valid safetensors index: {error!r}") from None
+        missing = [name for name in names if not (folder / name).is_file()]
+        if missing:
+            raise ModelLoadError(f"{index_file} names shard(s) missing from {folder}: {', '.join(missing)}")
+        return [folder / name for name in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(
+            f"no *.safetensors files in {folder} (only safetensors checkpoints are supported, not *.bin)"
+        )
+    return files
+
+
+def load_weights(model: nn.Module, files: list[Path]) -> None:
+    """Copy every checkpoint tensor into its parameter; fail naming any tensor that is missing or misshapen."""
+    params = dict(model.named_parameters())
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for file, name, tensor in _checkpoint_tensors(files):
+            param_name, shard_id = _param_name(name, packed)
+            param = params.get(param_name)
+            if param is None:  # e.g. rotary_emb.inv_freq, or lm_head.weight of a tied model
+                continue
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                weight_loader(param, tensor, shard_id)
+            except ShapeMismatchError as error:
+                raise ModelLoadError(
+                    f"{file}: tensor {name} has shape {list(error.got)}, the model expects {list(error.expected)}"
+                ) from None
+            loaded.add(name)
+    missing = sorted(expected_checkpoint_names(params, packed) - loaded)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"checkpoint in {files[0].parent} is missing {len(missing)} tensor(s): {shown}")
+
+
+def expected_checkpoint_names(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, object]]) -> set[str]:
+    """The checkpoint tensor names a model needs: fused parameters expand to their parts."""
+    parts_of: dict[str, list[str]] = {}
+    for part, (fused, _) in packed.items():
+        parts_of.setdefault(fused, []).append(part)
+    names: set[str] = set()
+    for name in params:
+        fused = next((f for f in parts_of if f".{f}." in name), None)
+        if fused is None:
+            names.add(name)
+        else:
+            names.update(name.replace(f".{fused}.", f".{part}.") for part in parts_of[fused])
+    return names
+
+
+def _param_name(checkpoint_name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+    for part, (fused, shard_id) in packed.items():
+        if f".{part}." in checkpoint_name:
+            return checkpoint_name.replace(f".{part}.", f".{fused}."), shard_id
+    return checkpoint_name, None
+
+
+def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
+    """(file, name, tensor) for every tensor; a corrupt or truncated file is named in the error."""
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as reader:
+                for name in reader.keys():
+                    yield file, name, reader.get_tensor(name)
+        except ModelLoadError:
+            raise
+        except Exception as error:  # safetensors raises its own SafetensorError / OSError variants
+            raise ModelLoadError(f"{file} is not a readable safetensors file: {error}") from None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
