@@ -1,0 +1,235 @@
+"""The Helm chart, rendered by the real Helm engine (Helm v4 SDK through helm-python-sdk).
+
+Every documented option is rendered, linted in strict mode, and every object it
+produces is validated against the Kubernetes OpenAPI schemas of 1.29 to 1.37
+(kubernetes-validate, strict) or, for custom resources, against their own schema.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import helm_python
+import kubernetes_validate
+import pytest
+import yaml
+
+from helm_render import CHART_DIR, ROOT, render_objects, render_templates
+from model_operator import crd, resources, spec
+from operator_fixtures.schema import admission_errors
+
+KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]
+PROMETHEUS_OPERATOR = ("monitoring.coreos.com/v1",)
+EXAMPLE_SPECS = [document["spec"] for path in sorted((ROOT / "manifests" / "examples").glob("*.yaml"))
+                 for document in yaml.safe_load_all(path.read_text()) if document["kind"] == crd.KIND]
+
+# One entry per documented option (values.yaml), each rendered and validated.
+OPTIONS = {
+    "defaults": {},
+    "watch-namespaces": {"watchNamespaces": ["team-a", "team-b"]},
+    "own-images": {"image": {"repository": "registry.example.com:5000/ml/kubellm-operator", "tag": "1.2.3",
+                             "pullPolicy": "Always"},
+                   "engineImage": {"repository": "registry.example.com/ml/kubellm-engine", "tag": "1.2.3-cu13"},
+                   "imagePullSecrets": [{"name": "regcred"}]},
+    "existing-service-account": {"serviceAccount": {"create": False, "name": "operator-sa"}},
+    "service-account-annotations": {"serviceAccount": {"annotations": {"example.com/role": "kubellm"}}},
+    "no-rbac": {"rbac": {"create": False}},
+    "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
+                   "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
+                   "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                       "nodeSelectorTerms": [{"matchExpressions": [
+                           {"key": "node-role", "operator": "In", "values": ["system"]}]}]}}},
+                   "priorityClassName": "system-cluster-critical",
+                   "podAnnotations": {"example.com/team": "ml"}, "podLabels": {"team": "ml"},
+                   "resources": {"requests": {"cpu": "100m", "memory": "200Mi"}, "limits": {"cpu": 1,
+                                                                                              "memory": "1Gi"}}},
+    "pod-monitor-labels": {"monitoring": {"podMonitor": {"interval": "30s",
+                                                         "labels": {"release": "kube-prometheus-stack"}}}},
+    "pod-monitor-off": {"monitoring": {"podMonitor": {"enabled": False}}},
+    "models-catalog": {"models": [{"name": f"model-{index}", "spec": model_spec}
+                                  for index, model_spec in enumerate(EXAMPLE_SPECS)]},
+}
+
+BAD_VALUES = {
+    "unknown-key": {"replicaCount": 2},
+    "misspelled-nested-key": {"image": {"repo": "x"}},
+    "pull-policy": {"image": {"pullPolicy": "Sometimes"}},
+    "image-with-tag-in-repository": {"image": {"repository": "ghcr.io/kubellm/kubellm-operator:latest"}},
+    "tag-with-space": {"engineImage": {"tag": "1.0 beta"}},
+    "namespace-not-dns": {"watchNamespaces": ["Team_A"]},
+    "namespace-twice": {"watchNamespaces": ["a", "a"]},
+    "namespaces-not-a-list": {"watchNamespaces": "team-a"},
+    "service-account-name-not-dns": {"serviceAccount": {"name": "Operator SA"}},
+    "rbac-create-string": {"rbac": {"create": "yes"}},
+    "resource-quantity": {"resources": {"requests": {"memory": "lots"}}},
+    "resource-field": {"resources": {"request": {"memory": "1Gi"}}},
+    "interval": {"monitoring": {"podMonitor": {"interval": "fast"}}},
+    "model-without-spec": {"models": [{"name": "m"}]},
+    "model-without-source": {"models": [{"name": "m", "spec": {"model": {}}}]},
+    "model-name-not-dns": {"models": [{"name": "My Model", "spec": {"model": {"source": "hf://a/b"}}}]},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(OPTIONS))
+def rendered(request) -> tuple[str, list[dict]]:
+    """(option name, objects) with the Prometheus Operator present, so optional objects render too."""
+    return request.param, render_objects(OPTIONS[request.param], api_versions=PROMETHEUS_OPERATOR)
+
+
+def by_kind(objects: list[dict], kind: str) -> list[dict]:
+    return [document for document in objects if document["kind"] == kind]
+
+
+def operator_container(objects: list[dict]) -> dict:
+    (deployment,) = by_kind(objects, "Deployment")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {variable["name"]: variable["value"] for variable in container["env"]}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_lint_strict_passes(option):
+    report = helm_python.lint(CHART_DIR, OPTIONS[option], strict=True, namespace="kubellm-system")
+    problems = [message for message in report["messages"] if message["severity"] >= 2]
+    assert report["errors"] == [] and problems == []
+
+
+def test_every_rendered_object_is_valid_for_every_kubernetes_version(rendered):
+    option, objects = rendered
+    for document in objects:
+        if document["kind"] == crd.KIND:
+            assert admission_errors(document) == [], (option, document["metadata"]["name"])
+        elif document["kind"] == "PodMonitor":
+            assert_pod_monitor_is_well_formed(document)
+        else:
+            for version in KUBERNETES_VERSIONS:
+                kubernetes_validate.validate(document, version, strict=True)
+
+
+def test_every_object_is_namespaced_in_the_release_namespace_or_cluster_scoped(rendered):
+    _, objects = rendered
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding"}
+    for document in objects:
+        namespace = document["metadata"].get("namespace")
+        if document["kind"] in cluster_scoped:
+            assert namespace is None
+        elif document["kind"] not in {"Role", "RoleBinding"}:
+            assert namespace == "kubellm-system"
+
+
+@pytest.mark.parametrize("option", sorted(BAD_VALUES))
+def test_schema_rejects_bad_values(option):
+    with pytest.raises(helm_python.HelmValuesError):
+        render_templates(BAD_VALUES[option])
+
+
+def test_operator_pod_is_locked_down():
+    objects = render_objects()
+    pod = by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]
+    container = operator_container(objects)
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] > 0
+    assert container["securityContext"] == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                            "capabilities": {"drop": ["ALL"]}}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["livenessProbe"]["httpGet"]["port"] in {port["name"] for port in container["ports"]}
+
+
+def test_default_engine_image_is_the_operators_default():
+    """The chart's appVersion tags the same engine image the operator falls back to."""
+    assert env_of(operator_container(render_objects()))[spec.ENGINE_IMAGE_ENV] == spec.DEFAULT_ENGINE_IMAGE
+
+
+def test_image_options_reach_the_operator():
+    objects = render_objects(OPTIONS["own-images"])
+    container = operator_container(objects)
+    assert container["image"] == "registry.example.com:5000/ml/kubellm-operator:1.2.3"
+    assert env_of(container)[spec.ENGINE_IMAGE_ENV] == "registry.example.com/ml/kubellm-engine:1.2.3-cu13"
+
+
+def test_chart_version_follows_the_package_version():
+    metadata = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    package_version = [line.split('"')[1] for line in (ROOT / "pyproject.toml").read_text().splitlines()
+                       if line.startswith("version = ")][0]
+    assert metadata["appVersion"] == package_version
+
+
+def test_chart_ships_the_generated_crd():
+    with helm_python.Chart.load(CHART_DIR) as chart:
+        (shipped,) = chart.crds
+    assert yaml.safe_load(shipped["data"]) == crd.crd()
+
+
+def test_models_catalog_renders_model_deployments():
+    values = OPTIONS["models-catalog"]
+    rendered = by_kind(render_objects(values), crd.KIND)
+    assert [(document["metadata"]["name"], document["spec"]) for document in rendered] == [
+        (model["name"], model["spec"]) for model in values["models"]]
+
+
+# --- PodMonitor ---------------------------------------------------------------------------------
+
+
+def assert_pod_monitor_is_well_formed(document: dict) -> None:
+    """PodMonitor is a Prometheus Operator CRD (no bundled schema): check the fields it requires."""
+    assert document["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(document["spec"]) == {"namespaceSelector", "selector", "podMetricsEndpoints"}
+    for endpoint in document["spec"]["podMetricsEndpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval"} and endpoint["path"].startswith("/")
+
+
+def engine_pod_template(namespace: str = "team-a") -> dict:
+    body = {"metadata": {"name": "llama", "namespace": namespace, "uid": "u-1"},
+            "spec": {"model": {"source": "hf://meta-llama/Llama-3.1-8B-Instruct"}}}
+    target = resources.Target.from_body(body)
+    return resources.engine_deployment(target, spec.DEFAULT_ENGINE_IMAGE)["spec"]["template"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    expressions_hold = all(
+        (expression["key"] in labels) == (expression["operator"] == "Exists")
+        for expression in selector.get("matchExpressions", []))
+    return expressions_hold and all(labels.get(key) == value for key, value in selector["matchLabels"].items())
+
+
+def test_pod_monitor_renders_only_with_the_prometheus_operator():
+    assert by_kind(render_objects(), "PodMonitor") == []
+    assert len(by_kind(render_objects(api_versions=PROMETHEUS_OPERATOR), "PodMonitor")) == 1
+    assert by_kind(render_objects(OPTIONS["pod-monitor-off"], api_versions=PROMETHEUS_OPERATOR),
+                   "PodMonitor") == []
+
+
+def test_pod_monitor_scrapes_the_engine_pods_the_operator_builds():
+    (monitor,) = by_kind(render_objects(api_versions=PROMETHEUS_OPERATOR), "PodMonitor")
+    template = engine_pod_template()
+    (engine,) = template["spec"]["containers"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert selects(monitor["spec"]["selector"], template["metadata"]["labels"])
+    assert endpoint["port"] in {port["name"] for port in engine["ports"]}
+    assert endpoint["path"] == template["metadata"]["annotations"]["prometheus.io/path"]
+    assert monitor["spec"]["namespaceSelector"] == {"any": True}
+
+
+def test_pod_monitor_follows_watch_namespaces():
+    objects = render_objects(OPTIONS["watch-namespaces"], api_versions=PROMETHEUS_OPERATOR)
+    (monitor,) = by_kind(objects, "PodMonitor")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+
+
+def test_pod_monitor_does_not_select_fetch_or_operator_pods():
+    (monitor,) = by_kind(render_objects(api_versions=PROMETHEUS_OPERATOR), "PodMonitor")
+    operator_pod = by_kind(render_objects(), "Deployment")[0]["spec"]["template"]
+    labels = copy.deepcopy(engine_pod_template()["metadata"]["labels"])
+    labels[resources.LABEL_COMPONENT] = resources.COMPONENT_FETCH
+    assert not selects(monitor["spec"]["selector"], labels)
+    assert not selects(monitor["spec"]["selector"], operator_pod["metadata"]["labels"])
+
+
+def test_notes_tell_how_to_apply_a_first_model():
+    notes = render_templates()["kubellm/templates/NOTES.txt"]
+    manifest = notes.split("kubectl apply -f - <<'YAML'\n")[1].split("  YAML\n")[0]
+    document = yaml.safe_load("\n".join(line.removeprefix("  ") for line in manifest.splitlines()))
+    assert admission_errors(document) == []
+    assert "kubellm-system" in notes and "/v1/chat/completions" in notes
