@@ -1,0 +1,206 @@
+"""The `kubellm` command: `kubellm serve [MODEL]`, `kubellm fetch`, `kubellm --version`.
+
+Every serve flag is defined once, in `build_parser()` (the README's CLI reference
+is generated from it), and mapped to EngineConfig in `engine_config_from_args()`.
+Engine flag defaults are read from EngineConfig itself so they cannot drift.
+A bad value exits 2 with one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import NoReturn
+
+from engine.config import DTYPE_ALIASES, DTYPES, EngineConfig
+from engine.errors import ConfigError
+from engine.server.app import kubellm_version
+
+API_KEY_ENV = "KUBELLM_API_KEY"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+USAGE_ERROR = 2
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad flag prints one line (no usage block) and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _bounded(kind: Callable[[str], float], low: float, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: `kind` parsed, then checked against [low, high]."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            limits = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be {limits}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _engine_default(name: str):
+    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="Hugging Face-format model folder (config.json, *.safetensors, tokenizer). "
+                             "Default: the built-in tiny test model from engine.testing.")
+
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: %(default)s).")
+    server.add_argument("--port", type=_bounded(int, 0, 65535), default=8000,
+                        help="Port to listen on (default: %(default)s).")
+    server.add_argument("--served-model-name",
+                        help="Model name clients send and /v1/models lists (default: the MODEL argument, "
+                             "or kubellm-default for the built-in model).")
+    server.add_argument("--api-key",
+                        help=f"Require 'Authorization: Bearer KEY' on /v1 routes. Also read from ${API_KEY_ENV}.")
+    server.add_argument("--api-key-file", help="Read the API key from this file (e.g. a mounted Secret).")
+    server.add_argument("--max-pending-requests", type=_bounded(int, 1), default=None,
+                        help="Bound on waiting requests; beyond it requests get 503 with Retry-After "
+                             "(default: unbounded).")
+    server.add_argument("--shutdown-timeout", type=_bounded(float, 0), default=30.0,
+                        help="Seconds in-flight requests may take to finish after SIGTERM before they are "
+                             "aborted (default: %(default)s).")
+    server.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default: %(default)s).")
+
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=_engine_default("dtype"),
+                        help="Weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU.")
+    engine.add_argument("--device", default=_engine_default("device"),
+                        help="auto, cpu, cuda or cuda:N (default: %(default)s).")
+    engine.add_argument("--max-model-len", type=int, default=_engine_default("max_model_len"),
+                        help="Context length (prompt + output); default: the model's max_position_embeddings.")
+    engine.add_argument("--max-num-seqs", type=int, default=_engine_default("max_num_seqs"),
+                        help="Most sequences in one step (default: %(default)s).")
+    engine.add_argument("--max-num-batched-tokens", type=int, default=_engine_default("max_num_batched_tokens"),
+                        help="Token budget of one step; long prompts are prefilled in chunks (default: 8192).")
+    engine.add_argument("--block-size", type=int, default=_engine_default("block_size"),
+                        help="Tokens per KV-cache block, a power of two (default: %(default)s).")
+    engine.add_argument("--num-kv-blocks", type=int, default=_engine_default("num_kv_blocks"),
+                        help="KV-cache blocks to allocate; default: sized from free memory.")
+    engine.add_argument("--gpu-memory-utilization", type=float, default=_engine_default("gpu_memory_utilization"),
+                        help="Fraction of GPU memory for weights, activations and KV cache (default: %(default)s).")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=_engine_default("enable_prefix_caching"),
+                        help="Reuse KV blocks of shared prompt prefixes (default: on).")
+    engine.add_argument("--tensor-parallel-size", type=int, default=_engine_default("tensor_parallel_size"),
+                        help="GPUs to shard the model over (default: %(default)s).")
+    engine.add_argument("--enforce-eager", action="store_true", default=_engine_default("enforce_eager"),
+                        help="Disable CUDA graphs (always eager).")
+    engine.add_argument("--seed", type=int, default=_engine_default("seed"),
+                        help="Seed for requests without their own seed (default: %(default)s).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="kubellm", description="Serve open-weight LLMs with an OpenAI-compatible API.")
+    parser.add_argument("--version", action="version", version=f"kubellm {kubellm_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=OneLineErrorParser)
+    serve = commands.add_parser("serve", help="Start the OpenAI-compatible server.",
+                                description="Start the OpenAI-compatible HTTP server (flags mirror `vllm serve`).")
+    add_serve_arguments(serve)
+    _add_fetch_command(commands)
+    return parser
+
+
+def _add_fetch_command(commands: argparse._SubParsersAction) -> None:
+    try:
+        from engine.fetch import add_fetch_arguments
+    except ImportError:  # the operator's fetch module is optional in engine-only installs
+        return
+    fetch = commands.add_parser("fetch", help="Download a model into a folder (used by the operator's Job).")
+    add_fetch_arguments(fetch)
+
+
+def engine_config_from_args(args: argparse.Namespace, model: str, served_model_name: str) -> EngineConfig:
+    """The one mapping from serve flags to EngineConfig (which validates them)."""
+    return EngineConfig(
+        model=model,
+        dtype=args.dtype,
+        device=args.device,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+        served_model_name=served_model_name,
+    )
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else --api-key-file, else $KUBELLM_API_KEY; None: no key required."""
+    if args.api_key:
+        return args.api_key
+    if args.api_key_file:
+        try:
+            with open(args.api_key_file, encoding="utf-8") as key_file:
+                key = key_file.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read --api-key-file {args.api_key_file}: {exc.strerror}") from None
+        if not key:
+            raise ConfigError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get(API_KEY_ENV) or None
+
+
+def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
+    """(model folder, served model name); no MODEL means the built-in default model."""
+    if args.model is None:
+        from engine.testing import DEFAULT_SERVED_NAME, default_model_path
+
+        return str(default_model_path()), args.served_model_name or DEFAULT_SERVED_NAME
+    if not os.path.isdir(args.model):
+        raise ConfigError(f"model folder {args.model} does not exist")
+    return args.model, args.served_model_name or args.model
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from engine.async_engine import AsyncLLMEngine
+    from engine.llm_engine import LLMEngine
+    from engine.server.app import ServerSettings, build_app
+    from engine.server.logs import configure_logging
+    from engine.server.runner import DrainingServer
+
+    model, served_model_name = resolve_model(args)
+    config = engine_config_from_args(args, model, served_model_name)
+    settings = ServerSettings(served_model_name=served_model_name, api_key=resolve_api_key(args),
+                              shutdown_timeout=args.shutdown_timeout)
+    configure_logging(args.log_level)
+    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=args.max_pending_requests)
+    server = DrainingServer(build_app(engine, settings), host=args.host, port=args.port)
+    server.run()
+    return server.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_serve(args)
+        from engine.fetch import run_fetch
+
+        return run_fetch(args)
+    except ConfigError as exc:
+        print(f"kubellm {args.command}: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

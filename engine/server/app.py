@@ -1,0 +1,260 @@
+"""The OpenAI-compatible FastAPI app: `build_app(engine, settings)`.
+
+The app owns no model: it is handed an AsyncLLMEngine (started by the app's
+lifespan if nobody started it) and reads everything else from ServerSettings,
+so tests can build several apps in one process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+import uuid
+from collections.abc import Awaitable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.async_engine import AsyncLLMEngine
+from engine.errors import InvalidRequestError
+from engine.server.errors import APIError, as_api_error, error_response, install_error_handlers
+from engine.server.generation import Generation
+from engine.server.metrics import ServerMetrics
+from engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from engine.server.responses import ChatFormat, CompletionFormat, ResponseFormat
+
+T = TypeVar("T")
+
+# Status for a request whose client went away before the response (nginx's convention; never sent).
+CLIENT_CLOSED_REQUEST = 499
+
+
+def kubellm_version() -> str:
+    try:
+        return version("kubellm")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    shutdown_timeout: float = 30.0  # seconds in-flight requests may take to finish on SIGTERM
+
+
+class ServerState:
+    """What the routes share: the engine, settings, metrics and whether the server is draining."""
+
+    def __init__(self, engine: AsyncLLMEngine, settings: ServerSettings):
+        self.engine = engine
+        self.settings = settings
+        self.metrics = ServerMetrics(engine, settings.served_model_name)
+        self.draining = False
+        self.started = int(time.time())
+
+    async def drain(self) -> None:
+        """SIGTERM: stop taking requests, let in-flight ones finish up to the timeout, abort the rest."""
+        self.draining = True
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        while self.engine.num_in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.engine.num_in_flight:
+            self.engine.abort_all()
+            abort_deadline = time.monotonic() + 5.0
+            while self.engine.num_in_flight and time.monotonic() < abort_deadline:
+                await asyncio.sleep(0.05)
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.settings.served_model_name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves "
+                                f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
+
+    async def serve(
+        self, request: Request, body: CompletionRequest | ChatCompletionRequest, endpoint: str,
+        prompts: list[str | list[int]], response_format: ResponseFormat,
+    ) -> Response:
+        generation = Generation(
+            engine=self.engine,
+            metrics=self.metrics,
+            request_id=request.state.request_id,
+            engine_request_id=response_format.id,
+            endpoint=endpoint,
+            prompts=prompts,
+            params=body.to_sampling_params(),
+        )
+        try:
+            if body.stream:
+                await until_disconnect(request, generation.start())
+                return StreamingResponse(
+                    response_format.stream(generation, len(prompts)), media_type="text/event-stream"
+                )
+            finals = await until_disconnect(request, generation.final_outputs())
+        except ClientDisconnected:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an OpenAI error body
+            raise as_api_error(exc) from None
+        return JSONResponse(response_format.response(finals))
+
+    def check_accepting(self) -> None:
+        """503 while draining, loading or overloaded, before any work is done for the request."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="draining")
+        try:
+            self.engine.check_accepting()
+        except Exception as exc:  # noqa: BLE001 - mapped to the matching status
+            raise as_api_error(exc) from None
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.engine.tokenizer
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Runs `work`, cancelling it (which aborts its engine requests) if the client disconnects first."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+class RequestContextMiddleware:
+    """X-Request-Id in and out, and the API key check on /v1 routes (pure ASGI, so streams stay unbuffered)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None):
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_request_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).append("X-Request-Id", request_id)
+            await send(message)
+
+        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
+            response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                      code="invalid_api_key")
+            await response(scope, receive, send_with_request_id)
+            return
+        await self.app(scope, receive, send_with_request_id)
+
+    def _authorized(self, headers: Headers) -> bool:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+
+def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
+    state = ServerState(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not engine.is_started:
+            engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="kubellm", version=kubellm_version(), lifespan=lifespan)
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, api_key=settings.api_key)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: the process runs and the step loop has not died (loading counts as alive)."""
+        if not engine.is_alive:
+            return error_response(503, f"the engine step loop is dead: {engine.error}", code="engine_dead")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> Response:
+        """Readiness: the model is loaded, the step loop runs and the server is not draining."""
+        if state.draining:
+            return error_response(503, "the server is shutting down", code="draining")
+        if not engine.is_ready:
+            reason = "the model is loading" if engine.is_alive else f"the engine step loop is dead: {engine.error}"
+            return error_response(503, reason, code="not_ready")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/version")
+    async def server_version() -> dict:
+        return {"version": kubellm_version()}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        card: dict[str, Any] = {
+            "id": settings.served_model_name,
+            "object": "model",
+            "created": state.started,
+            "owned_by": "kubellm",
+        }
+        if engine.is_loaded:
+            card["max_model_len"] = engine.engine.config.max_model_len
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        state.check_accepting()
+        prompts = body.prompts
+        response_format = CompletionFormat(
+            settings.served_model_name, state.tokenizer, body.n, body.logprobs, body.include_usage,
+            echo_prompts=[_prompt_text(state.tokenizer, p) for p in prompts] if body.echo else None,
+        )
+        return await state.serve(request, body, "completions", prompts, response_format)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        state.check_accepting()
+        prompt = engine.engine.apply_chat_template([m.as_template_input() for m in body.messages])
+        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        response_format = ChatFormat(settings.served_model_name, state.tokenizer, body.n, top_logprobs,
+                                     body.include_usage)
+        return await state.serve(request, body, "chat", [prompt], response_format)
+
+    return app
+
+
+def _prompt_text(tokenizer: Any, prompt: str | list[int]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    try:
+        return tokenizer.decode(prompt)
+    except Exception as exc:  # ids outside the vocabulary; the engine would reject them too
+        raise InvalidRequestError(f"prompt token ids cannot be decoded: {exc}", param="prompt") from None

@@ -1,0 +1,190 @@
+"""One HTTP request's engine work: its prompts (each with n outputs) merged into one stream.
+
+A completions request may carry several prompts; each becomes one engine
+request and their outputs are merged in arrival order. This module also owns
+what is measured per request: the latency histograms, the success counter and
+the one structured log line written when the HTTP request ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+from engine.async_engine import AsyncLLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling import SamplingParams
+from engine.server.metrics import ServerMetrics
+
+request_logger = logging.getLogger("kubellm.request")
+
+_END = object()
+
+
+async def merge(streams: Sequence[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """(stream index, item) pairs from several async iterators as they arrive.
+
+    Leaving the merge early cancels every pump, which closes (and so aborts)
+    the engine requests that have not finished.
+    """
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((index, item))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            queue.put_nowait((index, exc))
+        finally:
+            queue.put_nowait((index, _END))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is _END:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@dataclass
+class _Progress:
+    """Timing of one engine request, for the latency metrics and the log line."""
+
+    arrival: float
+    first_token: float | None = None
+    last_token: float | None = None
+    tokens: int = 0  # the longest output's length so far
+    queue_time: float | None = None
+    final: RequestOutput | None = None
+
+
+@dataclass
+class Generation:
+    engine: AsyncLLMEngine
+    metrics: ServerMetrics
+    request_id: str  # the client's X-Request-Id (or a generated one): what the log line names
+    engine_request_id: str  # unique per HTTP request; engine requests are "<this>-<prompt index>"
+    endpoint: str
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self._progress = [_Progress(self.arrival) for _ in self.prompts]
+        streams = [
+            self.engine.generate(f"{self.engine_request_id}-{i}", prompt, self.params, arrival_time=self.arrival)
+            for i, prompt in enumerate(self.prompts)
+        ]
+        self._merged = merge(streams)
+        self._buffered: list[tuple[int, RequestOutput]] = []
+        self._status = "ok"
+
+    async def start(self) -> None:
+        """Waits until the engine accepted every prompt (its first output arrived).
+
+        Errors such as a prompt longer than the context surface here, while the
+        HTTP status can still say 400; a stream only sends its headers after this.
+        """
+        started: set[int] = set()
+        try:
+            while len(started) < len(self.prompts):
+                item = await anext(self._merged)
+                self._observe(*item)
+                self._buffered.append(item)
+                started.add(item[0])
+        except StopAsyncIteration:
+            pass
+        except BaseException as exc:
+            self._finish(exc)
+            raise
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, cumulative RequestOutput) pairs until every prompt finished."""
+        error: BaseException | None = None
+        try:
+            for item in self._buffered:
+                yield item
+            async for prompt_index, output in self._merged:
+                self._observe(prompt_index, output)
+                yield prompt_index, output
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self._finish(error)
+            await self._merged.aclose()
+
+    async def final_outputs(self) -> list[RequestOutput]:
+        """The last output of every prompt, in prompt order (for non-streaming responses)."""
+        async for _ in self.outputs():
+            pass
+        return [progress.final for progress in self._progress]
+
+    def _observe(self, prompt_index: int, output: RequestOutput) -> None:
+        now = time.monotonic()
+        progress = self._progress[prompt_index]
+        progress.final = output
+        tokens = max((len(o.token_ids) for o in output.outputs), default=0)
+        new_tokens = tokens - progress.tokens
+        if new_tokens > 0:
+            if progress.first_token is None:
+                progress.first_token = now
+                self.metrics.time_to_first_token.observe(now - progress.arrival)
+            else:
+                gap = (now - progress.last_token) / new_tokens
+                for _ in range(new_tokens):
+                    self.metrics.inter_token_latency.observe(gap)
+            progress.last_token = now
+            progress.tokens = tokens
+        scheduled = output.metrics.first_scheduled_time if output.metrics is not None else None
+        if progress.queue_time is None and scheduled is not None:
+            progress.queue_time = max(0.0, scheduled - progress.arrival)
+            self.metrics.request_queue_time.observe(progress.queue_time)
+        if output.finished:
+            self.metrics.e2e_request_latency.observe(now - progress.arrival)
+            self.metrics.observe_finished(output.outputs[0].finish_reason or "stop")
+
+    def _finish(self, error: BaseException | None) -> None:
+        """Writes the request's one log line (once)."""
+        if self._status == "logged":
+            return
+        if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+            status = "client_disconnected"
+        elif error is not None:
+            status = f"error: {type(error).__name__}: {error}"
+        else:
+            status = "ok"
+        self._status = "logged"
+        finals = [p.final for p in self._progress if p.final is not None]
+        first_tokens = [p.first_token - p.arrival for p in self._progress if p.first_token is not None]
+        queue_times = [p.queue_time for p in self._progress if p.queue_time is not None]
+        request_logger.info(
+            "request finished",
+            extra={
+                "request_id": self.request_id,
+                "endpoint": self.endpoint,
+                "status": status,
+                "prompt_tokens": sum(len(f.prompt_token_ids) for f in finals),
+                "output_tokens": sum(len(o.token_ids) for f in finals for o in f.outputs),
+                "queue_time_s": _rounded(max(queue_times, default=None)),
+                "ttft_s": _rounded(min(first_tokens, default=None)),
+                "total_time_s": _rounded(time.monotonic() - self.arrival),
+                "finish_reasons": [o.finish_reason for f in finals for o in f.outputs],
+            },
+        )
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)

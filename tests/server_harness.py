@@ -1,0 +1,84 @@
+"""A real uvicorn serving a real engine on 127.0.0.1, for the server tests.
+
+Each test module starts one server (module-scoped fixture) on a free port, in a
+thread of the test process, so tests can also look at the engine directly.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+
+from engine.async_engine import AsyncLLMEngine
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.server.app import ServerSettings, build_app
+from engine.testing import default_model_path
+
+SERVED_NAME = "test-model"
+# Small enough for the step loop to stay fast on 2 CPU cores, large enough for every test prompt.
+MAX_MODEL_LEN = 256
+
+
+def engine_config(model: Path | None = None, **overrides) -> EngineConfig:
+    settings = dict(model=str(model or default_model_path()), max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
+                    served_model_name=SERVED_NAME, device="cpu")
+    return EngineConfig(**(settings | overrides))
+
+
+@dataclass
+class RunningServer:
+    url: str
+    engine: AsyncLLMEngine
+    settings: ServerSettings
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def metric(self, name: str) -> float:
+        """Sum of all samples named `name` on /metrics."""
+        total, found = 0.0, False
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                total += float(line.rsplit(" ", 1)[1])
+                found = True
+        assert found, f"{name} not on /metrics"
+        return total
+
+    def wait_until(self, condition, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.02)
+        return condition()
+
+
+@contextmanager
+def running_server(config: EngineConfig | None = None, api_key: str | None = None,
+                   max_pending_requests: int | None = None):
+    config = config or engine_config()
+    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=max_pending_requests)
+    settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0)
+    server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), log_config=None, access_log=False))
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    running = RunningServer(f"http://127.0.0.1:{port}", engine, settings)
+    try:
+        assert running.wait_until(lambda: server.started and engine.is_ready, timeout=120), engine.error
+        yield running
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
