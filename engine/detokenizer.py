@@ -21,11 +21,7 @@ class Detokenizer:
 
     def decode_new_tokens(self, seq: Sequence) -> str:
         """Append the text of seq's newest tokens to seq.output_text; return what was added."""
-        skip = seq.params.skip_special_tokens
-        window = seq.token_ids[seq.prefix_offset :]
-        read = seq.read_offset - seq.prefix_offset
-        prefix_text = self.tokenizer.decode(window[:read], skip_special_tokens=skip)
-        full_text = self.tokenizer.decode(window, skip_special_tokens=skip)
+        prefix_text, full_text = self._decode_window(seq)
         if len(full_text) <= len(prefix_text) or full_text.endswith(INCOMPLETE_CHAR):
             return ""
         new_text = full_text[len(prefix_text) :]
@@ -33,6 +29,22 @@ class Detokenizer:
         seq.read_offset = seq.num_tokens
         seq.output_text += new_text
         return new_text
+
+    def flush(self, seq: Sequence) -> None:
+        """At the end of a sequence, append the text still held back, incomplete character and all."""
+        prefix_text, full_text = self._decode_window(seq)
+        seq.output_text += full_text[len(prefix_text) :]
+        seq.prefix_offset = seq.read_offset = seq.num_tokens
+
+    def _decode_window(self, seq: Sequence) -> tuple[str, str]:
+        """The window's text without and with the tokens not yet turned into output text."""
+        skip = seq.params.skip_special_tokens
+        window = seq.token_ids[seq.prefix_offset :]
+        read = seq.read_offset - seq.prefix_offset
+        return (
+            self.tokenizer.decode(window[:read], skip_special_tokens=skip),
+            self.tokenizer.decode(window, skip_special_tokens=skip),
+        )
 
 
 def find_stop_string(seq: Sequence, num_new_chars: int) -> str | None:

@@ -172,6 +172,7 @@ class LLMEngine:
         elif may_stop and (stop := find_stop_string(seq, num_new_chars)) is not None:
             seq.finish("stop", stop)
         elif seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            self.detokenizer.flush(seq)
             seq.finish("length")
 
     # Introspection --------------------------------------------------------------

@@ -26,10 +26,10 @@ from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.layers.sampler import SampledToken, Sampler
 from engine.model_config import ModelConfig
-from engine.models import load_model
+from engine.models.loader import load_model
 from engine.scheduler import ScheduledBatch
 
-CPU_KV_CACHE_BYTES = 2 << 30
+CPU_KV_CACHE_BYTES = 1 << 30
 
 
 @dataclass

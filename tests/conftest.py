@@ -15,3 +15,23 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:  # the operator-only tests need no torch
     pass
+
+
+# Engine-core fixtures: one tiny model folder per family for the whole session --------------
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_folder(tmp_path_factory):
+    """family -> path of a tiny fp32 model folder (llama, qwen2, mistral), built once per session."""
+    from engine.testing import make_model_folder
+
+    built = {}
+
+    def folder(family: str = "llama"):
+        if family not in built:
+            built[family] = make_model_folder(tmp_path_factory.mktemp(f"tiny-{family}"), family=family)
+        return built[family]
+
+    return folder

@@ -1,0 +1,143 @@
+"""Sampler on random logits: greedy, filters, seeds, penalties (vs transformers' processors), logprobs."""
+
+import pytest
+import torch
+from transformers import RepetitionPenaltyLogitsProcessor
+
+from engine.layers.sampler import Sampler
+from engine.sampling import SamplingParams
+from engine.sequence import Request, Sequence
+
+VOCAB = 50
+EOS = 7
+
+
+def make_seq(params: SamplingParams, prompt=(1, 2, 3), output=(), index=0) -> Sequence:
+    request = Request("r", None, list(prompt), params, 0.0, max_tokens=100)
+    seq = request.seqs[index]
+    for token in output:
+        seq.append_token(token, None)
+    return seq
+
+
+def make_sampler(seed=0) -> Sampler:
+    return Sampler([EOS], seed=seed, device=torch.device("cpu"))
+
+
+def random_logits(rows: int, seed=0) -> torch.Tensor:
+    return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def tokens(sampled) -> list[int]:
+    return [s.token_id for s in sampled]
+
+
+def test_greedy_and_filters_that_leave_one_token_pick_the_argmax():
+    logits = random_logits(4)
+    seqs = [
+        make_seq(SamplingParams(temperature=0.0)),
+        make_seq(SamplingParams(temperature=1.0, top_k=1)),
+        make_seq(SamplingParams(temperature=1.5, top_p=1e-6)),
+        make_seq(SamplingParams(temperature=1.0, min_p=1.0)),
+    ]
+    assert tokens(make_sampler()(logits, seqs)) == logits.argmax(dim=-1).tolist()
+
+
+def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
+    logits = random_logits(1, seed=3).repeat(200, 1)
+    top5 = set(logits[0].topk(5).indices.tolist())
+    probs = torch.softmax(logits[0], -1)
+    order = probs.argsort(descending=True)
+    nucleus_size = int((probs[order].cumsum(0) < 0.6).sum()) + 1
+    nucleus = set(order[:nucleus_size].tolist())
+    sampler = make_sampler()
+    assert set(tokens(sampler(logits, [make_seq(SamplingParams(top_k=5))] * 200))) <= top5
+    assert set(tokens(sampler(logits, [make_seq(SamplingParams(top_p=0.6))] * 200))) <= nucleus
+
+
+def test_sampling_follows_the_softmax_distribution():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(4000, 1)
+    params = SamplingParams(temperature=2.0)
+    counts = torch.bincount(torch.tensor(tokens(make_sampler()(logits, [make_seq(params)] * 4000))), minlength=4)
+    expected = torch.softmax(logits[0] / 2.0, -1)
+    assert torch.allclose(counts / 4000, expected, atol=0.03)
+
+
+def test_a_seeded_sequence_draws_the_same_tokens_whatever_the_batch():
+    params = SamplingParams(temperature=1.0, seed=1234)
+    alone, batched = make_seq(params), make_seq(params)
+    sampler_alone, sampler_batched = make_sampler(seed=1), make_sampler(seed=2)
+    alone_tokens, batched_tokens = [], []
+    for step in range(20):
+        logits = random_logits(1, seed=step)
+        alone_tokens += tokens(sampler_alone(logits, [alone]))
+        others = [make_seq(SamplingParams(temperature=1.0)) for _ in range(step % 4)]
+        batch = others + [batched]
+        batch_logits = torch.cat([random_logits(len(others), seed=100 + step), logits])
+        batched_tokens.append(tokens(sampler_batched(batch_logits, batch))[-1])
+    assert alone_tokens == batched_tokens
+    assert len(set(alone_tokens)) > 3  # really sampled, not greedy
+    other_seed = make_seq(SamplingParams(temperature=1.0, seed=99))
+    assert [tokens(make_sampler()(random_logits(1, seed=s), [other_seed]))[0] for s in range(20)] != alone_tokens
+
+
+def test_n_completions_of_a_seeded_request_differ():
+    params = SamplingParams(temperature=1.0, seed=5, n=2)
+    first, second = make_seq(params, index=0), make_seq(params, index=1)
+    logits = torch.zeros(2, VOCAB)  # uniform: equal draws would be a coincidence
+    sampler = make_sampler()
+    draws = [tuple(tokens(sampler(logits, [first, second]))) for _ in range(10)]
+    assert any(a != b for a, b in draws)
+
+
+def test_repetition_penalty_matches_transformers():
+    logits = random_logits(2)
+    prompt, output = (1, 2, 3, 10), (10, 11, 12)
+    seqs = [make_seq(SamplingParams(repetition_penalty=1.3), prompt, output), make_seq(SamplingParams(), prompt, output)]
+    ours = make_sampler()._apply_penalties(logits, seqs)
+    input_ids = torch.tensor([list(prompt + output)])
+    theirs = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, logits[:1].clone())
+    torch.testing.assert_close(ours[:1], theirs)
+    torch.testing.assert_close(ours[1:], logits[1:])  # untouched row
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    logits = random_logits(1)
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    seq = make_seq(params, prompt=(4, 5), output=(10, 10, 10, 11))
+    ours = make_sampler()._apply_penalties(logits, [seq])
+    expected = logits.clone()
+    expected[0, 10] -= 0.5 + 3 * 0.25
+    expected[0, 11] -= 0.5 + 0.25
+    torch.testing.assert_close(ours, expected)  # prompt tokens 4 and 5 are not penalised
+
+
+@pytest.mark.parametrize("stop_id", [EOS, 9])
+def test_min_tokens_masks_eos_and_stop_ids(stop_id):
+    logits = torch.zeros(2, VOCAB)
+    logits[:, stop_id] = 10.0
+    waiting = make_seq(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[9]), output=(20, 21))
+    done = make_seq(SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[9]), output=(20, 21))
+    chosen = tokens(make_sampler()(logits, [waiting, done]))
+    assert chosen[0] != stop_id and chosen[1] == stop_id
+
+
+def test_logprobs_are_the_raw_log_softmax_with_the_chosen_token_first():
+    logits = random_logits(3)
+    seqs = [
+        make_seq(SamplingParams(temperature=0.0, logprobs=3, repetition_penalty=1.5), output=(5, 6)),
+        make_seq(SamplingParams(temperature=0.0)),
+        make_seq(SamplingParams(temperature=1.0, logprobs=0, seed=1)),
+    ]
+    sampled = make_sampler()(logits, seqs)
+    expected = torch.log_softmax(logits, -1)
+    first = sampled[0].logprobs
+    assert next(iter(first)) == sampled[0].token_id
+    top3 = expected[0].topk(3)
+    for token_id, value in zip(top3.indices.tolist(), top3.values.tolist()):
+        assert first[token_id] == pytest.approx(value, abs=1e-6)
+    assert len(first) in (3, 4)  # top 3, plus the chosen token when it is not among them
+    assert sampled[1].logprobs is None
+    third = sampled[2].logprobs
+    assert list(third) == [sampled[2].token_id]
+    assert third[sampled[2].token_id] == pytest.approx(expected[2, sampled[2].token_id].item(), abs=1e-6)
