@@ -29,7 +29,7 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VIRTUAL_ENV=/opt/kubellm \
     PATH=/opt/kubellm/bin:$PATH \
-    HF_HOME=/models/.hf-home
+    HF_HOME=/tmp/hf-home
 # The distribution's python3 is whatever Ubuntu 24.04 ships (3.12); pinning
 # apt versions of a rolling security archive breaks rebuilds, so DL3008 is off.
 # hadolint ignore=DL3008

@@ -14,8 +14,10 @@ import kubernetes_validate
 import pytest
 import yaml
 
+import gen_rbac_rules
 from helm_render import CHART_DIR, ROOT, render_objects, render_templates
 from model_operator import crd, resources, spec
+from model_operator.rbac import RBAC_RULES
 from operator_fixtures.schema import admission_errors
 
 KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]
@@ -233,3 +235,54 @@ def test_notes_tell_how_to_apply_a_first_model():
     document = yaml.safe_load("\n".join(line.removeprefix("  ") for line in manifest.splitlines()))
     assert admission_errors(document) == []
     assert "kubellm-system" in notes and "/v1/chat/completions" in notes
+
+
+# --- RBAC: exactly operator/rbac.py's RBAC_RULES ---------------------------------------------------
+
+
+def canonical(rules: list[dict]) -> list[str]:
+    """Rules as sorted JSON-ish strings, so order does not matter but every verb does."""
+    return sorted(repr(sorted((key, sorted(value)) for key, value in rule.items())) for rule in rules)
+
+
+def test_rbac_rules_file_is_generated_from_the_operator():
+    assert gen_rbac_rules.RULES_FILE.read_text() == gen_rbac_rules.render(), (
+        "regenerate with: python tools/gen_rbac_rules.py")
+
+
+def test_cluster_wide_install_grants_exactly_the_operators_rules():
+    objects = render_objects()
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    assert canonical(cluster_role["rules"]) == canonical(RBAC_RULES)
+    assert by_kind(objects, "Role") == [] and by_kind(objects, "RoleBinding") == []
+
+
+def test_watch_namespaces_binds_namespaced_rules_per_namespace():
+    objects = render_objects(OPTIONS["watch-namespaces"])
+    (cluster_role,) = by_kind(objects, "ClusterRole")
+    roles = {role["metadata"]["namespace"]: role for role in by_kind(objects, "Role")}
+    assert set(roles) == {"team-a", "team-b"}
+    for role in roles.values():
+        assert canonical(cluster_role["rules"] + role["rules"]) == canonical(RBAC_RULES)
+        assert all(gen_rbac_rules.is_namespaced(rule) for rule in role["rules"])
+    assert not any(gen_rbac_rules.is_namespaced(rule) for rule in cluster_role["rules"])
+    assert env_of(operator_container(objects))["KUBELLM_WATCH_NAMESPACES"] == "team-a,team-b"
+
+
+@pytest.mark.parametrize("option", ["defaults", "watch-namespaces", "existing-service-account"])
+def test_bindings_name_the_operators_service_account(option):
+    objects = render_objects(OPTIONS[option])
+    account = by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"]
+    bindings = by_kind(objects, "ClusterRoleBinding") + by_kind(objects, "RoleBinding")
+    assert bindings and all(binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": "kubellm-system"}] for binding in bindings)
+    roles = {(role["kind"], role["metadata"]["name"], role["metadata"].get("namespace"))
+             for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role")}
+    for binding in bindings:
+        assert (binding["roleRef"]["kind"], binding["roleRef"]["name"],
+                binding["metadata"].get("namespace")) in roles
+
+
+def test_rbac_create_false_renders_no_rbac():
+    objects = render_objects(OPTIONS["no-rbac"])
+    assert not [document for document in objects if document["apiVersion"].startswith("rbac.")]
