@@ -178,6 +178,8 @@ def _rope(raw: dict[str, Any], config_file: Path) -> RopeConfig:
         )
     theta = params.get("rope_theta", raw.get("rope_theta", 10000.0))
     original = params.get("original_max_position_embeddings")
+    if rope_type == "llama3" and (original is None or "factor" not in params):
+        raise ModelLoadError(f"{config_file}: llama3 rope scaling needs factor and original_max_position_embeddings")
     return RopeConfig(
         theta=float(theta),
         rope_type=rope_type,

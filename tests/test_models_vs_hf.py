@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.attention_metadata import AttentionMetadata
-from engine.model_config import load_model_config
+from engine.model_config import RopeConfig, load_model_config
+from engine.layers.rotary_embedding import rope_inv_freq
 from engine.models.loader import load_model
 from engine.testing import make_model_folder
 
@@ -125,3 +127,15 @@ def test_classic_config_with_llama3_rope_matches_transformers(tmp_path):
     tokens = prompt(33, config.vocab_size, seed=3)
     logits = run_step(ours, tokens, list(range(33)), step_metadata([([4, 2, 6], 0, 33)]))
     torch.testing.assert_close(logits, reference_logits(theirs, tokens), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("factor", [8.0, 32.0])
+def test_llama3_inverse_frequencies_equal_transformers(factor):
+    """Llama 3.1 (factor 8) and 3.2 (factor 32) rope scaling, bit for bit."""
+    params = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=1.0,
+                  high_freq_factor=4.0, original_max_position_embeddings=8192)
+    hf_config = LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128,
+                            max_position_embeddings=131072, rope_parameters=params)
+    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
+    rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=factor, original_max_position_embeddings=8192)
+    assert torch.equal(rope_inv_freq(128, rope), expected)

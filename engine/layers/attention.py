@@ -7,26 +7,43 @@ each sequence attends causally over its own new tokens only.
 
 from __future__ import annotations
 
-import functools
-import importlib
-from types import ModuleType
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
 from engine.attention_metadata import AttentionMetadata
-
-# Both modules expose store_kvcache, paged_prefill_attention and paged_decode_attention
-# with the same signatures (kernels/reference.py defines them).
-_CPU_BACKEND = "kernels.reference"
-_CUDA_BACKEND = "kernels.triton_attention"
+from kernels import reference
 
 
-@functools.cache
-def attention_backend(device_type: str) -> ModuleType:
-    """Triton kernels on CUDA, the torch reference elsewhere; imported lazily so CPU never needs a GPU stack."""
-    return importlib.import_module(_CUDA_BACKEND if device_type == "cuda" else _CPU_BACKEND)
+def paged_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store the step's K/V, then attend through the block tables.
+
+    The one backend switch: Triton kernels on CUDA (`kernels` imports them only
+    when first used, so CPU never loads Triton), the torch reference elsewhere.
+    """
+    if q.is_cuda:
+        kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.decode_only:
+            return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        return kernels.paged_prefill_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+            max_query_len=meta.max_query_len,
+        )
+    reference.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    if meta.decode_only:
+        return reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    return reference.paged_prefill_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale
+    )
 
 
 class Attention(nn.Module):
@@ -46,17 +63,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if self.k_cache is None or self.v_cache is None:
             return causal_attention_without_cache(q, k, v, meta.query_start_loc, self.scale).flatten(1)
-        backend = attention_backend(q.device.type)
-        backend.store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
-        if meta.decode_only:
-            out = backend.paged_decode_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens, self.scale
-            )
-        else:
-            out = backend.paged_prefill_attention(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, self.scale
-            )
-        return out.flatten(1)
+        return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale).flatten(1)
 
 
 def causal_attention_without_cache(

@@ -44,8 +44,21 @@ def make_model_folder(
     classic_config: write config.json with the pre-transformers-5 keys (torch_dtype,
     rope_theta, rope_scaling) that most downloaded checkpoints still use.
     """
-    kwargs = shape_kwargs(family, size)
     storage_dtype = _storage_dtype(dtype, size)
+    config = write_model_metadata(path, family, size, storage_dtype, classic_config)
+    write_random_weights(config.path, config, seed, storage_dtype, shards)
+    return config.path
+
+
+def write_model_metadata(
+    path: str | Path,
+    family: str,
+    size: str,
+    dtype: torch.dtype,
+    classic_config: bool = False,
+) -> ModelConfig:
+    """Everything but the weights: config.json, generation_config.json and the tokenizer files."""
+    kwargs = shape_kwargs(family, size)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer(folder, family)
@@ -59,15 +72,14 @@ def make_model_folder(
         architectures=[architecture],
         bos_token_id=bos_id,
         eos_token_id=eos_id,
-        dtype=str(storage_dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch."),
     )
     config.save_pretrained(folder)
     if classic_config:
         rewrite_config_classic(folder / "config.json")
     stop_ids = [tokenizer.token_to_id(token) for token in chat.stop_tokens]
     GenerationConfig(bos_token_id=bos_id, eos_token_id=stop_ids).save_pretrained(folder)
-    write_random_weights(folder, load_model_config(folder), seed, storage_dtype, shards)
-    return folder
+    return load_model_config(folder)
 
 
 def default_model_path() -> Path:
@@ -127,7 +139,8 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """The float32 value of one tensor: a function of (seed, name, shape) only."""
-    generator = torch.Generator().manual_seed(seed * (1 << 32) + zlib.crc32(name.encode()))
+    # torch's CPU generator keeps 32 bits of a seed, so seed and name are hashed into 32 bits together.
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * noise
