@@ -1,0 +1,100 @@
+"""README.md stays true: generated reference sections match the code, and what it names exists."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import pytest
+import yaml
+
+import gen_reference
+from engine.cli import build_parser
+from helm_render import CHART_DIR, ROOT, render_objects
+from model_operator import crd
+from operator_fixtures.schema import admission_errors
+
+README = (ROOT / "README.md").read_text()
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, re.DOTALL)
+
+
+def test_generated_sections_match_the_code():
+    assert README == gen_reference.render(README), "regenerate with: python tools/gen_reference.py"
+
+
+def test_every_command_line_flag_is_documented():
+    for name, command in gen_reference.subcommands(build_parser()).items():
+        assert f"#### `kubellm {name}`" in README
+        for action in command._actions:
+            if not isinstance(action, argparse._HelpAction):
+                for option in action.option_strings or [action.metavar]:
+                    assert f"`{option}" in README or f"/ {option}`" in README, option
+
+
+def spec_field_paths(schema: dict, path: str):
+    for name, sub in schema.get("properties", {}).items():
+        yield f"{path}.{name}"
+        yield from spec_field_paths(sub, f"{path}.{name}")
+    if schema.get("type") == "array":
+        yield from spec_field_paths(schema["items"], f"{path}[]")
+
+
+def test_every_model_deployment_field_is_documented():
+    paths = list(spec_field_paths(crd.open_api_schema()["properties"]["spec"], "spec"))
+    assert len(paths) > 40
+    for path in paths:
+        assert f"| `{path}`" in README, path
+
+
+def test_every_metric_is_documented():
+    from types import SimpleNamespace
+
+    from engine.server.metrics import ServerMetrics
+
+    registry = ServerMetrics(SimpleNamespace(stats=None, num_waiting=0), "m").registry
+    for family in registry.collect():
+        assert f"`{family.name}" in README, family.name
+
+
+def test_the_two_user_commands_come_first():
+    first_section = README.split("\n## ")[1]
+    assert first_section.startswith("Two commands") and "make serve" in first_section and "make test" in first_section
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^serve:", makefile, re.MULTILINE) and re.search(r"^test:", makefile, re.MULTILINE)
+
+
+def test_both_image_targets_are_documented():
+    assert "docker build --target engine " in README and "docker build --target operator " in README
+
+
+def test_relative_links_point_at_files():
+    for target in re.findall(r"\]\(([^)#:]+)\)", README):
+        assert (ROOT / target).exists(), target
+
+
+def test_every_example_is_listed():
+    for path in (ROOT / "manifests" / "examples").glob("*.yaml"):
+        assert f"| `{path.name}` |" in README, path.name
+
+
+def test_every_chart_value_is_documented():
+    values = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    for key in values:
+        assert f"`{key}" in README, key
+
+
+@pytest.mark.parametrize("index", range(len(code_blocks("python"))))
+def test_python_examples_compile(index):
+    compile(code_blocks("python")[index], f"README.md python block {index}", "exec")
+
+
+def test_helm_values_example_renders_and_its_models_are_admitted():
+    (values_text,) = code_blocks("yaml")
+    model_deployments = [document for document in render_objects(yaml.safe_load(values_text))
+                         if document["kind"] == crd.KIND]
+    assert len(model_deployments) == 2
+    for document in model_deployments:
+        assert admission_errors(document) == []
