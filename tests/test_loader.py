@@ -11,6 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.layers.embedding import ParallelLMHead
+from engine.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.weights import ShapeMismatchError
 from engine.model_config import SUPPORTED_ARCHITECTURES, load_model_config
 from engine.models.loader import load_model
 from engine.models.registry import MODEL_REGISTRY
@@ -139,3 +142,50 @@ def test_dtype_auto_is_float32_on_cpu_and_explicit_dtypes_are_honoured(pristine)
     bf16 = load_model(pristine, config, dtype="bfloat16")
     assert {p.dtype for p in bf16.parameters()} == {torch.bfloat16}
     assert bf16.model.rotary_emb.cos_sin_cache.dtype == torch.float32
+
+
+# Tensor-parallel slicing: each rank must take exactly its rows/columns of a checkpoint tensor.
+def load_rank(layer_class, full: torch.Tensor, rank: int, size: int, *args, shard_id=None, **kwargs):
+    layer = layer_class(*args, tp_rank=rank, tp_size=size, **kwargs)
+    layer.weight.weight_loader(layer.weight, full, shard_id)
+    return layer.weight.data
+
+
+def test_column_and_row_parallel_shards_concatenate_to_the_full_weight():
+    full = torch.randn(8, 6)
+    columns = [load_rank(ColumnParallelLinear, full, r, 2, 6, 8) for r in range(2)]
+    rows = [load_rank(RowParallelLinear, full, r, 2, 6, 8) for r in range(2)]
+    assert torch.equal(torch.cat(columns, dim=0), full)
+    assert torch.equal(torch.cat(rows, dim=1), full)
+
+
+def test_merged_gate_up_rank_holds_its_slice_of_each():
+    gate, up = torch.randn(8, 4), torch.randn(8, 4)
+    layer = MergedColumnParallelLinear(4, [8, 8], tp_rank=1, tp_size=2)
+    layer.weight.weight_loader(layer.weight, gate, 0)
+    layer.weight.weight_loader(layer.weight, up, 1)
+    assert torch.equal(layer.weight.data, torch.cat([gate[4:], up[4:]]))
+
+
+def test_qkv_replicates_kv_heads_when_there_are_fewer_than_ranks():
+    head_dim, hidden = 2, 4
+    q, k, v = torch.randn(8 * head_dim, hidden), torch.randn(2 * head_dim, hidden), torch.randn(2 * head_dim, hidden)
+    for rank in range(4):  # 8 query heads, 2 KV heads, 4 ranks: ranks 0-1 share KV head 0, ranks 2-3 KV head 1
+        layer = QKVParallelLinear(hidden, head_dim, 8, 2, tp_rank=rank, tp_size=4)
+        for shard_id, tensor in zip("qkv", (q, k, v)):
+            layer.weight.weight_loader(layer.weight, tensor, shard_id)
+        kv_head = rank // 2
+        expected = torch.cat([q[rank * 4 : rank * 4 + 4], k[kv_head * 2 : kv_head * 2 + 2], v[kv_head * 2 : kv_head * 2 + 2]])
+        assert torch.equal(layer.weight.data, expected), rank
+
+
+def test_vocab_rows_split_with_zero_padding_on_the_last_rank():
+    full = torch.randn(10, 3)
+    shards = [load_rank(ParallelLMHead, full, r, 4, 10, 3) for r in range(4)]
+    assert [s.shape[0] for s in shards] == [3, 3, 3, 3]
+    assert torch.equal(torch.cat(shards)[:10], full) and not shards[3][1:].any()
+
+
+def test_parallel_loaders_check_the_full_checkpoint_shape():
+    with pytest.raises(ShapeMismatchError, match=r"expected shape \[8, 6\], got \[4, 6\]"):
+        load_rank(ColumnParallelLinear, torch.randn(4, 6), 0, 2, 6, 8)

@@ -31,15 +31,21 @@ def models(request, tmp_path_factory):
     return ours, theirs
 
 
+def device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def allocate_cache(model) -> None:
     """Fresh caches filled with garbage: a read of any slot not written this test shows up in the logits."""
     layers = list(model.attention_layers())
     first = layers[0]
     shape = (NUM_BLOCKS, BLOCK_SIZE, first.num_kv_heads, first.head_dim)
-    model.bind_kv_cache([(torch.randn(shape) * 100, torch.randn(shape) * 100) for _ in layers])
+    model.bind_kv_cache(
+        [tuple(torch.randn(shape, device=device_of(model)) * 100 for _ in "kv") for _ in layers]
+    )
 
 
-def step_metadata(chunks: list[tuple[list[int], int, int]]) -> AttentionMetadata:
+def step_metadata(chunks: list[tuple[list[int], int, int]], device: str | torch.device = "cpu") -> AttentionMetadata:
     """chunks: (block_table, tokens already cached, new tokens) per sequence, packed in order."""
     slots, starts, seq_lens = [], [0], []
     for table, cached, new in chunks:
@@ -50,19 +56,20 @@ def step_metadata(chunks: list[tuple[list[int], int, int]]) -> AttentionMetadata
     width = max(len(table) for table, _, _ in chunks)
     tables = [table + [0] * (width - len(table)) for table, _, _ in chunks]
     return AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64),
-        query_start_loc=torch.tensor(starts, dtype=torch.int32),
-        seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=torch.tensor(tables, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
         max_query_len=max(new for _, _, new in chunks),
         max_seq_len=max(seq_lens),
     )
 
 
 def run_step(model, tokens: list[int], positions: list[int], meta: AttentionMetadata) -> torch.Tensor:
+    device = device_of(model)
     with torch.inference_mode():
-        hidden = model(torch.tensor(tokens), torch.tensor(positions), meta)
-        return model.compute_logits(hidden)
+        hidden = model(torch.tensor(tokens, device=device), torch.tensor(positions, device=device), meta)
+        return model.compute_logits(hidden).cpu()
 
 
 def reference_logits(hf_model, tokens: list[int]) -> torch.Tensor:
@@ -74,20 +81,35 @@ def prompt(length: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-@pytest.mark.parametrize("prompt_len", [1, 17, 40])
-def test_prefill_then_decode_matches_transformers(models, prompt_len):
-    ours, theirs = models
+def check_prefill_then_decode(ours, theirs, prompt_len: int, atol: float) -> None:
+    """Prefill through blocks [3, 0, 5, 1], decode 4 tokens greedily; all logits must match transformers'."""
     allocate_cache(ours)
-    table = [3, 0, 5, 1]
+    table, device = [3, 0, 5, 1], device_of(ours)
     tokens = prompt(prompt_len, ours.config.vocab_size, seed=prompt_len)
-    logits = [run_step(ours, tokens, list(range(prompt_len)), step_metadata([(table, 0, prompt_len)]))]
+    logits = [run_step(ours, tokens, list(range(prompt_len)), step_metadata([(table, 0, prompt_len)], device))]
     for _ in range(4):
         tokens.append(int(logits[-1][-1].argmax()))
         pos = len(tokens) - 1
-        logits.append(run_step(ours, tokens[-1:], [pos], step_metadata([(table, pos, 1)])))
-    ours_all = torch.cat(logits)[:-1]  # the last step's logits predict a token not yet in `tokens`
-    torch.testing.assert_close(ours_all, reference_logits(theirs, tokens)[:-1], atol=TOLERANCE, rtol=0)
-    torch.testing.assert_close(logits[-1][-1], reference_logits(theirs, tokens)[-1], atol=TOLERANCE, rtol=0)
+        logits.append(run_step(ours, tokens[-1:], [pos], step_metadata([(table, pos, 1)], device)))
+    expected = reference_logits(theirs, tokens)
+    torch.testing.assert_close(torch.cat(logits)[:-1], expected[:-1], atol=atol, rtol=0)
+    torch.testing.assert_close(logits[-1][-1], expected[-1], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 17, 40])
+def test_prefill_then_decode_matches_transformers(models, prompt_len):
+    check_prefill_then_decode(*models, prompt_len, TOLERANCE)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for the Triton path")
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_triton_path_on_cuda_matches_transformers(tmp_path, family):
+    folder = make_model_folder(tmp_path, family=family, seed=4)
+    ours = load_model(folder, load_model_config(folder), dtype="float32", device="cuda")
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    for prompt_len in (1, 17, 40):
+        check_prefill_then_decode(ours, theirs, prompt_len, TOLERANCE)
 
 
 def test_packed_mixed_batch_equals_each_sequence_alone(models):

@@ -10,6 +10,7 @@ them against transformers are not decided by noise.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -178,7 +179,7 @@ def _split_evenly(shapes: dict[str, tuple[int, ...]], shards: int) -> list[dict[
     """Consecutive groups of tensors with about the same number of elements each."""
     if not 1 <= shards <= len(shapes):
         raise ValueError(f"shards must be between 1 and {len(shapes)}, got {shards}")
-    sizes = {name: _numel(shape) for name, shape in shapes.items()}
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
     total, done = sum(sizes.values()), 0
     groups: list[dict[str, tuple[int, ...]]] = [{} for _ in range(shards)]
     for position, (name, shape) in enumerate(shapes.items()):
@@ -189,12 +190,6 @@ def _split_evenly(shapes: dict[str, tuple[int, ...]], shards: int) -> list[dict[
         done += sizes[name]
     return groups
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _storage_dtype(dtype: str | torch.dtype | None, size: str) -> torch.dtype:

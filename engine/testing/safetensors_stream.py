@@ -10,6 +10,7 @@ produced, written and dropped in turn.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +31,7 @@ def write_safetensors(
     offset = 0
     item_size = torch.empty((), dtype=dtype).element_size()
     for name, shape in shapes.items():
-        nbytes = item_size * _numel(shape)
+        nbytes = item_size * math.prod(shape)
         header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -45,9 +46,3 @@ def write_safetensors(
             out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return offset
 
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
