@@ -16,6 +16,7 @@ import yaml
 
 import gen_rbac_rules
 from helm_render import CHART_DIR, ROOT, render_objects, render_templates
+from model_operator import __main__ as operator_main
 from model_operator import crd, resources, spec
 from model_operator.rbac import RBAC_RULES
 from operator_fixtures.schema import admission_errors
@@ -36,6 +37,7 @@ OPTIONS = {
     "existing-service-account": {"serviceAccount": {"create": False, "name": "operator-sa"}},
     "service-account-annotations": {"serviceAccount": {"annotations": {"example.com/role": "kubellm"}}},
     "no-rbac": {"rbac": {"create": False}},
+    "debug-logs": {"logLevel": "DEBUG"},
     "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
@@ -63,6 +65,7 @@ BAD_VALUES = {
     "namespaces-not-a-list": {"watchNamespaces": "team-a"},
     "service-account-name-not-dns": {"serviceAccount": {"name": "Operator SA"}},
     "rbac-create-string": {"rbac": {"create": "yes"}},
+    "log-level": {"logLevel": "verbose"},
     "resource-quantity": {"resources": {"requests": {"memory": "lots"}}},
     "resource-field": {"resources": {"request": {"memory": "1Gi"}}},
     "interval": {"monitoring": {"podMonitor": {"interval": "fast"}}},
@@ -137,6 +140,17 @@ def test_operator_pod_is_locked_down():
                                             "capabilities": {"drop": ["ALL"]}}
     assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
     assert container["livenessProbe"]["httpGet"]["port"] in {port["name"] for port in container["ports"]}
+
+
+def test_operator_reads_every_setting_the_chart_passes():
+    container = operator_container(render_objects(OPTIONS["debug-logs"]))
+    settings = env_of(container)
+    assert set(settings) == {operator_main.WATCH_NAMESPACES_ENV, spec.ENGINE_IMAGE_ENV, operator_main.LOG_LEVEL_ENV,
+                             operator_main.HEALTH_PORT_ENV}
+    assert settings[operator_main.LOG_LEVEL_ENV] == "DEBUG"
+    (health,) = [port for port in container["ports"] if port["name"] == container["livenessProbe"]["httpGet"]["port"]]
+    assert int(settings[operator_main.HEALTH_PORT_ENV]) == health["containerPort"]
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
 def test_default_engine_image_is_the_operators_default():
