@@ -23,12 +23,13 @@ from engine.server.app import ServerSettings, build_app
 from engine.testing import default_model_path
 
 SERVED_NAME = "test-model"
-# Small enough for the step loop to stay fast on 2 CPU cores, large enough for every test prompt.
-MAX_MODEL_LEN = 256
+# Long enough that a 2000-token request is still running when a test disconnects from it;
+# tests keep max_tokens small everywhere else.
+MAX_MODEL_LEN = 2048
 
 
 def engine_config(model: Path | None = None, **overrides) -> EngineConfig:
-    settings = dict(model=str(model or default_model_path()), max_model_len=MAX_MODEL_LEN, num_kv_blocks=64,
+    settings = dict(model=str(model or default_model_path()), max_model_len=MAX_MODEL_LEN, num_kv_blocks=256,
                     served_model_name=SERVED_NAME, device="cpu")
     return EngineConfig(**(settings | overrides))
 
