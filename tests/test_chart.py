@@ -300,3 +300,11 @@ def test_bindings_name_the_operators_service_account(option):
 def test_rbac_create_false_renders_no_rbac():
     objects = render_objects(OPTIONS["no-rbac"])
     assert not [document for document in objects if document["apiVersion"].startswith("rbac.")]
+
+
+def test_chart_declares_the_oldest_kubernetes_it_is_tested_on():
+    """Helm refuses to install on a cluster older than Chart.yaml's kubeVersion (the offline render does not check)."""
+    metadata = yaml.safe_load((CHART_DIR / "Chart.yaml").read_text())
+    assert metadata["kubeVersion"] == f">={KUBERNETES_VERSIONS[0]}.0-0"
+    for version in KUBERNETES_VERSIONS:
+        assert render_objects(kube_version=f"v{version}.0") == render_objects()
