@@ -1,0 +1,183 @@
+"""The real kopf handlers against kmock's Kubernetes emulator.
+
+The tests play the cluster's controllers: they mark the download Job active or
+complete and the Deployment's pods ready, delete a child, edit the spec, and
+check what the operator did in return.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import kmock
+import pytest
+import pytest_asyncio
+
+from model_operator import crd, resources
+from model_operator.kube import KINDS
+from operator_fixtures.harness import (NAMESPACE, declare_resources, eventually, operator_thread, stored,
+                                       write_kubeconfig)
+
+pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+
+NAME = "qwen"
+SPEC = {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "servedName": "qwen-small"},
+        "engine": {"image": "ghcr.io/kubellm/kubellm-engine:test"}}
+MD_RESOURCE = kmock.resource(crd.GROUP, crd.VERSION, crd.PLURAL)
+
+
+@pytest_asyncio.fixture()
+async def cluster(kmock, tmp_path, monkeypatch):
+    """The emulator with kubellm's resources declared and a kubeconfig pointing at it."""
+    declare_resources(kmock)
+    kubeconfig = tmp_path / "kubeconfig"
+    write_kubeconfig(kubeconfig, str(kmock.url))
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    return kmock
+
+
+async def api(cluster, method: str, kind: str, name: str | None = None, body: dict | None = None,
+              subresource: str | None = None) -> dict:
+    """Talk to the emulator as kubectl or a controller would."""
+    path = KINDS[kind].path(NAMESPACE, name, subresource)
+    async with cluster.request(method, path, json=body) as response:
+        payload = await response.json()
+        assert response.status < 400, payload
+        return payload
+
+
+async def watching_model_deployments(cluster) -> None:
+    await eventually(lambda: len(cluster[kmock.action.WATCH, MD_RESOURCE]) > 0, "kopf's watch")
+
+
+async def create_model_deployment(cluster, spec: dict = SPEC, name: str = NAME) -> None:
+    await watching_model_deployments(cluster)
+    await api(cluster, "POST", crd.KIND, body={
+        "apiVersion": crd.API_VERSION, "kind": crd.KIND,
+        "metadata": {"name": name, "namespace": NAMESPACE, "uid": f"uid-{name}", "generation": 1},
+        "spec": spec})
+
+
+def md_status(cluster, name: str = NAME) -> dict:
+    return (stored(cluster, crd.KIND, name) or {}).get("status", {})
+
+
+async def phase_becomes(cluster, phase: str, name: str = NAME) -> dict:
+    await eventually(lambda: md_status(cluster, name).get("phase") == phase, f"phase {phase}")
+    return md_status(cluster, name)
+
+
+def events(cluster, reason: str | None = None) -> list[dict]:
+    posted = [request.data for request in cluster[kmock.method.POST, kmock.resource("", "v1", "events")]]
+    return [event for event in posted if reason is None or event.get("reason") == reason]
+
+
+def job_name() -> str:
+    target = resources.Target.from_body({"metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "u"},
+                                         "spec": SPEC})
+    return resources.fetch_job_name(target)
+
+
+async def finish_download(cluster) -> None:
+    await eventually(lambda: stored(cluster, "Job", job_name()), "the download Job")
+    await api(cluster, "PATCH", "Job", job_name(), {"status": {"active": 1}}, "status")
+    await phase_becomes(cluster, "Downloading")
+    await api(cluster, "PATCH", "Job", job_name(), {"status": {
+        "active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}, "status")
+
+
+async def test_create_builds_children_and_follows_job_and_deployment_status(cluster):
+    async with operator_thread():
+        await create_model_deployment(cluster)
+        status = await phase_becomes(cluster, "Pending")
+        assert status["endpoint"] == f"http://{NAME}.{NAMESPACE}.svc:8000/v1"
+        for kind, name in (("PersistentVolumeClaim", f"{NAME}-model-cache"), ("Job", job_name()),
+                           ("Service", NAME)):
+            child = await eventually(lambda: stored(cluster, kind, name), f"{kind} {name}")
+            assert child["metadata"]["ownerReferences"][0]["uid"] == f"uid-{NAME}"
+        assert stored(cluster, "Deployment", NAME) is None, "engines must wait for the model"
+
+        await finish_download(cluster)
+        deployment = await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
+        assert deployment["metadata"]["ownerReferences"][0]["kind"] == crd.KIND
+        status = await phase_becomes(cluster, "Loading")
+        assert {c["type"]: c["status"] for c in status["conditions"]} == {
+            "ModelCached": "True", "Available": "False", "Progressing": "True", "Autoscaling": "False"}
+
+        await api(cluster, "PATCH", "Deployment", NAME, {"status": {"replicas": 1, "readyReplicas": 1,
+                                                                    "updatedReplicas": 1}}, "status")
+        status = await phase_becomes(cluster, "Ready")
+        assert (status["replicas"], status["readyReplicas"], status["observedGeneration"]) == (1, 1, 1)
+        assert status["selector"] == resources.selector_string(
+            resources.Target.from_body({"metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "u"},
+                                        "spec": SPEC}))
+        await eventually(lambda: events(cluster, "Ready"), "a Ready event")
+        assert events(cluster, "Downloading") and events(cluster, "Loading")
+
+
+async def test_spec_edit_patches_deployment_and_deleted_service_comes_back(cluster):
+    async with operator_thread():
+        await create_model_deployment(cluster)
+        await finish_download(cluster)
+        await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
+
+        await api(cluster, "PATCH", crd.KIND, NAME, {"metadata": {"generation": 2},
+                                                     "spec": {"engine": {"maxNumSeqs": 32, "dtype": "float16"}}})
+
+        def engine_args():
+            deployment = stored(cluster, "Deployment", NAME)
+            return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+        await eventually(lambda: "32" in engine_args() and "float16" in engine_args(), "the patched Deployment")
+        await eventually(lambda: md_status(cluster).get("observedGeneration") == 2, "observedGeneration 2")
+
+        await api(cluster, "DELETE", "Service", NAME)
+        service = await eventually(lambda: stored(cluster, "Service", NAME), "the Service to come back")
+        assert service["spec"]["ports"][0]["name"] == "http"
+
+        await api(cluster, "PATCH", "Deployment", NAME, {"spec": {"replicas": 5}})
+        await eventually(lambda: stored(cluster, "Deployment", NAME)["spec"]["replicas"] == 1, "drift repaired")
+
+
+async def test_missing_secret_fails_with_a_message_and_an_event(cluster):
+    spec = {**SPEC, "model": {**SPEC["model"], "hfTokenSecret": {"name": "hf-token"}}}
+    async with operator_thread():
+        await create_model_deployment(cluster, spec)
+        status = await phase_becomes(cluster, "Failed")
+        assert "Secret hf-token does not exist" in status["message"]
+        assert "kubectl create secret generic hf-token" in status["message"]
+        warnings = await eventually(lambda: events(cluster, "Failed"), "a Failed event")
+        assert warnings[0]["type"] == "Warning" and "hf-token" in warnings[0]["message"]
+        assert stored(cluster, "Job", job_name()) is None and stored(cluster, "Service", NAME) is None
+
+
+async def test_failed_download_job_fails_the_model_deployment(cluster):
+    async with operator_thread():
+        await create_model_deployment(cluster)
+        await eventually(lambda: stored(cluster, "Job", job_name()), "the Job")
+        await api(cluster, "PATCH", "Job", job_name(), {"status": {"failed": 5, "conditions": [
+            {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "too many retries"}]}},
+            "status")
+        status = await phase_becomes(cluster, "Failed")
+        assert "BackoffLimitExceeded" in status["message"] and f"kubectl logs job/{job_name()}" in status["message"]
+
+
+async def test_restart_changes_nothing(cluster):
+    async with operator_thread():
+        await create_model_deployment(cluster)
+        await finish_download(cluster)
+        await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
+        await api(cluster, "PATCH", "Deployment", NAME, {"status": {"replicas": 1, "readyReplicas": 1}}, "status")
+        await phase_becomes(cluster, "Ready")
+        await asyncio.sleep(0.5)  # let the last child events settle
+    before = len(list(cluster))
+    status_before = md_status(cluster)
+    async with operator_thread():
+        await eventually(lambda: len(cluster[kmock.action.WATCH, MD_RESOURCE]) > 1, "the second watch")
+        await asyncio.sleep(1.0)  # resume handlers and replayed child events run
+    writes = [request for request in list(cluster)[before:]
+              if request.method in ("POST", "PATCH", "PUT", "DELETE")
+              and request.resource != kmock.resource("", "v1", "events")
+              and not (request.resource == MD_RESOURCE and not request.subresource)]  # kopf's own annotations
+    assert writes == [], [(r.method, str(r.url)) for r in writes]
+    assert md_status(cluster) == status_before
