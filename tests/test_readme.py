@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import re
+import socket
+import subprocess
+import sys
+import time
 
+import httpx
 import pytest
 import yaml
 
@@ -98,3 +105,65 @@ def test_helm_values_example_renders_and_its_models_are_admitted():
     assert len(model_deployments) == 2
     for document in model_deployments:
         assert admission_errors(document) == []
+
+
+# --- the quickstart, run as written ------------------------------------------------------------------
+
+README_PORT = "8000"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def shell_commands(prefix: str) -> list[str]:
+    """The README's indented shell commands for the built-in model that start with `prefix`."""
+    commands = re.findall(rf"^    ({re.escape(prefix)}.*?)(?<!\\)$", README.replace("\\\n      ", " "), re.MULTILINE)
+    return [command for command in commands if "kubellm-default" in command]
+
+
+@pytest.fixture(scope="module")
+def quickstart_server(tmp_path_factory):
+    """`kubellm serve` as `make serve` runs it (the built-in model), on a free port."""
+    port = str(free_port())
+    log_path = tmp_path_factory.mktemp("quickstart") / "serve.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "kubellm"), "serve", "--port", port],
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not ready(port):
+            assert server.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, "kubellm serve did not become ready in 120 s"
+            time.sleep(0.5)
+        yield port
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def ready(port: str) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def test_quickstart_curl_commands_work(quickstart_server):
+    commands = shell_commands("curl ")
+    assert len(commands) == 2
+    for command in commands:
+        result = subprocess.run(["bash", "-c", command.replace(README_PORT, quickstart_server)],
+                                capture_output=True, text=True, timeout=60, check=True)
+        if '"stream": true' in command:
+            assert result.stdout.rstrip().endswith("data: [DONE]")
+        else:
+            assert json.loads(result.stdout)["usage"]["completion_tokens"] == 16
+
+
+def test_quickstart_openai_sdk_example_works(quickstart_server, capsys):
+    exec(compile(code_blocks("python")[0].replace(README_PORT, quickstart_server), "README.md", "exec"), {})
+    assert "CompletionUsage(completion_tokens=32" in capsys.readouterr().out
+
