@@ -23,6 +23,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.block_manager import cdiv
 from engine.config import EngineConfig
+from engine.cuda_graphs import DecodeGraphs
 from engine.errors import ConfigError
 from engine.layers.sampler import SampledToken, Sampler
 from engine.model_config import ModelConfig
@@ -50,6 +51,7 @@ class ModelRunner:
         self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks()
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
         self.sampler = Sampler(model_config.eos_token_ids, config.seed, self.device)
+        self.decode_graphs = self._capture_decode_graphs()
 
     @property
     def bytes_per_block(self) -> int:
@@ -63,7 +65,10 @@ class ModelRunner:
         """Compute the batch's new tokens; one SampledToken per sequence in batch.sampling_seqs."""
         inputs = self.prepare_inputs(batch)
         with torch.inference_mode():
-            hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            if self.decode_graphs and self.decode_graphs.can_run(inputs.attn_metadata):
+                hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             sampling_seqs = batch.sampling_seqs
             if not sampling_seqs:
                 return []
@@ -92,8 +97,10 @@ class ModelRunner:
         width = max(len(seq.block_table) for seq in batch.seqs)
         block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
 
+        pinned = self.device.type == "cuda"  # page-locked host memory makes the copies truly asynchronous
+
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
 
         metadata = AttentionMetadata(
             slot_mapping=tensor(slot_mapping, torch.int64),
@@ -109,6 +116,19 @@ class ModelRunner:
             attn_metadata=metadata,
             logits_indices=tensor(logits_indices, torch.int64),
         )
+
+    def _capture_decode_graphs(self) -> DecodeGraphs | None:
+        """CUDA graphs for decode steps, unless eager mode is asked for or the model is sharded.
+
+        Tensor-parallel ranks would have to capture their collectives in lockstep;
+        that path is not verified yet, so sharded models run eagerly.
+        """
+        if self.device.type != "cuda" or self.config.enforce_eager or self.config.tensor_parallel_size > 1:
+            return None
+        max_blocks_per_seq = cdiv(self.config.max_model_len, self.block_size)
+        graphs = DecodeGraphs(self.model, self.config.max_num_seqs, max_blocks_per_seq, self.device)
+        graphs.capture()
+        return graphs
 
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         cfg = self.model_config

@@ -1,0 +1,127 @@
+"""Latency: decode ms per token at batch 1 and 32 against the memory roofline, and TTFT by prompt length.
+
+Memory roofline of a decode step: every weight is read once per step, so a
+step takes at least weight_bytes / copy_bandwidth, with the copy bandwidth
+(bytes read + written per second of a large device-to-device copy) measured
+in the same run. The input embedding is excluded (a step reads only B rows of it).
+
+Where the time goes: the engine's wall time per decode step against the GPU
+time of replaying that step's CUDA graph alone; the difference is host work
+(scheduling, input preparation, sampling, detokenizing).
+
+    python -m benchmarks.latency --model llama-3.1-8b --out results/latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save_json
+from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
+from engine import SamplingParams
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+
+
+def weight_bytes(engine: LLMEngine) -> int:
+    model = engine.model_runner.model
+    embedding = model.model.embed_tokens.weight
+    tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]:
+    return [rng.randrange(10, vocab_size) for _ in range(length)]
+
+
+def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
+    """Mean wall ms per decode step (all requests run together; first token excluded)."""
+    rng = random.Random(batch)
+    params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request(f"decode-{batch}-{i}", random_prompt(rng, prompt_len, vocab), params)
+    step_times = []
+    while engine.has_unfinished_requests():
+        start = time.perf_counter()
+        outputs = engine.step()
+        step_times.append((time.perf_counter() - start, outputs))
+    # Decode steps: those after every request has its first token, i.e. all but the prefill steps.
+    decode = [t for t, outputs in step_times if outputs and all(len(o.outputs[0].token_ids) > 1 for o in outputs)]
+    return {"batch": batch, "decode_steps": len(decode), "ms_per_step": 1e3 * sum(decode) / max(1, len(decode))}
+
+
+def graph_replay_ms(engine: LLMEngine, batch: int) -> float | None:
+    graphs = engine.model_runner.decode_graphs
+    if graphs is None:
+        return None
+    size = next(b for b in graphs.batch_sizes if b >= batch)
+    return 1e3 * cuda_time_s(graphs.graphs[size].replay)
+
+
+def time_to_first_token_ms(engine: LLMEngine, prompt_len: int, vocab: int) -> float:
+    prompt = random_prompt(random.Random(prompt_len), prompt_len, vocab)
+    params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    start = time.perf_counter()
+    engine.add_request(f"ttft-{prompt_len}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    return 1e3 * (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--model-root", default=str(Path(tempfile.gettempdir()) / "kubellm-bench-models"))
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--prompt-len", type=int, default=128, help="prompt length of the decode runs")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--ttft-lens", default="1024,4096,16384")
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    ttft_lens = [int(n) for n in args.ttft_lens.split(",") if n]
+    folder = model_folder(args.model, args.model_root)
+    batches = [int(b) for b in args.batches.split(",")]
+    config = EngineConfig(model=str(folder), dtype=args.dtype, seed=0, enforce_eager=args.enforce_eager,
+                          max_num_seqs=max(batches), max_model_len=max([*ttft_lens, args.prompt_len]) + args.new_tokens,
+                          max_num_batched_tokens=max([8192, *ttft_lens]))
+    engine = LLMEngine(config)
+    vocab = token_id_limit(folder)
+    on_gpu = engine.config.device.startswith("cuda")
+    bandwidth = copy_bandwidth_gbs() if on_gpu else None
+    weights = weight_bytes(engine)
+    roofline_ms = 1e3 * weights / (bandwidth * 1e9) if bandwidth else None
+
+    decode_ms_per_token(engine, 1, args.prompt_len, 2, vocab)  # warm-up
+    decode_rows = []
+    for batch in batches:
+        row = decode_ms_per_token(engine, batch, args.prompt_len, args.new_tokens, vocab)
+        row["graph_replay_ms"] = graph_replay_ms(engine, batch) if on_gpu else None
+        row["roofline_ms"] = roofline_ms
+        row["%roofline"] = 100 * roofline_ms / row["ms_per_step"] if roofline_ms else None
+        row["tokens/s"] = 1e3 * batch / row["ms_per_step"]
+        decode_rows.append(row)
+    time_to_first_token_ms(engine, min(ttft_lens), vocab)  # warm-up of the prefill path
+    ttft_rows = [{"prompt_len": n, "ttft_ms": time_to_first_token_ms(engine, n, vocab)} for n in ttft_lens]
+
+    print(f"weights: {weights / 1e9:.2f} GB; copy bandwidth: {bandwidth or float('nan'):,.0f} GB/s; "
+          f"roofline per decode step: {roofline_ms or float('nan'):.3f} ms")
+    print_table(decode_rows, f"decode latency, {args.model}, {args.dtype}, prompt {args.prompt_len}, "
+                             f"{args.new_tokens} new tokens")
+    print_table(ttft_rows, "time to first token (one request, empty engine)")
+    save_json(args.out, {"model": args.model, "command": " ".join(sys.argv), "weight_bytes": weights,
+                         "copy_bandwidth_gbs": bandwidth, "decode": decode_rows, "ttft": ttft_rows})
+
+
+if __name__ == "__main__":
+    main()

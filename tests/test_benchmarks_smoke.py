@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on the tiny model with tiny workloads, so they cannot rot.
+
+They measure nothing here (CPU, a 2-layer model); the numbers are checked only for shape.
+The hf-cb baseline is left out: transformers' continuous batching spends ~25 s
+sizing its cache on CPU, over this file's budget; it runs in every GPU benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from benchmarks import latency, throughput
+
+
+def run_main(module, monkeypatch, *argv: str) -> None:
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    module.main()
+
+
+@pytest.mark.parametrize("system", ["kubellm", "hf-static"])
+def test_throughput_system_runs(system, tmp_path, monkeypatch):
+    result_file = tmp_path / "result.json"
+    run_main(throughput, monkeypatch, "--model", "tiny", "--model-root", str(tmp_path), "--dtype", "float32",
+             "--workload", "mixed", "--num-requests", "3", "--baseline-requests", "2", "--static-batch", "2",
+             "--length-scale", "0.01", "--max-num-seqs", "4", "--max-model-len", "64",
+             "--system", system, "--result-file", str(result_file))
+    result = json.loads(result_file.read_text())
+    assert result["system"] == system
+    assert result["requests"] == (3 if system == "kubellm" else 2)
+    assert result["output_tokens"] > 0 and result["output_tok_s"] > 0
+
+
+def test_latency_runs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "latency.json"
+    run_main(latency, monkeypatch, "--model", "tiny", "--model-root", str(tmp_path), "--dtype", "float32",
+             "--batches", "1,2", "--prompt-len", "4", "--new-tokens", "3", "--ttft-lens", "16", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert [row["batch"] for row in result["decode"]] == [1, 2]
+    assert all(row["decode_steps"] >= 1 for row in result["decode"])
+    assert result["ttft"][0]["prompt_len"] == 16
+    assert "decode latency" in capsys.readouterr().out
