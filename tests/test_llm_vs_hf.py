@@ -1,0 +1,44 @@
+"""The engine's greedy tokens and logprobs equal Hugging Face transformers' on the same folder (fp32, CPU)."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from engine import LLM, SamplingParams
+
+PROMPT_LENGTHS = [1, 5, 16, 17, 64, 130, 300]  # block boundaries, several blocks, the longest asked for
+NEW_TOKENS = 32
+
+
+def random_prompts(vocab_size: int, seed: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab_size, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
+
+
+def hf_model(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.generation_config.eos_token_id = None  # the engine runs with ignore_eos: compare every token
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_greedy_tokens_and_logprobs_match_transformers(tiny_model_folder, family):
+    path = tiny_model_folder(family)
+    llm = LLM(model=str(path), device="cpu", dtype="float32", num_kv_blocks=256)
+    prompts = random_prompts(llm.llm_engine.model_config.vocab_size)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=5)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    model = hf_model(path)
+    with torch.inference_mode():
+        for prompt, output in zip(prompts, outputs):
+            completion = output.outputs[0]
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False)
+            assert completion.token_ids == expected[0, len(prompt) :].tolist(), f"prompt of {len(prompt)} tokens"
+            assert completion.finish_reason == "length"
+            logits = model(torch.tensor([prompt + completion.token_ids])).logits[0, len(prompt) - 1 : -1]
+            reference = torch.log_softmax(logits.float(), dim=-1)
+            for step, entry in enumerate(completion.logprobs):
+                assert len(entry) >= 5
+                for token_id, value in entry.items():
+                    assert value == pytest.approx(reference[step, token_id].item(), abs=1e-4)
+    assert llm.get_stats().num_blocks_free == 256
