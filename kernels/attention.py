@@ -22,6 +22,7 @@ What makes them fast on Hopper:
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -236,12 +237,17 @@ def default_decode_config(head_dim: int) -> LaunchConfig:
     return LaunchConfig(block_n=64 if head_dim <= 128 else 32, num_warps=4, num_stages=2)
 
 
+@functools.cache
+def _multiprocessor_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int) -> int:
     """Enough splits to give every SM about two programs, never more than the context has tiles."""
     if _interpreted():
         target_programs = 2 * batch * num_kv_heads  # exercise the merge path in tests
     else:
-        target_programs = 2 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+        target_programs = 2 * _multiprocessor_count(torch.cuda.current_device())
     wanted = math.ceil(target_programs / (batch * num_kv_heads))
     return max(1, min(wanted, math.ceil(max_context / block_n), 32))
 
