@@ -37,7 +37,7 @@ def test_every_command_line_flag_is_documented():
         assert f"#### `kubellm {name}`" in README
         for action in command._actions:
             if not isinstance(action, argparse._HelpAction):
-                for option in action.option_strings or [action.metavar]:
+                for option in action.option_strings or [action.metavar or action.dest.upper()]:
                     assert f"`{option}" in README or f"/ {option}`" in README, option
 
 

@@ -31,9 +31,20 @@ def cell(text: str) -> str:
 # --- CLI -----------------------------------------------------------------------------------------
 
 
-def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+def subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction:
     (action,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-    return dict(action.choices)
+    return action
+
+
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return dict(subparsers(parser).choices)
+
+
+def command_summaries(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each subcommand's description, or the one-line help it was added with."""
+    action = subparsers(parser)
+    helps = {choice.dest: choice.help for choice in action._choices_actions}
+    return {name: command.description or helps.get(name) or "" for name, command in action.choices.items()}
 
 
 def flag_usage(action: argparse.Action) -> str:
@@ -52,10 +63,11 @@ def flag_description(action: argparse.Action) -> str:
 def cli_reference() -> str:
     from engine.cli import build_parser
 
+    parser = build_parser()
+    summaries = command_summaries(parser)
     lines = []
-    for name, command in subcommands(build_parser()).items():
-        lines += [f"#### `kubellm {name}`", "", cell(command.description or ""), "",
-                  "| Flag | Description |", "|---|---|"]
+    for name, command in subcommands(parser).items():
+        lines += [f"#### `kubellm {name}`", "", cell(summaries[name]), "", "| Flag | Description |", "|---|---|"]
         lines += [f"| `{flag_usage(action)}` | {cell(flag_description(action))} |"
                   for action in command._actions if not isinstance(action, argparse._HelpAction)]
         lines.append("")
