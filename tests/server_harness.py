@@ -19,7 +19,7 @@ import uvicorn
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.server.app import ServerSettings, build_app
+from engine.server.app import ServerSettings, ServerState, build_app
 from engine.testing import default_model_path
 
 SERVED_NAME = "test-model"
@@ -38,7 +38,7 @@ def engine_config(model: Path | None = None, **overrides) -> EngineConfig:
 class RunningServer:
     url: str
     engine: AsyncLLMEngine
-    settings: ServerSettings
+    state: ServerState
 
     @property
     def base_url(self) -> str:
@@ -69,13 +69,14 @@ def running_server(config: EngineConfig | None = None, api_key: str | None = Non
     config = config or engine_config()
     engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=max_pending_requests)
     settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0)
-    server = uvicorn.Server(uvicorn.Config(build_app(engine, settings), log_config=None, access_log=False))
+    app = build_app(engine, settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    running = RunningServer(f"http://127.0.0.1:{port}", engine, settings)
+    running = RunningServer(f"http://127.0.0.1:{port}", engine, app.state.server)
     try:
         assert running.wait_until(lambda: server.started and engine.is_ready, timeout=120), engine.error
         yield running
