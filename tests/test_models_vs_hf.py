@@ -7,13 +7,15 @@ transformers' forward over the full sequence.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from engine.attention_metadata import AttentionMetadata
-from engine.model_config import RopeConfig, load_model_config
+from engine.model_config import load_model_config, parse_model_config
 from engine.layers.rotary_embedding import rope_inv_freq
 from engine.models.loader import load_model
 from engine.testing import make_model_folder
@@ -40,8 +42,9 @@ def allocate_cache(model) -> None:
     layers = list(model.attention_layers())
     first = layers[0]
     shape = (NUM_BLOCKS, BLOCK_SIZE, first.num_kv_heads, first.head_dim)
+    weight = next(model.parameters())
     model.bind_kv_cache(
-        [tuple(torch.randn(shape, device=device_of(model)) * 100 for _ in "kv") for _ in layers]
+        [tuple(torch.randn(shape, device=weight.device, dtype=weight.dtype) * 100 for _ in "kv") for _ in layers]
     )
 
 
@@ -151,13 +154,25 @@ def test_classic_config_with_llama3_rope_matches_transformers(tmp_path):
     torch.testing.assert_close(logits, reference_logits(theirs, tokens), atol=TOLERANCE, rtol=0)
 
 
-@pytest.mark.parametrize("factor", [8.0, 32.0])
-def test_llama3_inverse_frequencies_equal_transformers(factor):
-    """Llama 3.1 (factor 8) and 3.2 (factor 32) rope scaling, bit for bit."""
-    params = dict(rope_type="llama3", rope_theta=500000.0, factor=factor, low_freq_factor=1.0,
-                  high_freq_factor=4.0, original_max_position_embeddings=8192)
+@pytest.mark.parametrize(
+    "params",
+    [
+        # Llama 3.1 (factor 8) and 3.2 (factor 32)
+        dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=8192),
+        dict(rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
+             original_max_position_embeddings=8192),
+        dict(rope_type="linear", rope_theta=10000.0, factor=4.0),
+        dict(rope_type="default", rope_theta=1e6),
+    ],
+    ids=["llama3-8", "llama3-32", "linear", "default"],
+)
+def test_rope_inverse_frequencies_equal_transformers(params):
+    """Bit for bit: a rounding difference here grows with position and long contexts drift."""
     hf_config = LlamaConfig(hidden_size=4096, num_attention_heads=32, head_dim=128,
                             max_position_embeddings=131072, rope_parameters=params)
-    expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
-    rope = RopeConfig(theta=500000.0, rope_type="llama3", factor=factor, original_max_position_embeddings=8192)
-    assert torch.equal(rope_inv_freq(128, rope), expected)
+    expected = LlamaRotaryEmbedding(hf_config).inv_freq
+    folder_config = parse_model_config({"architectures": ["LlamaForCausalLM"], "hidden_size": 4096,
+                                        "num_attention_heads": 32, "num_hidden_layers": 1, "intermediate_size": 8,
+                                        "vocab_size": 8, "rope_parameters": params}, {}, Path("."))
+    assert torch.equal(rope_inv_freq(128, folder_config.rope), expected)

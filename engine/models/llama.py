@@ -42,11 +42,12 @@ class LlamaAttention(nn.Module):
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
-        head_dim = self.attn.head_dim
-        q, k, v = qkv.split([self.qkv_proj.q_size, self.qkv_proj.kv_size, self.qkv_proj.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.attn.num_heads, head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.attn.num_kv_heads, head_dim), cos, sin)
-        v = v.view(-1, self.attn.num_kv_heads, head_dim)
+        num_heads, num_kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
+        qk_size = self.qkv_proj.q_size + self.qkv_proj.kv_size
+        # q and k are rotated together: one set of elementwise kernels per layer instead of two.
+        qk = apply_rotary(qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim), cos, sin)
+        q, k = qk.split([num_heads, num_kv_heads], dim=1)
+        v = qkv[:, qk_size:].view(-1, num_kv_heads, head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
@@ -96,8 +97,8 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        cos, sin = self.rotary_emb(positions)
         hidden, residual = self.embed_tokens(input_ids), None
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, meta)
         hidden, _ = self.norm(hidden, residual)
