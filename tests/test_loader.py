@@ -21,8 +21,8 @@ from engine.testing import make_model_folder
 
 
 @pytest.fixture(scope="module")
-def pristine(tmp_path_factory):
-    return make_model_folder(tmp_path_factory.mktemp("pristine"), family="qwen2", seed=3)
+def pristine(tiny_model_folder):
+    return tiny_model_folder("qwen2")
 
 
 @pytest.fixture
@@ -117,7 +117,7 @@ def test_extra_tensors_are_ignored(folder):
 
 
 def test_sharded_folder_loads_the_same_weights(tmp_path, pristine):
-    sharded = make_model_folder(tmp_path / "sharded", family="qwen2", seed=3, shards=3)
+    sharded = make_model_folder(tmp_path / "sharded", family="qwen2", shards=3)
     assert len(list(sharded.glob("model-0000?-of-00003.safetensors"))) == 3
     single, split = load(pristine), load(sharded)
     for (name, a), (_, b) in zip(single.state_dict().items(), split.state_dict().items(), strict=True):

@@ -26,8 +26,8 @@ def tensors(folder):
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return {family: make_model_folder(tmp_path_factory.mktemp(family), family=family) for family in FAMILIES}
+def folders(tiny_model_folder):
+    return {family: tiny_model_folder(family) for family in FAMILIES}
 
 
 @pytest.fixture(scope="module")

@@ -26,8 +26,8 @@ TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
-def models(request, tmp_path_factory):
-    folder = make_model_folder(tmp_path_factory.mktemp(request.param), family=request.param, seed=1)
+def models(request, tiny_model_folder):
+    folder = tiny_model_folder(request.param)
     ours = load_model(folder, load_model_config(folder), dtype="float32", device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return ours, theirs
