@@ -1,8 +1,8 @@
-"""The real kopf handlers against kmock's Kubernetes emulator.
+"""The operator: the real kopf handlers against kmock's Kubernetes emulator, and its pure parts.
 
-The tests play the cluster's controllers: they mark the download Job active or
-complete and the Deployment's pods ready, delete a child, edit the spec, and
-check what the operator did in return.
+The emulator tests play the cluster's controllers: they mark the download Job
+active or complete and the Deployment's pods ready, delete a child, edit the
+spec, and check what the operator did in return.
 """
 
 from __future__ import annotations
@@ -13,12 +13,15 @@ import kmock
 import pytest
 import pytest_asyncio
 
-from model_operator import crd, resources
+from model_operator import __main__ as entry_point, crd, handlers, resources, status as statuses
 from model_operator.kube import KINDS
+from model_operator.rbac import RBAC_RULES
+from model_operator.handlers import WATCHED_CHILD_KINDS
+from model_operator.reconcile import differs
 from operator_fixtures.harness import (NAMESPACE, declare_resources, eventually, operator_thread, stored,
                                        write_kubeconfig)
 
-pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(120)]
+pytestmark = pytest.mark.timeout(120)
 
 NAME = "qwen"
 SPEC = {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "servedName": "qwen-small"},
@@ -86,6 +89,7 @@ async def finish_download(cluster) -> None:
         "active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}, "status")
 
 
+@pytest.mark.asyncio
 async def test_create_builds_children_and_follows_job_and_deployment_status(cluster):
     async with operator_thread():
         await create_model_deployment(cluster)
@@ -115,6 +119,7 @@ async def test_create_builds_children_and_follows_job_and_deployment_status(clus
         assert events(cluster, "Downloading") and events(cluster, "Loading")
 
 
+@pytest.mark.asyncio
 async def test_spec_edit_patches_deployment_and_deleted_service_comes_back(cluster):
     async with operator_thread():
         await create_model_deployment(cluster)
@@ -139,7 +144,9 @@ async def test_spec_edit_patches_deployment_and_deleted_service_comes_back(clust
         await eventually(lambda: stored(cluster, "Deployment", NAME)["spec"]["replicas"] == 1, "drift repaired")
 
 
-async def test_missing_secret_fails_with_a_message_and_an_event(cluster):
+@pytest.mark.asyncio
+async def test_missing_secret_fails_with_a_message_and_an_event_then_recovers(cluster, monkeypatch):
+    monkeypatch.setattr(handlers, "RETRY_BASE_SECONDS", 0.2)
     spec = {**SPEC, "model": {**SPEC["model"], "hfTokenSecret": {"name": "hf-token"}}}
     async with operator_thread():
         await create_model_deployment(cluster, spec)
@@ -150,7 +157,25 @@ async def test_missing_secret_fails_with_a_message_and_an_event(cluster):
         assert warnings[0]["type"] == "Warning" and "hf-token" in warnings[0]["message"]
         assert stored(cluster, "Job", job_name()) is None and stored(cluster, "Service", NAME) is None
 
+        await api(cluster, "POST", "Secret", body={"apiVersion": "v1", "kind": "Secret", "data": {"token": "aGY="},
+                                                   "metadata": {"name": "hf-token", "namespace": NAMESPACE}})
+        await phase_becomes(cluster, "Pending")  # the retry found the Secret
+        job = await eventually(lambda: stored(cluster, "Job", job_name()), "the Job")
+        assert job["spec"]["template"]["spec"]["containers"][0]["env"][-1]["valueFrom"]["secretKeyRef"] == {
+            "name": "hf-token", "key": "token"}
 
+
+@pytest.mark.asyncio
+async def test_unknown_storage_class_fails_with_what_to_fix(cluster):
+    async with operator_thread():
+        await create_model_deployment(cluster, {**SPEC, "cache": {"storageClassName": "ultra-ssd"}})
+        status = await phase_becomes(cluster, "Failed")
+        assert "StorageClass ultra-ssd does not exist" in status["message"]
+        assert "kubectl get storageclass" in status["message"]
+        assert stored(cluster, "PersistentVolumeClaim", f"{NAME}-model-cache") is None
+
+
+@pytest.mark.asyncio
 async def test_failed_download_job_fails_the_model_deployment(cluster):
     async with operator_thread():
         await create_model_deployment(cluster)
@@ -162,6 +187,7 @@ async def test_failed_download_job_fails_the_model_deployment(cluster):
         assert "BackoffLimitExceeded" in status["message"] and f"kubectl logs job/{job_name()}" in status["message"]
 
 
+@pytest.mark.asyncio
 async def test_restart_changes_nothing(cluster):
     async with operator_thread():
         await create_model_deployment(cluster)
@@ -181,3 +207,93 @@ async def test_restart_changes_nothing(cluster):
               and not (request.resource == MD_RESOURCE and not request.subresource)]  # kopf's own annotations
     assert writes == [], [(r.method, str(r.url)) for r in writes]
     assert md_status(cluster) == status_before
+
+
+@pytest.mark.asyncio
+async def test_autoscaling_children_follow_the_spec(cluster):
+    autoscaled = {**SPEC, "replicas": 2, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 4}}
+    async with operator_thread():
+        await create_model_deployment(cluster, autoscaled)
+        scaled = await eventually(lambda: stored(cluster, "ScaledObject", NAME), "the ScaledObject")
+        assert scaled["spec"]["scaleTargetRef"]["kind"] == crd.KIND
+        await eventually(lambda: stored(cluster, "PodDisruptionBudget", NAME), "the PodDisruptionBudget")
+        status = await eventually(lambda: md_status(cluster).get("conditions"), "conditions")
+        assert {c["type"]: c["reason"] for c in status}["Autoscaling"] == "KEDA"
+
+        await api(cluster, "PATCH", crd.KIND, NAME, {"spec": {"replicas": 1, "autoscaling": {"enabled": False}}})
+        await eventually(lambda: stored(cluster, "ScaledObject", NAME) is None, "the ScaledObject to be pruned")
+        await eventually(lambda: stored(cluster, "PodDisruptionBudget", NAME) is None, "the PDB to be pruned")
+        assert events(cluster, "Deleted")
+
+
+# --- the pure parts ---------------------------------------------------------------------------------------------------
+
+
+def target_for(spec: dict) -> resources.Target:
+    return resources.Target.from_body({"metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "u"}, "spec": spec})
+
+
+DONE_JOB = {"metadata": {"name": "j"}, "status": {"succeeded": 1}}
+
+
+def deployment_with(**status) -> dict:
+    return {"metadata": {"name": NAME}, "status": status}
+
+
+@pytest.mark.parametrize("replicas,deployment_status,expected", [
+    (2, {"readyReplicas": 2}, "Ready"),
+    (2, {"readyReplicas": 1}, "Degraded"),
+    (2, {}, "Loading"),
+    (0, {}, "Ready"),
+    (1, {"conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                         "message": "timed out"}]}, "Failed"),
+])
+def test_phase_follows_the_deployment(replicas, deployment_status, expected):
+    observed = statuses.Observed(DONE_JOB, deployment_with(**deployment_status))
+    assert statuses.phase(target_for({**SPEC, "replicas": replicas}), observed)[0] == expected
+
+
+def test_file_sources_need_no_download():
+    target = target_for({"model": {"source": "file:///models/qwen"}})
+    assert statuses.phase(target, statuses.Observed(None, None)) == ("Pending", "creating the engine Deployment")
+    cached = statuses.model_cached_condition(target, statuses.Observed(None, None))
+    assert (cached["status"], cached["reason"]) == ("True", "InImage")
+
+
+def test_condition_times_move_only_on_status_changes():
+    old = [{"type": "Available", "status": "False", "lastTransitionTime": "T0"},
+           {"type": "ModelCached", "status": "False", "lastTransitionTime": "T0"}]
+    new = [{"type": "Available", "status": "False"}, {"type": "ModelCached", "status": "True"},
+           {"type": "Progressing", "status": "True"}]
+    stamped = statuses.with_transition_times(new, old, "T1")
+    assert [c["lastTransitionTime"] for c in stamped] == ["T0", "T1", "T1"]
+
+
+@pytest.mark.parametrize("desired,actual,drifted", [
+    ({"a": 1}, {"a": 1, "serverDefault": "x"}, False),
+    ({"cpu": "0.5"}, {"cpu": "500m"}, False),
+    ({"gpus": 1}, {"gpus": "1"}, False),
+    ({"memory": "1Gi"}, {"memory": "1G"}, True),
+    ({"args": ["a", "b"]}, {"args": ["a"]}, True),
+    ({"image": "x:1"}, {"image": "x:2"}, True),
+    ({"spec": {"port": 8000}}, {}, True),
+    ({"readOnly": True}, {"readOnly": "True"}, True),
+])
+def test_drift_detection(desired, actual, drifted):
+    assert differs(desired, actual) is drifted
+
+
+def test_rbac_covers_every_resource_the_operator_touches():
+    granted = {(group, resource): set(rule["verbs"])
+               for rule in RBAC_RULES for group in rule["apiGroups"] for resource in rule["resources"]}
+    for name, kind in KINDS.items():
+        assert "get" in granted[(kind.group, kind.plural)], name
+    for name in WATCHED_CHILD_KINDS:
+        assert {"get", "list", "watch", "create", "patch", "delete"} <= granted[(KINDS[name].group, KINDS[name].plural)]
+    assert "patch" in granted[(crd.GROUP, f"{crd.PLURAL}/status")]
+    assert "create" in granted[("", "events")]
+
+
+def test_watched_namespaces_from_the_environment():
+    assert entry_point.watched_namespaces(" team-a, team-b ,") == ["team-a", "team-b"]
+    assert entry_point.watched_namespaces("") == [] and entry_point.watched_namespaces(None) == []
