@@ -32,9 +32,11 @@ ENV DEBIAN_FRONTEND=noninteractive \
     HF_HOME=/tmp/hf-home
 # The distribution's python3 is whatever Ubuntu 24.04 ships (3.12); pinning
 # apt versions of a rolling security archive breaks rebuilds, so DL3008 is off.
+# gcc, libc6-dev and python3-dev: Triton compiles its kernel launchers with the
+# system C compiler against the Python headers the first time a kernel runs.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv "$VIRTUAL_ENV" \
     && useradd --uid 10001 --user-group --no-create-home --home-dir /models --shell /usr/sbin/nologin kubellm \
