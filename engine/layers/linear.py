@@ -18,7 +18,7 @@ from engine.layers.weights import check_shape
 
 
 class _ParallelLinear(nn.Module):
-    """Allocates this rank's (uninitialised) weight and bias; subclasses decide how they are sliced."""
+    """This rank's (uninitialised) weight and bias; subclasses decide how checkpoint tensors are sliced."""
 
     def __init__(
         self,
@@ -41,6 +41,9 @@ class _ParallelLinear(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         raise NotImplementedError
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
 
 class ColumnParallelLinear(_ParallelLinear):
     """y = x W^T with W's rows (output features) split across ranks; outputs stay sharded."""
@@ -60,9 +63,6 @@ class ColumnParallelLinear(_ParallelLinear):
         rows = param.shape[0]
         check_shape(loaded, (rows * self.tp_size, *param.shape[1:]))
         param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -90,7 +90,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp_rank * rows, rows))
 
 
-class QKVParallelLinear(ColumnParallelLinear):
+class QKVParallelLinear(_ParallelLinear):
     """Fused q/k/v projection; each rank holds its query heads and the KV heads they attend to.
 
     With fewer KV heads than ranks, KV heads are replicated: rank r holds KV head
@@ -115,7 +115,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_heads = divide(num_heads, size)
         self.num_kv_heads = max(1, num_kv_heads // size)
         local_out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        _ParallelLinear.__init__(self, hidden_size, local_out, bias, rank, size)
+        super().__init__(hidden_size, local_out, bias, rank, size)
 
     @property
     def q_size(self) -> int:
