@@ -84,6 +84,7 @@ def test_engine_image_serves_from_models_with_a_healthcheck():
     assert "/health" in last("engine", "HEALTHCHECK")
     install = " ".join(arguments for name, arguments in stages()["engine"] if name == "RUN")
     assert "[engine,server]" in install and "torch==${TORCH_VERSION}" in install
+    assert {"gcc", "python3-dev"} <= set(install.split()), "Triton builds its launchers at runtime"
 
 
 def test_operator_image_runs_the_operator_without_torch():
