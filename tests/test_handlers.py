@@ -89,6 +89,12 @@ async def finish_download(cluster) -> None:
         "active": 0, "succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}, "status")
 
 
+async def deployment_after_download(cluster) -> dict:
+    await create_model_deployment(cluster)
+    await finish_download(cluster)
+    return await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
+
+
 @pytest.mark.asyncio
 async def test_create_builds_children_and_follows_job_and_deployment_status(cluster):
     async with operator_thread():
@@ -122,9 +128,7 @@ async def test_create_builds_children_and_follows_job_and_deployment_status(clus
 @pytest.mark.asyncio
 async def test_spec_edit_patches_deployment_and_deleted_service_comes_back(cluster):
     async with operator_thread():
-        await create_model_deployment(cluster)
-        await finish_download(cluster)
-        await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
+        await deployment_after_download(cluster)
 
         await api(cluster, "PATCH", crd.KIND, NAME, {"metadata": {"generation": 2},
                                                      "spec": {"engine": {"maxNumSeqs": 32, "dtype": "float16"}}})
@@ -190,9 +194,7 @@ async def test_failed_download_job_fails_the_model_deployment(cluster):
 @pytest.mark.asyncio
 async def test_restart_changes_nothing(cluster):
     async with operator_thread():
-        await create_model_deployment(cluster)
-        await finish_download(cluster)
-        await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
+        await deployment_after_download(cluster)
         await api(cluster, "PATCH", "Deployment", NAME, {"status": {"replicas": 1, "readyReplicas": 1}}, "status")
         await phase_becomes(cluster, "Ready")
         await asyncio.sleep(0.5)  # let the last child events settle
