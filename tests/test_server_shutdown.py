@@ -1,0 +1,102 @@
+"""SIGTERM during a stream, against `kubellm serve` as a real subprocess.
+
+What rolling updates rely on: /ready turns 503 at once, new requests get 503
+(the socket stays open while draining), a request still running at
+--shutdown-timeout ends with finish_reason "abort" and [DONE], and the process
+exits 0. (That requests finishing within the timeout are left alone is checked
+without a subprocess in test_async_engine.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine.testing import default_model_path
+
+SHUTDOWN_TIMEOUT = 2.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def kubellm() -> str:
+    script = Path(sys.executable).with_name("kubellm")
+    return str(script) if script.exists() else "kubellm"
+
+
+@pytest.fixture
+def serve_process():
+    port = free_port()
+    process = subprocess.Popen(
+        [kubellm(), "serve", str(default_model_path()), "--port", str(port), "--served-model-name", "m",
+         "--max-model-len", "4096", "--num-kv-blocks", "300", "--device", "cpu",
+         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        assert process.poll() is None, process.stderr.read()
+        yield process, url
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(30)
+
+
+def stream_events(url: str, body: dict, first_event: threading.Event, events: list) -> None:
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line.removeprefix("data: "))
+                first_event.set()
+
+
+def test_sigterm_drains_then_exits_zero(serve_process):
+    process, url = serve_process
+    # Thousands of tokens: far longer than the shutdown timeout on any CPU.
+    long_body = {"model": "m", "prompt": "long", "max_tokens": 4000, "ignore_eos": True}
+    long_started, long_events = threading.Event(), []
+    long_client = threading.Thread(target=stream_events, args=(url, long_body, long_started, long_events))
+    long_client.start()
+    assert long_started.wait(60)
+
+    process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/ready").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    ready = httpx.get(f"{url}/ready")
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining"
+    refused = httpx.post(f"{url}/v1/completions", json={"model": "m", "prompt": "new", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+    long_client.join(60)
+    assert process.wait(60) == 0
+    assert long_events[-1] == "[DONE]"
+    finish_reasons = [c["finish_reason"] for e in long_events[:-1] for c in json.loads(e)["choices"]]
+    assert finish_reasons[-1] == "abort"
+    assert finish_reasons.count("abort") == 1 and all(r is None for r in finish_reasons[:-1])
+    log = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
+    assert any(entry.get("finish_reasons") == ["abort"] for entry in log)
