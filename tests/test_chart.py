@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 import gen_rbac_rules
-from helm_render import CHART_DIR, ROOT, render_objects, render_templates
+from helm_render import CHART_DIR, DEFAULT_NAMESPACE, ROOT, render_objects, render_templates
 from model_operator import __main__ as operator_main
 from model_operator import crd, resources, spec
 from model_operator.rbac import RBAC_RULES
@@ -99,7 +99,7 @@ def env_of(container: dict) -> dict[str, str]:
 
 @pytest.mark.parametrize("option", sorted(OPTIONS))
 def test_lint_strict_passes(option):
-    report = helm_python.lint(CHART_DIR, OPTIONS[option], strict=True, namespace="kubellm-system")
+    report = helm_python.lint(CHART_DIR, OPTIONS[option], strict=True, namespace=DEFAULT_NAMESPACE)
     problems = [message for message in report["messages"] if message["severity"] >= 2]
     assert report["errors"] == [] and problems == []
 
@@ -130,7 +130,7 @@ def test_every_object_is_namespaced_in_the_release_namespace_or_cluster_scoped(r
         if document["kind"] in cluster_scoped:
             assert namespace is None
         elif document["kind"] not in {"Role", "RoleBinding"}:
-            assert namespace == "kubellm-system"
+            assert namespace == DEFAULT_NAMESPACE
 
 
 @pytest.mark.parametrize("option", sorted(BAD_VALUES))
@@ -256,7 +256,7 @@ def test_notes_tell_how_to_apply_a_first_model():
     manifest = notes.split("kubectl apply -f - <<'YAML'\n")[1].split("  YAML\n")[0]
     document = yaml.safe_load("\n".join(line.removeprefix("  ") for line in manifest.splitlines()))
     assert admission_errors(document) == []
-    assert "kubellm-system" in notes and "/v1/chat/completions" in notes
+    assert DEFAULT_NAMESPACE in notes and "/v1/chat/completions" in notes
 
 
 # --- RBAC: exactly operator/rbac.py's RBAC_RULES ---------------------------------------------------
@@ -297,7 +297,7 @@ def test_bindings_name_the_operators_service_account(option):
     account = by_kind(objects, "Deployment")[0]["spec"]["template"]["spec"]["serviceAccountName"]
     bindings = by_kind(objects, "ClusterRoleBinding") + by_kind(objects, "RoleBinding")
     assert bindings and all(binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": account, "namespace": "kubellm-system"}] for binding in bindings)
+        {"kind": "ServiceAccount", "name": account, "namespace": DEFAULT_NAMESPACE}] for binding in bindings)
     roles = {(role["kind"], role["metadata"]["name"], role["metadata"].get("namespace"))
              for role in by_kind(objects, "ClusterRole") + by_kind(objects, "Role")}
     for binding in bindings:
