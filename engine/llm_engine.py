@@ -28,8 +28,8 @@ from engine.sequence import Request, Sequence
 class EngineStats:
     """A snapshot of the engine's gauges and counters (totals since start)."""
 
-    num_waiting: int  # sequences queued, preempted ones included
-    num_running: int
+    num_waiting: int  # requests none of whose sequences is running (preempted ones included)
+    num_running: int  # requests with at least one sequence running
     kv_cache_usage: float  # 0..1, blocks referenced by some sequence
     num_blocks_total: int
     num_blocks_free: int  # free or cached-but-evictable
@@ -179,9 +179,11 @@ class LLMEngine:
 
     def get_stats(self) -> EngineStats:
         counters = self.scheduler.counters
+        running = {seq.request.request_id for seq in self.scheduler.running}
+        waiting = {seq.request.request_id for seq in self.scheduler.waiting} - running
         return EngineStats(
-            num_waiting=len(self.scheduler.waiting),
-            num_running=len(self.scheduler.running),
+            num_waiting=len(waiting),
+            num_running=len(running),
             kv_cache_usage=self.block_manager.usage,
             num_blocks_total=self.block_manager.num_blocks,
             num_blocks_free=self.block_manager.num_free_blocks,
