@@ -30,7 +30,6 @@ CATEGORIES = ["kubellm"]
 
 PHASES = ["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
 CONDITION_TYPES = ["ModelCached", "Available", "Progressing", "Autoscaling"]
-SOURCE_SCHEMES = ("hf://", "pvc://", "file:///")
 
 DEFAULT_CRD_PATHS = (
     pathlib.Path("manifests/crd.yaml"),
@@ -386,11 +385,6 @@ def crd() -> dict:
             }],
         },
     }
-
-
-def spec_schema_of(document: dict) -> dict:
-    """The openAPIV3Schema inside a CRD document."""
-    return document["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
 
 
 def render() -> str:

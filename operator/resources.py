@@ -304,6 +304,8 @@ def engine_deployment(target: Target, image: str) -> dict:
             "selector": {"matchLabels": engine_selector(target)},
             "strategy": deployment_strategy(target),
             "revisionHistoryLimit": 3,
+            # Past the startup probe's hour: a rollout is only "stuck" once a pod could not have loaded.
+            "progressDeadlineSeconds": STARTUP_PROBE_PERIOD_SECONDS * STARTUP_PROBE_FAILURES + 600,
             "template": {"metadata": {"labels": labels(target, COMPONENT_ENGINE), "annotations": scrape},
                          "spec": engine_pod_spec(target, image)},
         },

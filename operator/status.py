@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from model_operator import crd
 from model_operator.resources import Target, selector_string
 
-PENDING, DOWNLOADING, LOADING, READY, DEGRADED, FAILED = "Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"
+PENDING, DOWNLOADING, LOADING, READY, DEGRADED, FAILED = crd.PHASES
 
 
 @dataclass(frozen=True)

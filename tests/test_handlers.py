@@ -18,6 +18,7 @@ from model_operator.kube import KINDS
 from model_operator.rbac import RBAC_RULES
 from model_operator.handlers import WATCHED_CHILD_KINDS
 from model_operator.reconcile import differs
+from operator_fixtures.schema import schema_errors
 from operator_fixtures.harness import (NAMESPACE, declare_resources, eventually, operator_thread, stored,
                                        write_kubeconfig)
 
@@ -253,6 +254,16 @@ def deployment_with(**status) -> dict:
 def test_phase_follows_the_deployment(replicas, deployment_status, expected):
     observed = statuses.Observed(DONE_JOB, deployment_with(**deployment_status))
     assert statuses.phase(target_for({**SPEC, "replicas": replicas}), observed)[0] == expected
+
+
+def test_computed_status_matches_the_crd_status_schema():
+    target = target_for({**SPEC, "autoscaling": {"enabled": True}})
+    computed = statuses.compute(target, statuses.Observed(DONE_JOB, deployment_with(replicas=1, readyReplicas=1)),
+                                3, {}, "2026-11-22T00:00:00Z")
+    assert [c["type"] for c in computed["conditions"]] == crd.CONDITION_TYPES
+    document = {"apiVersion": crd.API_VERSION, "kind": crd.KIND, "metadata": {"name": NAME}, "spec": SPEC,
+                "status": computed}
+    assert schema_errors(document) == []
 
 
 def test_file_sources_need_no_download():

@@ -207,6 +207,8 @@ def test_engine_probes_and_graceful_shutdown():
     assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health"
     assert pod["terminationGracePeriodSeconds"] > 120
+    deadline = build(SPECS["engine-options"])["Deployment"]["spec"]["progressDeadlineSeconds"]
+    assert deadline > startup["periodSeconds"] * startup["failureThreshold"]
 
 
 def test_engine_pod_is_locked_down():
