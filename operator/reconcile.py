@@ -9,6 +9,7 @@ resume-after-restart and drift repair (a deleted or edited child) the same code.
 
 from __future__ import annotations
 
+import copy
 import datetime
 import threading
 from collections.abc import Callable
@@ -25,6 +26,8 @@ CREATE_ONLY_KINDS = {"Job", "PersistentVolumeClaim"}
 # Children the spec can stop asking for; the cache PVC is never deleted automatically (it holds data).
 PRUNABLE_KINDS = ("Job", "ScaledObject", "HorizontalPodAutoscaler", "PodDisruptionBudget")
 AUTOSCALER_KINDS = {"ScaledObject", "HorizontalPodAutoscaler"}
+# Objects inside a child that the builders own entirely (merge patches would otherwise keep stale keys).
+REPLACED_WHOLE = {"Deployment": (("spec", "strategy"),)}
 
 EventPoster = Callable[[dict, str, str, str], None]  # (ModelDeployment body, type, reason, message)
 
@@ -53,6 +56,22 @@ def differs(desired: object, actual: object) -> bool:
         return (not isinstance(actual, list) or len(desired) != len(actual)
                 or any(differs(d, a) for d, a in zip(desired, actual)))
     return not same_value(desired, actual)
+
+
+def merge_patch(desired: dict, current: dict) -> dict:
+    """A JSON merge patch to `desired`; fields that must be replaced whole get their stale keys nulled.
+
+    A merge patch merges objects, so switching a Deployment to Recreate would keep the old
+    strategy.rollingUpdate, which the API server rejects.
+    """
+    patch = copy.deepcopy(desired)
+    for path in REPLACED_WHOLE.get(desired["kind"], ()):
+        wanted, existing = patch, current
+        for key in path:
+            wanted, existing = wanted.get(key, {}), (existing or {}).get(key) or {}
+        for stale in set(existing) - set(wanted):
+            wanted[stale] = None
+    return patch
 
 
 def now_rfc3339() -> str:
@@ -149,7 +168,7 @@ class Reconciler:
             return created
         if kind in CREATE_ONLY_KINDS or not differs(child, current):
             return current
-        patched = self.client.merge_patch(kind, meta["namespace"], meta["name"], child)
+        patched = self.client.merge_patch(kind, meta["namespace"], meta["name"], merge_patch(child, current))
         self.post_event(body, "Normal", "Updated", f"updated {kind} {meta['name']} to match the spec")
         return patched
 

@@ -17,7 +17,7 @@ from model_operator import __main__ as entry_point, crd, handlers, resources, st
 from model_operator.kube import KINDS
 from model_operator.rbac import RBAC_RULES
 from model_operator.handlers import WATCHED_CHILD_KINDS
-from model_operator.reconcile import differs
+from model_operator.reconcile import differs, merge_patch
 from operator_fixtures.schema import schema_errors
 from operator_fixtures.harness import (NAMESPACE, declare_resources, eventually, operator_thread, stored,
                                        write_kubeconfig)
@@ -294,6 +294,15 @@ def test_condition_times_move_only_on_status_changes():
 ])
 def test_drift_detection(desired, actual, drifted):
     assert differs(desired, actual) is drifted
+
+
+def test_switching_to_recreate_drops_the_rolling_update_settings():
+    current = {"kind": "Deployment", "spec": {"replicas": 1, "strategy": {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}}}
+    desired = {"kind": "Deployment", "spec": {"strategy": {"type": "Recreate"}}}
+    assert merge_patch(desired, current) == {"kind": "Deployment", "spec": {"strategy": {
+        "type": "Recreate", "rollingUpdate": None}}}
+    assert merge_patch(current, desired) == current
 
 
 def test_rbac_covers_every_resource_the_operator_touches():
