@@ -220,3 +220,14 @@ def test_command_line_entry_point_without_torch(tmp_path):
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("kubellm fetch: error: network error while fetching hf://acme/model")
     assert result.stderr.count("\n") == 1, result.stderr
+
+
+def test_kubellm_cli_runs_fetch(tmp_path, capsys):
+    """The `kubellm fetch` subcommand (engine/cli.py) is wired to this module's arguments and exit codes."""
+    from engine import cli
+
+    source = write_folder(tmp_path / "src", model_files(tmp_path))
+    assert cli.main(["fetch", f"file://{source}", "--dest", str(tmp_path / "dest")]) == 0
+    assert (tmp_path / "dest" / fetch.MARKER).is_file()
+    assert cli.main(["fetch", f"file://{tmp_path / 'nowhere'}", "--dest", str(tmp_path / "d2")]) == 1
+    assert error_line(capsys).endswith("nowhere: no such folder")
