@@ -220,7 +220,8 @@ class AsyncLLMEngine:
                 self._stats = self.engine.get_stats()
             self._fail_all(EngineDeadError("the engine was stopped"))
         except BaseException as exc:  # noqa: BLE001 - whatever killed the loop is reported, not swallowed
-            logger.exception("engine step loop died")
+            # kubellm's own errors carry a complete message; anything else is a bug worth a traceback.
+            logger.error("engine step loop died: %s", exc, exc_info=not isinstance(exc, KubellmError))
             self._fail_all(exc)
 
     def _next_batch_of_work(self) -> bool:
