@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: $(STAMP)
-	@echo "Starting kubellm on http://$(HOST):$(PORT)  (try: curl http://$(HOST):$(PORT)/v1/completions -H 'Content-Type: application/json' -d '{\"model\": \"kubellm-default\", \"prompt\": \"Hello\", \"max_tokens\": 16}')"
+	@echo "Starting kubellm on http://$(HOST):$(PORT)  (try: curl http://$(HOST):$(PORT)/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}')  (the model field may be left out: one model per server)"
 	$(BIN)/kubellm serve $(MODEL) --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
