@@ -11,13 +11,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, find_stop_string
+from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import InvalidRequestError, ModelLoadError
 from engine.model_config import load_model_config
-from engine.model_runner import ModelRunner
+from engine.model_runner import STEP_FIELDS, ModelRunner
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
@@ -46,7 +48,16 @@ class LLMEngine:
         self.model_config = load_model_config(config.model)
         self.config = config.resolve(self.model_config.max_model_len, self.model_config.dtype)
         self.tokenizer = load_tokenizer(config.model)
-        self.model_runner = ModelRunner(self.config, self.model_config)
+        check_tensor_parallel(
+            self.config.tensor_parallel_size,
+            self.config.device,
+            self.model_config.num_attention_heads,
+            self.model_config.num_key_value_heads,
+            self.model_config.intermediate_size,
+        )
+        # Runs the model on every tensor-parallel rank; model_runner is this process's (rank 0's).
+        self.executor = Executor(self.config, partial(ModelRunner, model_config=self.model_config), STEP_FIELDS)
+        self.model_runner: ModelRunner = self.executor.runner
         self.block_manager = BlockManager(
             self.model_runner.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
         )
@@ -131,7 +142,7 @@ class LLMEngine:
         for seq in batch.seqs:
             if seq.request.metrics.first_scheduled_time is None:
                 seq.request.metrics.first_scheduled_time = now
-        sampled = iter(self.model_runner.execute(batch))
+        sampled = iter(self.executor.execute(batch))
         now = time.monotonic()
         progressed: dict[str, Request] = {}
         for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
@@ -174,6 +185,16 @@ class LLMEngine:
         elif seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.config.max_model_len:
             self.detokenizer.flush(seq)
             seq.finish("length")
+
+    # Lifecycle --------------------------------------------------------------------
+
+    def check_health(self) -> None:
+        """Raises EngineDeadError once a tensor-parallel worker has died, also between steps."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stops the tensor-parallel workers (a no-op without them); the engine is unusable after."""
+        self.executor.shutdown()
 
     # Introspection --------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from engine.attention_metadata import AttentionMetadata
 from engine.block_manager import cdiv
 from engine.config import EngineConfig
 from engine.cuda_graphs import DecodeGraphs
+from engine.distributed.parallel_state import min_across_ranks
+from engine.distributed.step_channel import Field
 from engine.errors import ConfigError
 from engine.layers.sampler import SampledToken, Sampler
 from engine.model_config import ModelConfig
@@ -33,12 +35,57 @@ from engine.scheduler import ScheduledBatch
 CPU_KV_CACHE_BYTES = 1 << 30
 
 
+# ModelInputs flattened for tensor-parallel ranks: the keys of as_fields(), in a fixed order.
+STEP_FIELDS = (
+    "input_ids",
+    "positions",
+    "logits_indices",
+    "slot_mapping",
+    "query_start_loc",
+    "seq_lens",
+    "block_tables",
+    "max_query_len",
+    "max_seq_len",
+)
+
+
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [S]: the last new token of each sequence that samples
+
+    def as_fields(self) -> dict[str, Field]:
+        meta = self.attn_metadata
+        return {
+            "input_ids": self.input_ids,
+            "positions": self.positions,
+            "logits_indices": self.logits_indices,
+            "slot_mapping": meta.slot_mapping,
+            "query_start_loc": meta.query_start_loc,
+            "seq_lens": meta.seq_lens,
+            "block_tables": meta.block_tables,
+            "max_query_len": meta.max_query_len,
+            "max_seq_len": meta.max_seq_len,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: dict[str, Field], device: torch.device) -> ModelInputs:
+        """The inputs on `device` (host tensors in pinned memory are copied asynchronously)."""
+
+        def tensor(name: str) -> torch.Tensor:
+            return fields[name].to(device, non_blocking=True)
+
+        metadata = AttentionMetadata(
+            slot_mapping=tensor("slot_mapping"),
+            query_start_loc=tensor("query_start_loc"),
+            seq_lens=tensor("seq_lens"),
+            block_tables=tensor("block_tables"),
+            max_query_len=fields["max_query_len"],
+            max_seq_len=fields["max_seq_len"],
+        )
+        return cls(tensor("input_ids"), tensor("positions"), metadata, tensor("logits_indices"))
 
 
 class ModelRunner:
@@ -48,7 +95,8 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.block_size = config.block_size
         self.model = load_model(model_config.path, model_config, config.torch_dtype, self.device)
-        self.num_kv_blocks = config.num_kv_blocks or self._default_num_kv_blocks()
+        # Tensor-parallel ranks must agree on the cache size: the scheduler on rank 0 allocates for all.
+        self.num_kv_blocks = min_across_ranks(config.num_kv_blocks or self._default_num_kv_blocks())
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
         self.sampler = Sampler(model_config.eos_token_ids, config.seed, self.device)
         self.decode_graphs = self._capture_decode_graphs()
@@ -61,21 +109,34 @@ class ModelRunner:
         elements = 2 * cfg.num_hidden_layers * self.block_size * num_kv_heads * cfg.head_dim
         return elements * self.config.torch_dtype.itemsize
 
-    def execute(self, batch: ScheduledBatch) -> list[SampledToken]:
-        """Compute the batch's new tokens; one SampledToken per sequence in batch.sampling_seqs."""
-        inputs = self.prepare_inputs(batch)
+    # A step is split in three so that tensor-parallel workers can run the middle part alone
+    # (engine.distributed.Executor): prepare_step and sample run on rank 0 only.
+
+    def prepare_step(self, batch: ScheduledBatch) -> dict[str, Field]:
+        """The batch's model inputs as host tensors, keyed by STEP_FIELDS."""
+        return self.prepare_inputs(batch).as_fields()
+
+    def execute_model(self, fields: dict[str, Field]) -> torch.Tensor | None:
+        """Logits at each sampling position (None when no sequence samples this step)."""
+        inputs = ModelInputs.from_fields(fields, self.device)
         with torch.inference_mode():
             if self.decode_graphs and self.decode_graphs.can_run(inputs.attn_metadata):
                 hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             else:
                 hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-            sampling_seqs = batch.sampling_seqs
-            if not sampling_seqs:
-                return []
-            logits = self.model.compute_logits(hidden[inputs.logits_indices])
-            return self.sampler(logits, sampling_seqs)
+            if inputs.logits_indices.numel() == 0:
+                return None
+            return self.model.compute_logits(hidden[inputs.logits_indices])
+
+    def sample(self, logits: torch.Tensor | None, batch: ScheduledBatch) -> list[SampledToken]:
+        """One SampledToken per sequence in batch.sampling_seqs."""
+        if logits is None:
+            return []
+        with torch.inference_mode():
+            return self.sampler(logits, batch.sampling_seqs)
 
     def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
+        """Host tensors (page-locked on CUDA, so that the copies to the GPU are asynchronous)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -97,10 +158,10 @@ class ModelRunner:
         width = max(len(seq.block_table) for seq in batch.seqs)
         block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
 
-        pinned = self.device.type == "cuda"  # page-locked host memory makes the copies truly asynchronous
+        pinned = self.device.type == "cuda"
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=pinned).to(self.device, non_blocking=True)
+            return torch.tensor(values, dtype=dtype, pin_memory=pinned)
 
         metadata = AttentionMetadata(
             slot_mapping=tensor(slot_mapping, torch.int64),
@@ -118,12 +179,13 @@ class ModelRunner:
         )
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps, unless eager mode is asked for or the model is sharded.
+        """CUDA graphs for decode steps, unless eager mode is asked for.
 
-        Tensor-parallel ranks would have to capture their collectives in lockstep;
-        that path is not verified yet, so sharded models run eagerly.
+        Tensor-parallel ranks capture the same batch sizes in the same order, so
+        the NCCL collectives inside the graphs meet; a step replays a graph on
+        every rank or on none, as each decides from the same step inputs.
         """
-        if self.device.type != "cuda" or self.config.enforce_eager or self.config.tensor_parallel_size > 1:
+        if self.device.type != "cuda" or self.config.enforce_eager:
             return None
         max_blocks_per_seq = cdiv(self.config.max_model_len, self.block_size)
         graphs = DecodeGraphs(self.model, self.config.max_num_seqs, max_blocks_per_seq, self.device)

@@ -1,8 +1,10 @@
-"""Tensor parallelism on CPU with gloo: the executor, its workers and the step channel.
+"""Tensor parallelism on CPU with gloo.
 
-The probe runner below stands in for a ModelRunner so that the plumbing
-(process launch, supervision, step broadcast) is tested on its own: every rank
-returns a digest of the step inputs it received, gathered to rank 0.
+First the plumbing on its own (process launch, supervision, step broadcast),
+with a probe runner in place of a ModelRunner: every rank returns a digest of
+the step inputs it received, gathered to rank 0. Then the whole engine: tp=2
+gives the same greedy tokens as tp=1 (fp32) through batching, chunked prefill,
+preemption and prefix caching, and a killed worker fails the engine cleanly.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from engine import LLM, SamplingParams
 from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import ConfigError, EngineDeadError
 
@@ -105,18 +108,6 @@ def test_every_rank_receives_the_same_step_inputs(probe_executor):
         torch.testing.assert_close(digests[0], _digest_step(_probe_step(seed)), rtol=0, atol=0)
 
 
-def test_a_worker_killed_between_steps_makes_the_engine_dead(probe_executor):
-    probe_executor.execute(_probe_step(1))
-    pids = probe_executor.worker_pids
-    os.kill(pids[1], signal.SIGKILL)
-    with pytest.raises(EngineDeadError, match="rank 1"):
-        probe_executor.execute(_probe_step(2))
-    with pytest.raises(EngineDeadError, match="rank 1"):
-        probe_executor.check_health()
-    _assert_gone(pids)
-    assert not dist.is_initialized()
-
-
 def test_a_worker_dying_inside_a_collective_fails_the_step_instead_of_hanging(probe_executor):
     pids = probe_executor.worker_pids
     with pytest.raises(EngineDeadError, match="exited with code 3"):
@@ -162,3 +153,65 @@ def test_kv_heads_fewer_than_ranks_are_replicated_not_rejected():
 def test_more_ranks_than_gpus_fails_at_start():
     with pytest.raises(ConfigError, match="needs 64 GPUs"):
         check_tensor_parallel(64, "cuda", 64, 64, 64)
+
+
+# The whole engine --------------------------------------------------------------------------
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+# Small enough that 12 sequences preempt each other, prompts are prefilled in chunks and
+# half the prompts reuse a cached 32-token prefix.
+ENGINE_ARGS = dict(device="cpu", num_kv_blocks=24, block_size=8, max_num_seqs=8, max_num_batched_tokens=64)
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    generator = torch.Generator().manual_seed(7)
+    shared = torch.randint(3, 400, (32,), generator=generator).tolist()
+    lengths = torch.randint(1, 90, (12,), generator=generator).tolist()
+    tails = [torch.randint(3, 400, (n,), generator=generator).tolist() for n in lengths]
+    return [shared + tail if i % 2 else tail for i, tail in enumerate(tails)]
+
+
+def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    return [output.outputs[0].token_ids for output in outputs]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, prompts, family):
+    path = str(tiny_model_folder(family))
+    expected = _generate(LLM(model=path, **ENGINE_ARGS), prompts)
+    llm = LLM(model=path, tensor_parallel_size=2, **ENGINE_ARGS)
+    try:
+        assert _generate(llm, prompts) == expected
+        assert _generate(llm, prompts) == expected  # again, now from prefix-cached blocks
+        stats = llm.get_stats()
+        assert stats.num_preemptions > 0 and stats.num_chunked_prefills > 0 and stats.prefix_cache_hits > 0
+        kv_heads = llm.llm_engine.model_config.num_key_value_heads
+        assert llm.llm_engine.model_runner.kv_cache.shape[-2] == kv_heads // 2  # this rank's share only
+    finally:
+        llm.llm_engine.shutdown()
+    assert not dist.is_initialized()
+
+
+def test_a_worker_killed_mid_run_fails_the_engine_cleanly(tiny_model_folder, prompts):
+    llm = LLM(model=str(tiny_model_folder("llama")), tensor_parallel_size=2, **ENGINE_ARGS)
+    engine = llm.llm_engine
+    for i, prompt in enumerate(prompts[:4]):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.step()
+    pids = engine.executor.worker_pids
+    os.kill(pids[1], signal.SIGKILL)
+    with pytest.raises(EngineDeadError, match="rank 1"):
+        while engine.has_unfinished_requests():
+            engine.step()
+    with pytest.raises(EngineDeadError, match="rank 1"):
+        engine.check_health()
+    engine.shutdown()
+    _assert_gone(pids)
+    assert not dist.is_initialized()
+
+
+def test_heads_that_do_not_split_fail_at_start(tiny_model_folder):
+    with pytest.raises(ConfigError, match="4 attention heads"):
+        LLM(model=str(tiny_model_folder("llama")), tensor_parallel_size=3, device="cpu")
