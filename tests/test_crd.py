@@ -164,9 +164,10 @@ def test_spec_requires_a_model_source():
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
 def test_examples_are_admitted(path):
-    for example in yaml.safe_load_all(path.read_text()):
-        if example and example.get("kind") == crd.KIND:
-            assert admission_errors(example) == [], path.name
+    examples = [doc for doc in yaml.safe_load_all(path.read_text()) if doc and doc.get("kind") == crd.KIND]
+    assert examples, f"{path.name} holds no {crd.KIND}"
+    for example in examples:
+        assert admission_errors(example) == [], path.name
 
 
 def test_parse_source():

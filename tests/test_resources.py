@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import pathlib
 
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 from kubernetes_validate.utils import schema_contents
 from referencing import Registry, Resource
 
@@ -14,6 +16,7 @@ from model_operator import crd, resources, spec
 from operator_fixtures.schema import admission_errors
 
 KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]
+EXAMPLES = sorted((pathlib.Path(__file__).resolve().parent.parent / "manifests" / "examples").glob("*.yaml"))
 IMAGE = "ghcr.io/kubellm/kubellm-engine:test"
 HUB = {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}
 
@@ -76,13 +79,28 @@ def test_test_specs_are_admitted_by_the_crd(name):
     assert admission_errors(body(SPECS[name])) == []
 
 
-@pytest.mark.parametrize("name", SPECS)
-def test_every_child_is_valid_kubernetes(name):
-    for obj in build(SPECS[name]).values():
+def assert_valid_kubernetes(children: dict[str, dict], versions: list[str]) -> None:
+    for obj in children.values():
         if obj["kind"] == "ScaledObject":
             continue  # a KEDA custom resource: checked in test_keda_scaled_object
-        for version in KUBERNETES_VERSIONS:
+        for version in versions:
             kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("name", SPECS)
+def test_every_child_is_valid_kubernetes(name):
+    assert_valid_kubernetes(build(SPECS[name]), KUBERNETES_VERSIONS)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda path: path.name)
+def test_children_of_the_shipped_examples_are_valid_kubernetes(path):
+    """The oldest and newest supported versions; every version is covered by the option matrix above."""
+    for example in yaml.safe_load_all(path.read_text()):
+        if example and example.get("kind") == crd.KIND:
+            example["metadata"].setdefault("namespace", "default")
+            example["metadata"]["uid"] = "example-uid"
+            children = resources.children(resources.Target.from_body(example), IMAGE)
+            assert_valid_kubernetes({child["kind"]: child for child in children}, ["1.29", "1.37"])
 
 
 def test_default_spec_children():
