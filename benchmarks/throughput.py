@@ -161,6 +161,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--system-timeout", type=float, default=None, help="seconds per system, loading included")
     parser.add_argument("--length-scale", type=float, default=1.0, help="shrink lengths (smoke tests)")
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--system", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -173,9 +174,15 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as scratch:
         for system in args.systems.split(","):
-            result_file = str(Path(scratch) / f"{system}.json")
-            subprocess.run(child_command(args, system, result_file), check=True)
-            results.append(json.loads(Path(result_file).read_text()))
+            result_file = Path(scratch) / f"{system}.json"
+            try:
+                subprocess.run(child_command(args, system, str(result_file)), check=True, timeout=args.system_timeout)
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+                print(f"{system} did not finish: {error}")
+                continue
+            results.append(json.loads(result_file.read_text()))
+            print(f"{system}: {results[-1]['output_tok_s']:,.0f} output tok/s "
+                  f"({results[-1]['requests']} requests, {results[-1]['elapsed_s']:.1f} s)", flush=True)
     rows = summarize(results)
     print_table(rows, f"offline throughput: {args.model}, workload {args.workload}, {args.dtype} "
                       f"(baselines on the first {args.baseline_requests} requests)")

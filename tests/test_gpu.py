@@ -1,8 +1,9 @@
 """The engine's GPU path (Triton kernels, CUDA graphs) against transformers. GPU only.
 
 The bf16 check is teacher-forced (benchmarks/gpu_correctness.py): random
-weights in bf16 make near-ties common, so greedy texts may drift apart after
-one rounding difference while every position still agrees almost always.
+weights make near-ties common, so bf16 rounding alone moves some top-1 tokens;
+the engine must be as close to transformers' fp32 answer as transformers' own
+bf16 forward is.
 In fp32 the greedy outputs must be equal.
 """
 
@@ -53,4 +54,7 @@ def test_teacher_forced_bf16_agrees_with_transformers(tmp_path):
     from benchmarks.workloads import model_folder
 
     result = compare(model_folder("qwen2.5-0.5b", tmp_path), "bfloat16", num_prompts=4, prompt_len=256, chunk=48)
-    assert result["top1_agreement"] >= 0.99, result
+    # As close to the fp32 answer as transformers' own bf16 is (random weights: near-ties abound).
+    floor = result["hf_same_dtype_top1_agreement_with_hf_fp32"]
+    assert result["top1_agreement_with_hf_fp32"] >= floor - 0.02, result
+    assert result["max_abs_logit_diff"] < 0.5, result
