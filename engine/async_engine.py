@@ -26,6 +26,10 @@ from engine.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+# How often an idle step loop asks the engine whether it is still whole (a tensor-parallel
+# worker may die between requests), so that /health fails without waiting for traffic.
+HEALTH_CHECK_INTERVAL_S = 1.0
+
 
 class EngineNotReadyError(KubellmError):
     """The model is still loading, or the server is draining; the client should retry later."""
@@ -223,6 +227,9 @@ class AsyncLLMEngine:
             # kubellm's own errors carry a complete message; anything else is a bug worth a traceback.
             logger.error("engine step loop died: %s", exc, exc_info=not isinstance(exc, KubellmError))
             self._fail_all(exc)
+        finally:
+            if self.engine is not None:
+                self.engine.shutdown()  # stops tensor-parallel workers
 
     def _next_batch_of_work(self) -> bool:
         """Waits for work, applies queued aborts and adds; False once stop() was called."""
@@ -230,7 +237,8 @@ class AsyncLLMEngine:
             while not (
                 self._stopping or self._inbox.adds or self._inbox.aborts or self.engine.has_unfinished_requests()
             ):
-                self._condition.wait()
+                self._condition.wait(HEALTH_CHECK_INTERVAL_S)
+                self.engine.check_health()
             if self._stopping:
                 return False
             inbox, self._inbox = self._inbox, _Inbox()
