@@ -8,7 +8,11 @@ spec, and check what the operator did in return.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 
+import aiohttp
 import kmock
 import pytest
 import pytest_asyncio
@@ -319,3 +323,32 @@ def test_rbac_covers_every_resource_the_operator_touches():
 def test_watched_namespaces_from_the_environment():
     assert entry_point.watched_namespaces(" team-a, team-b ,") == ["team-a", "team-b"]
     assert entry_point.watched_namespaces("") == [] and entry_point.watched_namespaces(None) == []
+
+
+@pytest.mark.asyncio
+async def test_entry_point_serves_liveness_and_stops_on_sigterm(cluster, tmp_path, unused_tcp_port):
+    """`python -m model_operator`, configured from the environment as the chart configures it."""
+    env = {**os.environ, "KUBELLM_HEALTH_PORT": str(unused_tcp_port), "KUBELLM_LOG_LEVEL": "WARNING"}
+    env.pop(entry_point.WATCH_NAMESPACES_ENV, None)  # all namespaces (kmock cannot list namespaces)
+    # Not from the repo root: its operator/ folder would shadow the standard library's `operator`.
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "model_operator", cwd=tmp_path, env=env,
+                                                   stderr=asyncio.subprocess.PIPE)
+    try:
+        async def healthy() -> bool:
+            try:
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(f"http://127.0.0.1:{unused_tcp_port}/healthz") as response:
+                        return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await healthy():
+            assert process.returncode is None, (await process.stderr.read()).decode()
+            assert asyncio.get_running_loop().time() < deadline, "no liveness endpoint"
+            await asyncio.sleep(0.2)
+        await watching_model_deployments(cluster)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        stderr = (await asyncio.wait_for(process.communicate(), 30))[1].decode()
+    assert process.returncode == 0, stderr
