@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from engine.config import DTYPE_ALIASES, DTYPES, EngineConfig
+from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
 from engine.errors import ConfigError
 from engine.server.app import kubellm_version
 
@@ -48,8 +48,7 @@ def _bounded(kind: Callable[[str], float], low: float, high: float | None = None
     return parse
 
 
-def _engine_default(name: str):
-    return {f.name: f.default for f in dataclasses.fields(EngineConfig)}[name]
+ENGINE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(EngineConfig)}
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,30 +75,31 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default: %(default)s).")
 
     engine = parser.add_argument_group("engine")
-    engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=_engine_default("dtype"),
+    engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=ENGINE_DEFAULTS["dtype"],
                         help="Weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU.")
-    engine.add_argument("--device", default=_engine_default("device"),
+    engine.add_argument("--device", default=ENGINE_DEFAULTS["device"],
                         help="auto, cpu, cuda or cuda:N (default: %(default)s).")
-    engine.add_argument("--max-model-len", type=int, default=_engine_default("max_model_len"),
+    engine.add_argument("--max-model-len", type=int, default=ENGINE_DEFAULTS["max_model_len"],
                         help="Context length (prompt + output); default: the model's max_position_embeddings.")
-    engine.add_argument("--max-num-seqs", type=int, default=_engine_default("max_num_seqs"),
+    engine.add_argument("--max-num-seqs", type=int, default=ENGINE_DEFAULTS["max_num_seqs"],
                         help="Most sequences in one step (default: %(default)s).")
-    engine.add_argument("--max-num-batched-tokens", type=int, default=_engine_default("max_num_batched_tokens"),
-                        help="Token budget of one step; long prompts are prefilled in chunks (default: 8192).")
-    engine.add_argument("--block-size", type=int, default=_engine_default("block_size"),
+    engine.add_argument("--max-num-batched-tokens", type=int, default=ENGINE_DEFAULTS["max_num_batched_tokens"],
+                        help="Token budget of one step; long prompts are prefilled in chunks "
+                             f"(default: {DEFAULT_MAX_NUM_BATCHED_TOKENS}).")
+    engine.add_argument("--block-size", type=int, default=ENGINE_DEFAULTS["block_size"],
                         help="Tokens per KV-cache block, a power of two (default: %(default)s).")
-    engine.add_argument("--num-kv-blocks", type=int, default=_engine_default("num_kv_blocks"),
+    engine.add_argument("--num-kv-blocks", type=int, default=ENGINE_DEFAULTS["num_kv_blocks"],
                         help="KV-cache blocks to allocate; default: sized from free memory.")
-    engine.add_argument("--gpu-memory-utilization", type=float, default=_engine_default("gpu_memory_utilization"),
+    engine.add_argument("--gpu-memory-utilization", type=float, default=ENGINE_DEFAULTS["gpu_memory_utilization"],
                         help="Fraction of GPU memory for weights, activations and KV cache (default: %(default)s).")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
-                        default=_engine_default("enable_prefix_caching"),
-                        help="Reuse KV blocks of shared prompt prefixes (default: on).")
-    engine.add_argument("--tensor-parallel-size", type=int, default=_engine_default("tensor_parallel_size"),
+                        default=ENGINE_DEFAULTS["enable_prefix_caching"],
+                        help="Reuse KV blocks of shared prompt prefixes (default: %(default)s).")
+    engine.add_argument("--tensor-parallel-size", type=int, default=ENGINE_DEFAULTS["tensor_parallel_size"],
                         help="GPUs to shard the model over (default: %(default)s).")
-    engine.add_argument("--enforce-eager", action="store_true", default=_engine_default("enforce_eager"),
+    engine.add_argument("--enforce-eager", action="store_true", default=ENGINE_DEFAULTS["enforce_eager"],
                         help="Disable CUDA graphs (always eager).")
-    engine.add_argument("--seed", type=int, default=_engine_default("seed"),
+    engine.add_argument("--seed", type=int, default=ENGINE_DEFAULTS["seed"],
                         help="Seed for requests without their own seed (default: %(default)s).")
 
 
@@ -124,23 +124,14 @@ def _add_fetch_command(commands: argparse._SubParsersAction) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace, model: str, served_model_name: str) -> EngineConfig:
-    """The one mapping from serve flags to EngineConfig (which validates them)."""
-    return EngineConfig(
-        model=model,
-        dtype=args.dtype,
-        device=args.device,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        enable_prefix_caching=args.enable_prefix_caching,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=args.enforce_eager,
-        served_model_name=served_model_name,
-    )
+    """The one mapping from serve flags to EngineConfig, which validates them.
+
+    Every EngineConfig field has a flag of the same name (a field without one fails
+    here, loudly); model and served_model_name are resolved by the caller.
+    """
+    flags = {field.name: getattr(args, field.name) for field in dataclasses.fields(EngineConfig)
+             if field.name not in ("model", "served_model_name")}
+    return EngineConfig(model=model, served_model_name=served_model_name, **flags)
 
 
 def resolve_api_key(args: argparse.Namespace) -> str | None:
