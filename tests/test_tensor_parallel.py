@@ -9,6 +9,7 @@ preemption and prefix caching, and a killed worker fails the engine cleanly.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from types import SimpleNamespace
@@ -17,7 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from engine import LLM, SamplingParams
+from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine.async_engine import AsyncLLMEngine
 from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import ConfigError, EngineDeadError
 
@@ -210,6 +212,24 @@ def test_a_worker_killed_mid_run_fails_the_engine_cleanly(tiny_model_folder, pro
     engine.shutdown()
     _assert_gone(pids)
     assert not dist.is_initialized()
+
+
+@pytest.mark.asyncio
+async def test_a_worker_dying_while_the_server_idles_fails_health(tiny_model_folder):
+    """/health reads AsyncLLMEngine.is_alive; the idle step loop notices the death by itself."""
+    config = EngineConfig(model=str(tiny_model_folder("llama")), tensor_parallel_size=2, **ENGINE_ARGS)
+    front = AsyncLLMEngine(lambda: LLMEngine(config))
+    front.start()
+    await front.wait_until_loaded()
+    pids = front.engine.executor.worker_pids
+    os.kill(pids[1], signal.SIGKILL)
+    while front.is_alive:
+        await asyncio.sleep(0.05)
+    assert isinstance(front.error, EngineDeadError) and "rank 1" in str(front.error)
+    with pytest.raises(EngineDeadError):
+        front.check_accepting()
+    front.stop()
+    _assert_gone(pids)
 
 
 def test_heads_that_do_not_split_fail_at_start(tiny_model_folder):
