@@ -235,7 +235,10 @@ def autoscaling_schema() -> dict:
                    "mode": string("keda: a KEDA ScaledObject with a Prometheus trigger (can scale to zero). "
                                   "hpa: an autoscaling/v2 HPA reading the Pods metric through "
                                   "prometheus-adapter.", enum=["keda", "hpa"], default="keda"),
-                   "minReplicas": integer("Fewest replicas; 0 (scale to zero) needs mode keda.", minimum=0,
+                   "minReplicas": integer("Fewest replicas; 0 (scale to zero) needs mode keda. At zero no engine "
+                                          "reports a queue, so demand alone does not bring one back: scale up with "
+                                          "`kubectl scale md NAME --replicas=1` (KEDA keeps it while requests wait) "
+                                          "or put a request-queueing gateway in front.", minimum=0,
                                           maximum=1000, default=1),
                    "maxReplicas": integer("Most replicas.", minimum=1, maximum=1000, default=4),
                    "targetPendingRequests": integer("Waiting requests per replica the autoscaler aims for.",
