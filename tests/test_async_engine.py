@@ -153,3 +153,28 @@ async def test_drain_lets_short_requests_finish_and_aborts_long_ones(engine):
     assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 1900
     assert engine.num_in_flight == 0
     assert engine.stats.num_running == 0
+
+
+async def test_while_loading_the_server_is_alive_but_not_ready():
+    loaded = threading.Event()
+
+    def slow_load() -> LLMEngine:
+        loaded.wait(30)
+        return LLMEngine(engine_config())
+
+    front = AsyncLLMEngine(slow_load)
+    front.start()
+    app = build_app(front, ServerSettings("m"))
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert (await client.get("/health")).status_code == 200
+            not_ready = await client.get("/ready")
+            assert not_ready.status_code == 503 and not_ready.json()["error"]["code"] == "not_ready"
+            refused = await client.post("/v1/completions", json={"prompt": "hi"})
+            assert refused.status_code == 503 and refused.headers["retry-after"]
+            loaded.set()
+            await front.wait_until_loaded()
+            assert (await client.get("/ready")).status_code == 200
+    finally:
+        loaded.set()
+        front.stop()
