@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 # Status for a request whose client went away before the response (nginx's convention; never sent).
 CLIENT_CLOSED_REQUEST = 499
+# Seconds aborted streams get to deliver their final "abort" chunk before shutdown goes on.
+ABORT_FLUSH_SECONDS = 5.0
 
 
 def kubellm_version() -> str:
@@ -69,7 +71,7 @@ class ServerState:
             await asyncio.sleep(0.05)
         if self.engine.num_in_flight:
             self.engine.abort_all()
-            abort_deadline = time.monotonic() + 5.0
+            abort_deadline = time.monotonic() + ABORT_FLUSH_SECONDS
             while self.engine.num_in_flight and time.monotonic() < abort_deadline:
                 await asyncio.sleep(0.05)
 

@@ -16,7 +16,6 @@ from engine.sampling import SamplingParams
 
 # Seeds feed torch generators, which take 64-bit integers.
 Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
-TokenIds = list[StrictInt]
 Prompt = str | list[int]
 
 
