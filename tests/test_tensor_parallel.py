@@ -17,11 +17,16 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.async_engine import AsyncLLMEngine
 from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import ConfigError, EngineDeadError
+from engine.layers.embedding import ParallelLMHead
+from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine.layers.weights import CheckpointSlice
 
 PROBE_FIELDS = ("ids", "table", "mask", "weights", "count", "flag", "absent", "crash_rank")
 
@@ -155,6 +160,45 @@ def test_kv_heads_fewer_than_ranks_are_replicated_not_rejected():
 def test_more_ranks_than_gpus_fails_at_start():
     with pytest.raises(ConfigError, match="needs 64 GPUs"):
         check_tensor_parallel(64, "cuda", 64, 64, 64)
+
+
+# Sharded weight loading -----------------------------------------------------------------------
+
+
+class RecordingSlice:
+    """A real safetensors slice that records which parts of the tensor were read."""
+
+    def __init__(self, lazy_slice):
+        self.lazy_slice = lazy_slice
+        self.reads = []
+
+    def get_shape(self):
+        return self.lazy_slice.get_shape()
+
+    def __getitem__(self, index):
+        self.reads.append(index)
+        return self.lazy_slice[index]
+
+
+@pytest.mark.parametrize(
+    ("layer_class", "dim"), [(ColumnParallelLinear, 0), (RowParallelLinear, 1), (ParallelLMHead, 0)]
+)
+def test_each_rank_reads_only_its_shard_from_the_checkpoint(tmp_path, layer_class, dim):
+    full = torch.randn(12, 8)
+    save_file({"w": full}, tmp_path / "w.safetensors")
+    shards = []
+    with safe_open(str(tmp_path / "w.safetensors"), framework="pt") as reader:
+        for rank in range(2):
+            args = (12, 8) if layer_class is ParallelLMHead else (full.shape[1], full.shape[0])
+            layer = layer_class(*args, tp_rank=rank, tp_size=2)
+            recording = RecordingSlice(reader.get_slice("w"))
+            layer.weight.weight_loader(layer.weight, CheckpointSlice(recording), None)
+            (index,) = recording.reads
+            wanted = index[dim] if isinstance(index, tuple) else index
+            part = full.shape[dim] // 2
+            assert wanted == slice(part * rank, part * (rank + 1))
+            shards.append(layer.weight.detach())
+    assert torch.equal(torch.cat(shards, dim=dim), full)
 
 
 # The whole engine --------------------------------------------------------------------------

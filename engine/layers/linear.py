@@ -158,7 +158,7 @@ class RowParallelLinear(_ParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if param.dim() == 1:  # bias: replicated
             check_shape(loaded, tuple(param.shape))
-            param.data.copy_(loaded)
+            param.data.copy_(loaded[...])
             return
         cols = param.shape[1]
         check_shape(loaded, (param.shape[0], cols * self.tp_size))

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.errors import ModelLoadError, UnsupportedModelError
-from engine.layers.weights import ShapeMismatchError, default_weight_loader
+from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
 from engine.model_config import ModelConfig
 from engine.models.registry import MODEL_REGISTRY
 
@@ -128,13 +128,16 @@ def _param_name(checkpoint_name: str, packed: dict[str, tuple[str, object]]) -> 
     return checkpoint_name, None
 
 
-def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[Path, str, torch.Tensor]]:
-    """(file, name, tensor) for every tensor; a corrupt or truncated file is named in the error."""
+def _checkpoint_tensors(files: list[Path]) -> Iterator[tuple[Path, str, CheckpointSlice]]:
+    """(file, name, tensor not read yet) for every tensor; a corrupt or truncated file is named in the error.
+
+    Weight loaders read only the part of each tensor their tensor-parallel rank holds.
+    """
     for file in files:
         try:
             with safe_open(str(file), framework="pt", device="cpu") as reader:
                 for name in reader.keys():
-                    yield file, name, reader.get_tensor(name)
+                    yield file, name, CheckpointSlice(reader.get_slice(name))
         except ModelLoadError:
             raise
         except Exception as error:  # safetensors raises its own SafetensorError / OSError variants
