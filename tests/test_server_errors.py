@@ -104,6 +104,22 @@ def test_invalid_chat_parameters_are_400(server, body, param):
     assert_error(post(server, "/chat/completions", body), 400, param)
 
 
+@pytest.mark.parametrize(
+    "extreme",
+    [
+        {"seed": -(2**63)}, {"seed": 2**64 - 1}, {"top_k": 10**6}, {"top_p": 1e-9}, {"min_p": 1.0},
+        {"repetition_penalty": 2.0, "presence_penalty": -2.0, "frequency_penalty": 2.0}, {"temperature": 1e-6},
+        {"temperature": 100.0}, {"stop": ["a"] * 16}, {"stop_token_ids": [0, 10**9]}, {"logprobs": 20},
+    ],
+)
+def test_extreme_valid_values_are_served_and_harm_nobody(server, extreme):
+    body = {"prompt": "edge", "max_tokens": 3, "temperature": 1.0, **extreme}
+    response = post(server, "/completions", body)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert server.engine.is_alive
+
+
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b"", b"\xff\xfe"])
 def test_malformed_json_is_400(server, content):
     response = post(server, "/completions", content=content, headers={**AUTH, "Content-Type": "application/json"})
