@@ -1,4 +1,4 @@
-"""Triton kernels for paged attention, and their torch references (kernels.reference).
+"""Triton kernels (paged attention, fused norm / activation / rotary) and the attention references.
 
 The Triton kernels are imported lazily (`kernels.paged_decode_attention` etc.),
 so CPU-only code that uses kernels.reference never loads Triton or compiles anything.
@@ -13,6 +13,9 @@ _LAZY = {
     "store_kvcache": "kernels.cache",
     "paged_decode_attention": "kernels.attention",
     "paged_prefill_attention": "kernels.attention",
+    "rms_norm": "kernels.fused",
+    "silu_and_mul": "kernels.fused",
+    "apply_rotary": "kernels.fused",
 }
 
 __all__ = sorted(_LAZY)

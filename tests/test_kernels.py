@@ -165,3 +165,56 @@ def test_prefill_bf16_gpu(num_heads, num_kv_heads, head_dim, block_size):
     out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,
                                           p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
     assert_close(out, fp32_reference_prefill(p), torch.bfloat16)
+
+
+# ---- fused elementwise kernels vs the engine's torch layers (run on CPU copies) --------------
+
+FUSED_DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else [])
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("hidden", [64, 896])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_layer(dtype, hidden, with_residual):
+    from engine.layers.layernorm import RMSNorm
+
+    gen = torch.Generator().manual_seed(hidden)
+    layer = RMSNorm(hidden, eps=1e-5)
+    layer.weight.data = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
+    x = torch.randn(5, hidden, generator=gen).to(dtype)
+    residual = torch.randn(5, hidden, generator=gen).to(dtype) if with_residual else None
+    expected = layer(x, residual)  # CPU: the torch path
+    got = kernels.rms_norm(x.to(DEVICE), layer.weight.to(DEVICE), 1e-5,
+                           residual.to(DEVICE) if with_residual else None)
+    for want, have in zip(expected if with_residual else (expected,), got if with_residual else (got,)):
+        assert have.dtype == dtype and have.shape == want.shape
+        torch.testing.assert_close(have.cpu(), want, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("d", [128, 4864])
+def test_silu_and_mul_matches_layer(dtype, d):
+    from engine.layers.activation import SiluAndMul
+
+    x = torch.randn(3, 2 * d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    expected = SiluAndMul()(x)
+    got = kernels.silu_and_mul(x.to(DEVICE)).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
+@pytest.mark.parametrize("num_heads,head_dim", [(4, 64), (14, 64), (8, 128)])
+def test_rotary_matches_layer_on_a_strided_view(dtype, num_heads, head_dim):
+    from engine.layers.rotary_embedding import RotaryEmbedding, apply_rotary
+    from engine.model_config import RopeConfig
+
+    rope = RotaryEmbedding(head_dim, 4096, RopeConfig(rope_type="default", theta=10000.0))
+    positions = torch.tensor([0, 1, 7, 1000, 4095])
+    cos, sin = rope(positions, dtype)
+    gen = torch.Generator().manual_seed(num_heads)
+    fused = torch.randn(5, (num_heads + 2) * head_dim, generator=gen).to(dtype)  # q then other heads
+    q = fused[:, : num_heads * head_dim].view(5, num_heads, head_dim)
+    expected = apply_rotary(q, cos, sin)  # CPU: the torch path
+    q_dev = fused.to(DEVICE)[:, : num_heads * head_dim].view(5, num_heads, head_dim)
+    got = kernels.apply_rotary(q_dev, cos.to(DEVICE), sin.to(DEVICE)).cpu()
+    torch.testing.assert_close(got, expected, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-5)
