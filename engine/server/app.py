@@ -35,6 +35,8 @@ T = TypeVar("T")
 
 # Status for a request whose client went away before the response (nginx's convention; never sent).
 CLIENT_CLOSED_REQUEST = 499
+# Proxies (nginx ingress) must pass each event on at once instead of buffering the stream.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # Seconds aborted streams get to deliver their final "abort" chunk before shutdown goes on.
 ABORT_FLUSH_SECONDS = 5.0
 
@@ -97,7 +99,8 @@ class ServerState:
             if body.stream:
                 await until_disconnect(request, generation.start())
                 return StreamingResponse(
-                    response_format.stream(generation, len(prompts)), media_type="text/event-stream"
+                    response_format.stream(generation, len(prompts)), media_type="text/event-stream",
+                    headers=SSE_HEADERS,
                 )
             finals = await until_disconnect(request, generation.final_outputs())
         except ClientDisconnected:
