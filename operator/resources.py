@@ -85,10 +85,11 @@ def model_dir(target: Target) -> str:
     return source.path
 
 
-def fetch_job_name(target: Target) -> str:
-    """Named after what it fetches: a new source or revision is a new Job (Job templates are immutable)."""
-    digest = hashlib.sha256(f"{target.spec['model']['source']}@{target.spec['model']['revision']}".encode())
-    return f"{target.name}-fetch-{digest.hexdigest()[:8]}"
+def fetch_job_name(target: Target, pod_template: dict) -> str:
+    """Named after what it runs: a new source, revision, token or image is a new Job
+    (a Job's template cannot change, and a failed Job must not block the fixed spec)."""
+    digest = hashlib.sha256(json.dumps(pod_template, sort_keys=True).encode()).hexdigest()
+    return f"{target.name}-fetch-{digest[:8]}"
 
 
 def labels(target: Target, component: str) -> dict:
@@ -196,19 +197,16 @@ def fetch_job(target: Target, image: str) -> dict | None:
         "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "4Gi"}},
         "securityContext": container_security_context(),
     }
-    pod_labels = labels(target, COMPONENT_FETCH)
+    template = {
+        "metadata": {"labels": labels(target, COMPONENT_FETCH)},
+        "spec": {"restartPolicy": "Never", "securityContext": pod_security_context(),
+                 "containers": [container], "volumes": volumes + [tmp_volume],
+                 "enableServiceLinks": False, "automountServiceAccountToken": False},
+    }
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": metadata(target, fetch_job_name(target), COMPONENT_FETCH),
-        "spec": {
-            "backoffLimit": FETCH_BACKOFF_LIMIT,
-            "template": {
-                "metadata": {"labels": pod_labels},
-                "spec": {"restartPolicy": "Never", "securityContext": pod_security_context(),
-                         "containers": [container], "volumes": volumes + [tmp_volume],
-                         "enableServiceLinks": False, "automountServiceAccountToken": False},
-            },
-        },
+        "metadata": metadata(target, fetch_job_name(target, template), COMPONENT_FETCH),
+        "spec": {"backoffLimit": FETCH_BACKOFF_LIMIT, "template": template},
     }
 
 

@@ -57,7 +57,8 @@ def phase(target: Target, observed: Observed) -> tuple[str, str]:
         failed = job_condition(job, "Failed") if job else None
         if failed:
             return FAILED, (f"model download Job {name} failed ({failed.get('reason', 'Failed')}: "
-                            f"{failed.get('message', '')}); see `kubectl logs job/{name}`")
+                            f"{failed.get('message', '')}); see `kubectl logs job/{name}`, fix the cause, "
+                            f"then `kubectl delete job {name}` to retry")
         if job and job.get("status", {}).get("active"):
             return DOWNLOADING, f"Job {name} is fetching {target.spec['model']['source']}"
         return PENDING, f"waiting for the model download Job {name} to start"

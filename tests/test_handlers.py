@@ -80,10 +80,8 @@ def events(cluster, reason: str | None = None) -> list[dict]:
     return [event for event in posted if reason is None or event.get("reason") == reason]
 
 
-def job_name() -> str:
-    target = resources.Target.from_body({"metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "u"},
-                                         "spec": SPEC})
-    return resources.fetch_job_name(target)
+def job_name(spec: dict = SPEC) -> str:
+    return resources.fetch_job(target_for(spec), spec["engine"]["image"])["metadata"]["name"]
 
 
 async def finish_download(cluster) -> None:
@@ -123,9 +121,7 @@ async def test_create_builds_children_and_follows_job_and_deployment_status(clus
                                                                     "updatedReplicas": 1}}, "status")
         status = await phase_becomes(cluster, "Ready")
         assert (status["replicas"], status["readyReplicas"], status["observedGeneration"]) == (1, 1, 1)
-        assert status["selector"] == resources.selector_string(
-            resources.Target.from_body({"metadata": {"name": NAME, "namespace": NAMESPACE, "uid": "u"},
-                                        "spec": SPEC}))
+        assert status["selector"] == resources.selector_string(target_for(SPEC))
         await eventually(lambda: events(cluster, "Ready"), "a Ready event")
         assert events(cluster, "Downloading") and events(cluster, "Loading")
 
@@ -164,12 +160,12 @@ async def test_missing_secret_fails_with_a_message_and_an_event_then_recovers(cl
         assert "kubectl create secret generic hf-token" in status["message"]
         warnings = await eventually(lambda: events(cluster, "Failed"), "a Failed event")
         assert warnings[0]["type"] == "Warning" and "hf-token" in warnings[0]["message"]
-        assert stored(cluster, "Job", job_name()) is None and stored(cluster, "Service", NAME) is None
+        assert stored(cluster, "Job", job_name(spec)) is None and stored(cluster, "Service", NAME) is None
 
         await api(cluster, "POST", "Secret", body={"apiVersion": "v1", "kind": "Secret", "data": {"token": "aGY="},
                                                    "metadata": {"name": "hf-token", "namespace": NAMESPACE}})
         await phase_becomes(cluster, "Pending")  # the retry found the Secret
-        job = await eventually(lambda: stored(cluster, "Job", job_name()), "the Job")
+        job = await eventually(lambda: stored(cluster, "Job", job_name(spec)), "the Job")
         assert job["spec"]["template"]["spec"]["containers"][0]["env"][-1]["valueFrom"]["secretKeyRef"] == {
             "name": "hf-token", "key": "token"}
 

@@ -140,13 +140,16 @@ def test_fetch_job_for_hub_models():
     assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "qwen-model-cache"
 
 
-def test_fetch_job_name_follows_source_and_revision():
-    def job_name(model):
-        return build({"model": model})["Job"]["metadata"]["name"]
+def test_fetch_job_name_follows_what_the_job_runs():
+    def job_name(model_spec):
+        return build(model_spec)["Job"]["metadata"]["name"]
 
-    assert job_name(HUB) == job_name(dict(HUB))
-    assert job_name(HUB) != job_name({**HUB, "revision": "v2"})
-    assert job_name(HUB).startswith("qwen-fetch-")
+    default = SPECS["default"]
+    assert job_name(default) == job_name(copy.deepcopy(default)) and job_name(default).startswith("qwen-fetch-")
+    assert job_name(default) != job_name({"model": {**HUB, "revision": "v2"}})
+    assert job_name(default) != job_name({"model": {**HUB, "hfTokenSecret": {"name": "t"}}})
+    assert job_name(default) != job_name({**default, "engine": {"image": "other:1"}})
+    assert job_name(default) == job_name({**default, "replicas": 3, "engine": {"maxNumSeqs": 8}})
 
 
 def test_pvc_source_is_verified_in_place_read_only():
