@@ -89,7 +89,7 @@ class Generation:
         ]
         self._merged = merge(streams)
         self._buffered: list[tuple[int, RequestOutput]] = []
-        self._status = "ok"
+        self._logged = False
 
     async def start(self) -> None:
         """Waits until the engine accepted every prompt (its first output arrived).
@@ -158,15 +158,15 @@ class Generation:
 
     def _finish(self, error: BaseException | None) -> None:
         """Writes the request's one log line (once)."""
-        if self._status == "logged":
+        if self._logged:
             return
+        self._logged = True
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
             status = "client_disconnected"
         elif error is not None:
             status = f"error: {type(error).__name__}: {error}"
         else:
             status = "ok"
-        self._status = "logged"
         finals = [p.final for p in self._progress if p.final is not None]
         first_tokens = [p.first_token - p.arrival for p in self._progress if p.first_token is not None]
         queue_times = [p.queue_time for p in self._progress if p.queue_time is not None]
