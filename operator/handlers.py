@@ -8,7 +8,6 @@ which restores drift and keeps the status true. All work is in reconcile.py.
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import kopf
@@ -55,21 +54,19 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 @kopf.on.resume(crd.GROUP, crd.VERSION, crd.PLURAL)
 @kopf.on.create(crd.GROUP, crd.VERSION, crd.PLURAL)
 @kopf.on.update(crd.GROUP, crd.VERSION, crd.PLURAL, field="spec")
-def reconcile_model_deployment(body: kopf.Body, retry: int, memo: kopf.Memo, **_) -> None:
+def reconcile_model_deployment(namespace: str, name: str, retry: int, memo: kopf.Memo, **_) -> None:
     try:
-        memo.reconciler.reconcile(copy.deepcopy(dict(body)))
+        memo.reconciler.reconcile(namespace, name)
     except (SpecError, ApiError) as error:  # already on the status and in an Event
         raise kopf.TemporaryError(str(error), delay=retry_delay(retry))
 
 
 def reconcile_owner(labels: kopf.Labels, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-    owner = memo.client.get(crd.KIND, namespace, labels.get(resources.LABEL_MODEL_DEPLOYMENT, ""))
-    if owner is None or owner["metadata"].get("deletionTimestamp"):
-        return  # being garbage-collected with its owner
+    owner = labels.get(resources.LABEL_MODEL_DEPLOYMENT, "")
     try:
-        memo.reconciler.reconcile(owner)
+        memo.reconciler.reconcile(namespace, owner)
     except (SpecError, ApiError) as error:  # the owner's own handler retries it
-        logger.warning("reconciling %s/%s failed: %s", namespace, owner["metadata"]["name"], error)
+        logger.warning("reconciling %s/%s failed: %s", namespace, owner, error)
 
 
 for _kind in WATCHED_CHILD_KINDS:

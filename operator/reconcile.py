@@ -90,12 +90,16 @@ class Reconciler:
         with self._locks_guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
-    def reconcile(self, body: dict) -> dict:
-        """Apply the spec, write the status and return it. Raises SpecError/ApiError after recording them."""
-        metadata = body["metadata"]
-        with self._lock(metadata["namespace"], metadata["name"]):
-            # Re-read under the lock: the caller's copy may predate the previous pass's status write.
-            body = self.client.get(crd.KIND, metadata["namespace"], metadata["name"]) or body
+    def reconcile(self, namespace: str, name: str) -> dict | None:
+        """Apply the spec, write the status and return it (None once the object is gone or going).
+
+        Raises SpecError/ApiError after recording them on the status and in an Event.
+        """
+        with self._lock(namespace, name):
+            # Read under the lock: an event's copy may predate the previous pass's status write.
+            body = self.client.get(crd.KIND, namespace, name)
+            if body is None or body["metadata"].get("deletionTimestamp"):
+                return None  # garbage collection takes the children with it
             target = Target.from_body(body)
             try:
                 self.check_references(target)
