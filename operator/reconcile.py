@@ -40,7 +40,8 @@ def same_value(desired: object, actual: object) -> bool:
     """Equal, or the same Kubernetes quantity spelled differently ("1" vs 1, "0.5" vs "500m")."""
     if desired == actual:
         return True
-    if isinstance(desired, (str, int)) and isinstance(actual, (str, int)) and not isinstance(desired, bool):
+    quantities = [value for value in (desired, actual) if isinstance(value, (str, int)) and not isinstance(value, bool)]
+    if len(quantities) == 2:
         try:
             return Decimal(parse_quantity(desired)) == Decimal(parse_quantity(actual))
         except ValueError:

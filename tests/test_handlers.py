@@ -295,6 +295,7 @@ def test_condition_times_move_only_on_status_changes():
     ({"image": "x:1"}, {"image": "x:2"}, True),
     ({"spec": {"port": 8000}}, {}, True),
     ({"readOnly": True}, {"readOnly": "True"}, True),
+    ({"replicas": 1}, {"replicas": True}, True),
 ])
 def test_drift_detection(desired, actual, drifted):
     assert differs(desired, actual) is drifted
