@@ -9,6 +9,10 @@ Where the time goes: the engine's wall time per decode step against the GPU
 time of replaying that step's CUDA graph alone; the difference is host work
 (scheduling, input preparation, sampling, detokenizing).
 
+With --tensor-parallel-size N the weight bytes and the roofline are one GPU's
+(each reads its shard), and the graph replay is not timed: rank 0's graph
+alone would wait in its all-reduces for the other ranks.
+
     python -m benchmarks.latency --model llama-3.1-8b --out results/latency.json
 """
 
@@ -60,7 +64,7 @@ def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_toke
 
 def graph_replay_ms(engine: LLMEngine, batch: int) -> float | None:
     graphs = engine.model_runner.decode_graphs
-    if graphs is None:
+    if graphs is None or engine.config.tensor_parallel_size > 1:
         return None
     size = next(b for b in graphs.batch_sizes if b >= batch)
     return 1e3 * cuda_time_s(graphs.graphs[size].replay)
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ttft-lens", default="1024,4096,16384")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -94,7 +99,8 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     config = EngineConfig(model=str(folder), dtype=args.dtype, seed=0, enforce_eager=args.enforce_eager,
                           max_num_seqs=max(batches), max_model_len=max([*ttft_lens, args.prompt_len]) + args.new_tokens,
-                          max_num_batched_tokens=max([8192, *ttft_lens]))
+                          max_num_batched_tokens=max([8192, *ttft_lens]),
+                          tensor_parallel_size=args.tensor_parallel_size)
     engine = LLMEngine(config)
     vocab = token_id_limit(folder)
     on_gpu = engine.config.device.startswith("cuda")
@@ -116,10 +122,13 @@ def main() -> None:
 
     print(f"weights: {weights / 1e9:.2f} GB; copy bandwidth: {bandwidth or float('nan'):,.0f} GB/s; "
           f"roofline per decode step: {roofline_ms or float('nan'):.3f} ms")
-    print_table(decode_rows, f"decode latency, {args.model}, {args.dtype}, prompt {args.prompt_len}, "
+    engine.shutdown()
+    print_table(decode_rows, f"decode latency, {args.model}, {args.dtype}, tp={args.tensor_parallel_size}, "
+                             f"prompt {args.prompt_len}, "
                              f"{args.new_tokens} new tokens")
     print_table(ttft_rows, "time to first token (one request, empty engine)")
     save_json(args.out, {"model": args.model, "command": " ".join(sys.argv), "weight_bytes": weights,
+                         "tensor_parallel_size": args.tensor_parallel_size,
                          "copy_bandwidth_gbs": bandwidth, "decode": decode_rows, "ttft": ttft_rows})
 
 

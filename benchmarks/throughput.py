@@ -38,7 +38,8 @@ def run_kubellm(folder: Path, requests: list[Request], args: argparse.Namespace)
     from engine import LLM, SamplingParams
 
     llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
-              max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager)
+              max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size)
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up: compiles the prefill kernels
@@ -128,7 +129,8 @@ def child_command(args: argparse.Namespace, system: str, result_file: str) -> li
     forwarded = ["--model", args.model, "--workload", args.workload, "--model-root", args.model_root,
                  "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
                  "--max-num-seqs", str(args.max_num_seqs), "--static-batch", str(args.static_batch),
-                 "--baseline-requests", str(args.baseline_requests), "--length-scale", str(args.length_scale)]
+                 "--baseline-requests", str(args.baseline_requests), "--length-scale", str(args.length_scale),
+                 "--tensor-parallel-size", str(args.tensor_parallel_size)]
     if args.num_requests:
         forwarded += ["--num-requests", str(args.num_requests)]
     if args.enforce_eager:
@@ -161,6 +163,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs kubellm shards the model across")
     parser.add_argument("--system-timeout", type=float, default=None, help="seconds per system, loading included")
     parser.add_argument("--length-scale", type=float, default=1.0, help="shrink lengths (smoke tests)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -184,7 +187,8 @@ def main() -> None:
             print(f"{system}: {results[-1]['output_tok_s']:,.0f} output tok/s "
                   f"({results[-1]['requests']} requests, {results[-1]['elapsed_s']:.1f} s)", flush=True)
     rows = summarize(results)
-    print_table(rows, f"offline throughput: {args.model}, workload {args.workload}, {args.dtype} "
+    print_table(rows, f"offline throughput: {args.model}, workload {args.workload}, {args.dtype}, "
+                      f"kubellm tp={args.tensor_parallel_size} "
                       f"(baselines on the first {args.baseline_requests} requests)")
     save_json(args.out, {"model": args.model, "workload": args.workload, "command": " ".join(sys.argv),
                          "results": results, "table": rows})

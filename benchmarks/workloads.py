@@ -10,6 +10,7 @@ from engine.testing import make_model_folder
 
 MODEL_SHAPES = {  # benchmark name -> (engine.testing family, size)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),
+    "llama-3.1-70b": ("llama", "llama-3.1-70b"),  # ~141 GB: build it with benchmarks.gpu_random_model
     "qwen2.5-0.5b": ("qwen2", "qwen2.5-0.5b"),
     "tiny": ("llama", "tiny"),
 }

@@ -11,6 +11,7 @@ EngineDeadError with the reason.
 
 from __future__ import annotations
 
+import atexit
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ class Executor:
             self.runner: StepRunner = make_runner(config)
             return
         self._device: str = config.device
+        # Before multiprocessing's own exit handler kills the workers (atexit runs last-in first-out).
+        atexit.register(self.shutdown)
         store = parallel_state.create_store(self.world_size)
         self._workers = WorkerGroup(
             self.world_size, store.port, config, make_runner, field_names, on_death=self._on_worker_death
@@ -94,6 +97,7 @@ class Executor:
             self._stop("the engine was shut down")
 
     def _stop(self, reason: str) -> None:
+        atexit.unregister(self.shutdown)
         self.dead_reason = self.dead_reason or reason
         self._workers.shutdown()
         parallel_state.destroy_distributed()
