@@ -38,10 +38,11 @@ class SpecError(Exception):
 
 def same_value(desired: object, actual: object) -> bool:
     """Equal, or the same Kubernetes quantity spelled differently ("1" vs 1, "0.5" vs "500m")."""
+    if isinstance(desired, bool) or isinstance(actual, bool):
+        return desired is actual
     if desired == actual:
         return True
-    quantities = [value for value in (desired, actual) if isinstance(value, (str, int)) and not isinstance(value, bool)]
-    if len(quantities) == 2:
+    if isinstance(desired, (str, int)) and isinstance(actual, (str, int)):
         try:
             return Decimal(parse_quantity(desired)) == Decimal(parse_quantity(actual))
         except ValueError:
