@@ -112,8 +112,8 @@ def selector_string(target: Target) -> str:
     return ",".join(f"{key}={value}" for key, value in sorted(engine_selector(target).items()))
 
 
-def metadata(target: Target, name: str, component: str, annotations: dict | None = None) -> dict:
-    meta = {
+def metadata(target: Target, name: str, component: str) -> dict:
+    return {
         "name": name,
         "namespace": target.namespace,
         "labels": labels(target, component),
@@ -122,9 +122,6 @@ def metadata(target: Target, name: str, component: str, annotations: dict | None
             "controller": True, "blockOwnerDeletion": True,
         }],
     }
-    if annotations:
-        meta["annotations"] = annotations
-    return meta
 
 
 def scale_target_ref(target: Target) -> dict:
@@ -151,9 +148,10 @@ def model_volume(target: Target, read_only: bool) -> tuple[list[dict], list[dict
     claim = cache_claim_name(target)
     if claim is None:
         return [], []
-    source_read_only = read_only or target.source.scheme == "pvc"
-    volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": source_read_only}}
-    return [volume], [{"name": "model", "mountPath": MODELS_DIR, "readOnly": source_read_only}]
+    # pvc:// sources and ReadOnlyMany caches are only ever read (the Job then just verifies them).
+    read_only = read_only or target.source.scheme == "pvc" or target.spec["cache"]["accessMode"] == "ReadOnlyMany"
+    volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
+    return [volume], [{"name": "model", "mountPath": MODELS_DIR, "readOnly": read_only}]
 
 
 def env_value(name: str, value: str) -> dict:
