@@ -16,6 +16,7 @@ import pytest
 
 from engine.llm import LLM
 from engine.sampling import SamplingParams
+from engine.server.logs import JsonFormatter
 from server_harness import SERVED_NAME, engine_config, running_server
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4", "kubernetes pods"]
@@ -246,11 +247,22 @@ def test_request_id_is_returned_and_logged(server, caplog):
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "my-trace-42"
     assert generated
-    line = next(r for r in caplog.records if getattr(r, "request_id", None) == "my-trace-42")
+    lines = [r for r in caplog.records if getattr(r, "request_id", None) == "my-trace-42"]
+    assert len(lines) == 1
+    line = lines[0]
     assert line.prompt_tokens > 0 and line.output_tokens == 3 and line.finish_reasons == ["length"]
     assert line.ttft_s >= 0 and line.total_time_s >= line.ttft_s and line.queue_time_s >= 0
-    assert line.status == "ok" and line.endpoint == "completions"
-    json.dumps(vars(line), default=str)
+    assert line.status == 200 and line.outcome == "ok" and line.path == "/v1/completions"
+    assert not [r for r in caplog.records if getattr(r, "path", None) == "/health"]  # probes are not logged
+    assert json.loads(JsonFormatter().format(line))["request_id"] == "my-trace-42"
+
+
+def test_rejected_requests_are_logged_too(server, caplog):
+    with caplog.at_level(logging.INFO, logger="kubellm.request"):
+        httpx.post(f"{server.base_url}/completions", headers={"X-Request-Id": "bad-one"},
+                   json={"model": SERVED_NAME, "prompt": "hi", "temperature": -1})
+    line = next(r for r in caplog.records if getattr(r, "request_id", None) == "bad-one")
+    assert line.status == 400 and line.method == "POST"
 
 
 METRICS = [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import time
 import uuid
 from collections.abc import Awaitable
@@ -32,6 +33,8 @@ from engine.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine.server.responses import ChatFormat, CompletionFormat, ResponseFormat
 
 T = TypeVar("T")
+
+request_logger = logging.getLogger("kubellm.request")
 
 # Status for a request whose client went away before the response (nginx's convention; never sent).
 CLIENT_CLOSED_REQUEST = 499
@@ -83,17 +86,16 @@ class ServerState:
                                 f"{self.settings.served_model_name!r}", param="model", code="model_not_found")
 
     async def serve(
-        self, request: Request, body: CompletionRequest | ChatCompletionRequest, endpoint: str,
-        prompts: list[str | list[int]], response_format: ResponseFormat,
+        self, request: Request, body: CompletionRequest | ChatCompletionRequest, prompts: list[str | list[int]],
+        response_format: ResponseFormat,
     ) -> Response:
         generation = Generation(
             engine=self.engine,
             metrics=self.metrics,
-            request_id=request.state.request_id,
             engine_request_id=response_format.id,
-            endpoint=endpoint,
             prompts=prompts,
             params=body.to_sampling_params(),
+            log_fields=request.state.log_fields,
         )
         try:
             if body.stream:
@@ -149,7 +151,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 
 class RequestContextMiddleware:
-    """X-Request-Id in and out, and the API key check on /v1 routes (pure ASGI, so streams stay unbuffered)."""
+    """Per request: X-Request-Id in and out, the API key check and one JSON log line for /v1 routes.
+
+    Pure ASGI rather than BaseHTTPMiddleware, so streams stay unbuffered.
+    """
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
@@ -161,19 +166,32 @@ class RequestContextMiddleware:
             return
         headers = Headers(scope=scope)
         request_id = headers.get("x-request-id") or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        log_fields: dict[str, Any] = {}
+        scope.setdefault("state", {}).update(request_id=request_id, log_fields=log_fields)
+        started = time.monotonic()
+        status: int | None = None  # None: no response was started (the client left, or the app crashed)
 
         async def send_with_request_id(message: Message) -> None:
+            nonlocal status
             if message["type"] == "http.response.start":
+                status = message["status"]
                 MutableHeaders(scope=message).append("X-Request-Id", request_id)
             await send(message)
 
-        if self.api_key is not None and scope["path"].startswith("/v1") and not self._authorized(headers):
-            response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
-                                      code="invalid_api_key")
-            await response(scope, receive, send_with_request_id)
-            return
-        await self.app(scope, receive, send_with_request_id)
+        is_api = scope["path"].startswith("/v1")
+        try:
+            if self.api_key is not None and is_api and not self._authorized(headers):
+                response = error_response(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                                          code="invalid_api_key")
+                await response(scope, receive, send_with_request_id)
+            else:
+                await self.app(scope, receive, send_with_request_id)
+        finally:
+            if is_api:  # probes and scrapes would drown the log
+                request_logger.info("request", extra={
+                    "request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
+                    "total_time_s": round(time.monotonic() - started, 6), **log_fields,
+                })
 
     def _authorized(self, headers: Headers) -> bool:
         scheme, _, token = headers.get("authorization", "").partition(" ")
@@ -241,7 +259,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             settings.served_model_name, state.tokenizer, body.n, body.logprobs, body.include_usage,
             echo_prompts=[_prompt_text(state.tokenizer, p) for p in prompts] if body.echo else None,
         )
-        return await state.serve(request, body, "completions", prompts, response_format)
+        return await state.serve(request, body, prompts, response_format)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
@@ -251,7 +269,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         response_format = ChatFormat(settings.served_model_name, state.tokenizer, body.n, top_logprobs,
                                      body.include_usage)
-        return await state.serve(request, body, "chat", [prompt], response_format)
+        return await state.serve(request, body, [prompt], response_format)
 
     return app
 

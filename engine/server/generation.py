@@ -3,13 +3,13 @@
 A completions request may carry several prompts; each becomes one engine
 request and their outputs are merged in arrival order. This module also owns
 what is measured per request: the latency histograms, the success counter and
-the one structured log line written when the HTTP request ends, however it ends.
+the token and timing fields of the request's log line (written by the
+middleware when the HTTP request ends, however it ends).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +18,6 @@ from engine.async_engine import AsyncLLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.server.metrics import ServerMetrics
-
-request_logger = logging.getLogger("kubellm.request")
 
 _END = object()
 
@@ -74,11 +72,10 @@ class _Progress:
 class Generation:
     engine: AsyncLLMEngine
     metrics: ServerMetrics
-    request_id: str  # the client's X-Request-Id (or a generated one): what the log line names
     engine_request_id: str  # unique per HTTP request; engine requests are "<this>-<prompt index>"
-    endpoint: str
     prompts: list[str | list[int]]
     params: SamplingParams
+    log_fields: dict  # filled in when the generation ends, for the request's log line
     arrival: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
@@ -89,7 +86,7 @@ class Generation:
         ]
         self._merged = merge(streams)
         self._buffered: list[tuple[int, RequestOutput]] = []
-        self._logged = False
+        self._finished = False
 
     async def start(self) -> None:
         """Waits until the engine accepted every prompt (its first output arrived).
@@ -157,32 +154,27 @@ class Generation:
             self.metrics.observe_finished(output.outputs[0].finish_reason or "stop")
 
     def _finish(self, error: BaseException | None) -> None:
-        """Writes the request's one log line (once)."""
-        if self._logged:
+        """Records how the generation ended (once) in log_fields."""
+        if self._finished:
             return
-        self._logged = True
+        self._finished = True
         if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
-            status = "client_disconnected"
+            outcome = "client_disconnected"
         elif error is not None:
-            status = f"error: {type(error).__name__}: {error}"
+            outcome = f"error: {type(error).__name__}: {error}"
         else:
-            status = "ok"
+            outcome = "ok"
         finals = [p.final for p in self._progress if p.final is not None]
         first_tokens = [p.first_token - p.arrival for p in self._progress if p.first_token is not None]
         queue_times = [p.queue_time for p in self._progress if p.queue_time is not None]
-        request_logger.info(
-            "request finished",
-            extra={
-                "request_id": self.request_id,
-                "endpoint": self.endpoint,
-                "status": status,
-                "prompt_tokens": sum(len(f.prompt_token_ids) for f in finals),
-                "output_tokens": sum(len(o.token_ids) for f in finals for o in f.outputs),
-                "queue_time_s": _rounded(max(queue_times, default=None)),
-                "ttft_s": _rounded(min(first_tokens, default=None)),
-                "total_time_s": _rounded(time.monotonic() - self.arrival),
-                "finish_reasons": [o.finish_reason for f in finals for o in f.outputs],
-            },
+        self.log_fields.update(
+            outcome=outcome,
+            prompt_tokens=sum(len(f.prompt_token_ids) for f in finals),
+            output_tokens=sum(len(o.token_ids) for f in finals for o in f.outputs),
+            queue_time_s=_rounded(max(queue_times, default=None)),
+            ttft_s=_rounded(min(first_tokens, default=None)),
+            generation_time_s=_rounded(time.monotonic() - self.arrival),
+            finish_reasons=[o.finish_reason for f in finals for o in f.outputs],
         )
 
 
