@@ -327,10 +327,16 @@ def scale_down_behavior(target: Target) -> dict:
     return {"scaleDown": {"stabilizationWindowSeconds": target.spec["autoscaling"]["scaleDownDelaySeconds"]}}
 
 
-def scaled_object(target: Target) -> dict | None:
+def autoscaler_mode(target: Target) -> str | None:
+    """keda, hpa, or None when autoscaling is off."""
     autoscaling = target.spec["autoscaling"]
-    if not autoscaling["enabled"] or autoscaling["mode"] != "keda":
+    return autoscaling["mode"] if autoscaling["enabled"] else None
+
+
+def scaled_object(target: Target) -> dict | None:
+    if autoscaler_mode(target) != "keda":
         return None
+    autoscaling = target.spec["autoscaling"]
     trigger_metadata = {"serverAddress": autoscaling["prometheusAddress"], "query": waiting_requests_query(target),
                         "threshold": str(autoscaling["targetPendingRequests"]), "activationThreshold": "0"}
     return {
@@ -347,9 +353,9 @@ def scaled_object(target: Target) -> dict | None:
 
 
 def horizontal_pod_autoscaler(target: Target) -> dict | None:
-    autoscaling = target.spec["autoscaling"]
-    if not autoscaling["enabled"] or autoscaling["mode"] != "hpa":
+    if autoscaler_mode(target) != "hpa":
         return None
+    autoscaling = target.spec["autoscaling"]
     return {
         "apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
         "metadata": metadata(target, target.name, COMPONENT_ENGINE),
