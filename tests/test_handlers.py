@@ -109,6 +109,8 @@ async def test_create_builds_children_and_follows_job_and_deployment_status(clus
             child = await eventually(lambda: stored(cluster, kind, name), f"{kind} {name}")
             assert child["metadata"]["ownerReferences"][0]["uid"] == f"uid-{NAME}"
         assert stored(cluster, "Deployment", NAME) is None, "engines must wait for the model"
+        # No finalizer: deleting the ModelDeployment is left to owner-reference garbage collection.
+        assert not stored(cluster, crd.KIND, NAME)["metadata"].get("finalizers")
 
         await finish_download(cluster)
         deployment = await eventually(lambda: stored(cluster, "Deployment", NAME), "the engine Deployment")
