@@ -143,14 +143,15 @@ async def test_a_model_that_fails_to_load_is_reported():
 
 
 async def test_drain_lets_short_requests_finish_and_aborts_long_ones(engine):
-    state = ServerState(engine, ServerSettings("m", shutdown_timeout=0.5))
+    # Two tokens take milliseconds; 2000 take seconds: far apart on either side of the 1 s timeout.
+    state = ServerState(engine, ServerSettings("m", shutdown_timeout=1.0))
     short = asyncio.ensure_future(final(engine, "short", "Hello", SamplingParams(max_tokens=2, ignore_eos=True)))
-    long = asyncio.ensure_future(final(engine, "long", "Hello", SamplingParams(max_tokens=1900, ignore_eos=True)))
+    long = asyncio.ensure_future(final(engine, "long", "Hello", SamplingParams(max_tokens=2000, ignore_eos=True)))
     await asyncio.sleep(0.05)
     await state.drain()
     assert (await short).outputs[0].finish_reason == "length"
     aborted = (await long).outputs[0]
-    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 1900
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 2000
     assert engine.num_in_flight == 0
     assert engine.stats.num_running == 0
 
