@@ -266,8 +266,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         state.check_model(body.model)
         state.check_accepting()
         prompt = engine.engine.apply_chat_template([m.as_template_input() for m in body.messages])
-        top_logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        response_format = ChatFormat(settings.served_model_name, state.tokenizer, body.n, top_logprobs,
+        response_format = ChatFormat(settings.served_model_name, state.tokenizer, body.n, body.num_top_logprobs,
                                      body.include_usage)
         return await state.serve(request, body, [prompt], response_format)
 

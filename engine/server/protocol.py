@@ -144,9 +144,13 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
 
+    @property
+    def num_top_logprobs(self) -> int | None:
+        """Alternatives per token (0: only the chosen token's logprob); None: no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
     def to_sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs)
+        return self._sampling_params(max_tokens, self.num_top_logprobs)
