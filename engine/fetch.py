@@ -8,12 +8,13 @@ log instead of a crash-looping GPU pod. Sources:
                   the top-level files an engine loads, resumable (a partial file continues with
                   an HTTP range, finished files are not fetched again), weights checked by sha256;
   file:///PATH    copied into DEST file by file (finished files are skipped on a rerun), or
-                  verified in place when DEST is PATH;
-  pvc://CLAIM/P   verified in place: the Job mounts the claim, so DEST is the folder itself.
+                  verified in place (nothing written) when DEST is PATH;
+  pvc://CLAIM/P   verified in place (nothing written): the Job mounts the claim, so DEST is the
+                  folder itself.
 
 A completed fetch leaves DEST/.kubellm-complete.json naming the source and revision; a
 rerun for the same source and revision returns at once without touching the network.
-Deliberately light: no torch import, so a slim image can run it.
+Deliberately light: this module never imports torch (`python -m engine.fetch` runs in a slim image).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def run_fetch(args: argparse.Namespace) -> int:
 def fetch(source: str, revision: str, dest: Path) -> Path:
     scheme, _, location = source.partition("://")
     dest = Path(dest)
-    if scheme == "pvc":
+    in_place = scheme == "pvc" or (scheme == "file" and dest.resolve() == Path(location).resolve())
+    if in_place:  # someone else's folder, possibly read-only: checked, never written
         verify_model_folder(dest)
         return dest
     if is_complete(dest, source, revision):
@@ -255,8 +257,6 @@ def copy_folder(source: Path, dest: Path) -> list[str]:
         raise FetchError(f"file://{source}: no such folder")
     names = sorted(path.name for path in source.iterdir()
                    if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILE_PATTERNS))
-    if dest.resolve() == source.resolve():
-        return names
     dest.mkdir(parents=True, exist_ok=True)
     todo = [name for name in names if not same_file(source / name, dest / name)]
     check_space(dest, sum((source / name).stat().st_size for name in todo))

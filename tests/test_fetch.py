@@ -172,8 +172,8 @@ def test_file_copy_resumes_and_skips_finished_files(tmp_path, monkeypatch):
 def test_file_source_in_place_is_verified(tmp_path, capsys):
     source = write_folder(tmp_path / "src", model_files(tmp_path))
     assert run(f"file://{source}", source) == 0
+    assert not (source / fetch.MARKER).exists(), "a folder verified in place is not written to"
     (source / "config.json").unlink()
-    (source / fetch.MARKER).unlink()
     assert run(f"file://{source}", source) == 1
     assert "config.json is missing" in error_line(capsys)
 
