@@ -29,6 +29,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/yamllint -s .
+	$(BIN)/hadolint Dockerfile
 
 # Rewrites every generated file (tests fail when one drifts from its source); the order matters:
 # install.yaml renders the chart, which holds the CRD and the RBAC rules.
