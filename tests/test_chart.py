@@ -62,6 +62,8 @@ BAD_VALUES = {
     "pull-policy": {"image": {"pullPolicy": "Sometimes"}},
     "image-with-tag-in-repository": {"image": {"repository": "ghcr.io/kubellm/kubellm-operator:latest"}},
     "tag-with-space": {"engineImage": {"tag": "1.0 beta"}},
+    "tag-as-number": {"image": {"tag": 1.0}},
+    "empty-namespace": {"watchNamespaces": [""]},
     "namespace-not-dns": {"watchNamespaces": ["Team_A"]},
     "namespace-twice": {"watchNamespaces": ["a", "a"]},
     "namespaces-not-a-list": {"watchNamespaces": "team-a"},
