@@ -318,3 +318,10 @@ def test_chart_declares_the_oldest_kubernetes_it_is_tested_on():
     assert metadata["kubeVersion"] == f">={KUBERNETES_VERSIONS[0]}.0-0"
     for version in KUBERNETES_VERSIONS:
         assert render_objects(kube_version=f"v{version}.0") == render_objects()
+
+
+def test_models_outside_the_watched_namespaces_are_refused():
+    values = {"models": OPTIONS["models-catalog"]["models"][:1], "watchNamespaces": ["team-a"]}
+    with pytest.raises(helm_python.HelmRenderError, match="watchNamespaces does not include"):
+        render_objects(values)
+    assert by_kind(render_objects(values | {"watchNamespaces": ["team-a", DEFAULT_NAMESPACE]}), crd.KIND)
