@@ -27,7 +27,7 @@ _ARCHITECTURES: dict[str, dict[str, Any]] = {
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = tuple(_ARCHITECTURES)
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -163,9 +163,9 @@ def _architecture(raw: dict[str, Any], config_file: Path) -> str:
 def _dtype(raw: dict[str, Any], config_file: Path) -> torch.dtype:
     name = raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"
     name = str(name).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ModelLoadError(f"{config_file}: dtype {name!r} is not one of {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    if name not in DTYPES:
+        raise ModelLoadError(f"{config_file}: dtype {name!r} is not one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def _rope(raw: dict[str, Any], config_file: Path) -> RopeConfig:

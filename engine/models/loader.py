@@ -18,17 +18,10 @@ from torch import nn
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
-from engine.model_config import ModelConfig
+from engine.model_config import DTYPES, ModelConfig
 from engine.models.registry import MODEL_REGISTRY
 
 INDEX_FILE = "model.safetensors.index.json"
-_DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
 
 
 def resolve_dtype(dtype: str | torch.dtype, model_config: ModelConfig, device: str | torch.device) -> torch.dtype:
@@ -37,9 +30,9 @@ def resolve_dtype(dtype: str | torch.dtype, model_config: ModelConfig, device: s
         return dtype
     if dtype == "auto":
         return model_config.dtype if torch.device(device).type == "cuda" else torch.float32
-    if dtype not in _DTYPE_NAMES:
-        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def load_model(

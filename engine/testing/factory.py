@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from engine.model_config import ModelConfig, load_model_config
+from engine.model_config import DTYPES, ModelConfig, load_model_config
 from engine.testing.safetensors_stream import write_safetensors
 from engine.testing.shapes import FAMILIES, shape_kwargs
 from engine.testing.tokenizer import CHAT_FORMATS, write_tokenizer
 
 DEFAULT_SERVED_NAME = "kubellm-default"
 _DEFAULT_MODEL_DIR = "kubellm-default-llama-tiny-v1"  # bump when the factory's output changes
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def make_model_folder(
@@ -197,6 +196,6 @@ def _storage_dtype(dtype: str | torch.dtype | None, size: str) -> torch.dtype:
         return torch.float32 if size == "tiny" else torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
