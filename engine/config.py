@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
+from engine.model_config import DTYPES
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
 # Token budget per step when the user gives none. Long prompts are chunked to
