@@ -4,7 +4,7 @@
 # 70B shape (~141 GB of bf16, more than one GPU holds with a KV cache) at tp=4 and tp=2.
 # Every step runs on its own, so one failure leaves the others' results.
 #
-#   OUT=results bash benchmarks/tp_gpu_run.sh     (JSON and logs land in $OUT)
+#   OUT=out bash benchmarks/tp_gpu_run.sh   (JSON and logs: $OUT/results.tgz, refreshed after every step)
 #
 # SMALL / BIG / GEN_DEVICE / MODEL_ROOT override the shapes and where weights are drawn
 # and kept (a CPU smoke run: SMALL=tiny BIG=tiny GEN_DEVICE=cpu DTYPE=float32).
@@ -17,14 +17,14 @@ BIG=${BIG:-llama-3.1-70b}
 GEN_DEVICE=${GEN_DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
 ROOT=${MODEL_ROOT:-/dev/shm/kubellm-models}
-RES=$OUT/results
-mkdir -p "$RES"
+RES=$(mktemp -d)
 
 step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   echo "=== $name ($(date +%T)): $*"
   timeout "$limit" "$@" || echo "=== $name FAILED (exit $?)"
+  tar czf "$OUT/results.tgz" -C "$RES" .
 }
 
 nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>/dev/null
@@ -45,16 +45,16 @@ throughput() { step "throughput $SMALL tp=$1" 150 $PY -m benchmarks.throughput "
   --length-scale "${LENGTH_SCALE:-1}" --out "$RES/throughput_${SMALL}_tp$1.json"; }
 SMALL_LATENCY=(--batches 1,32 --prompt-len 128 --new-tokens 64 --ttft-lens "${TTFT_LENS:-1024,4096}")
 
-for tp in 1 2; do
-  latency "$SMALL" $tp "${S[@]}" "${SMALL_LATENCY[@]}"
-  throughput $tp
-done
+# Most wanted first: the tp=2 decode speed-up, agreement, the 70B shape, then tp=4 of the 8B.
+for tp in 1 2; do latency "$SMALL" $tp "${S[@]}" "${SMALL_LATENCY[@]}"; done
+agreement() { step "agreement $SMALL tp=$1" 200 $PY -m benchmarks.tp_agreement "${S[@]}" --sizes "$1" \
+  --out "$RES/agreement_${SMALL}_tp$1.json"; }
+agreement 2
+for tp in 1 2; do throughput $tp; done
 wait $BIG_WRITER; cat "$RES/write_big.log"
+B=(--model "$BIG" --model-root "$ROOT/big" --dtype "$DTYPE" --batches 1,8 --prompt-len 128 --new-tokens 32 --ttft-lens 1024)
+for tp in 4 2; do latency "$BIG" $tp "${B[@]}"; done
 latency "$SMALL" 4 "${S[@]}" "${SMALL_LATENCY[@]}"
 throughput 4
-step "agreement $SMALL" 200 $PY -m benchmarks.tp_agreement "${S[@]}" --sizes 2,4 --out "$RES/agreement_$SMALL.json"
-B=(--model "$BIG" --model-root "$ROOT/big" --dtype "$DTYPE" --batches 1,8 --prompt-len 128 --new-tokens 32 --ttft-lens 1024)
-for tp in 4 2; do
-  latency "$BIG" $tp "${B[@]}"
-done
+agreement 4
 echo "=== done ($(date +%T))"
