@@ -23,8 +23,11 @@ step() {  # step NAME SECONDS COMMAND...
   local name=$1 limit=$2
   shift 2
   echo "=== $name ($(date +%T)): $*"
-  timeout "$limit" "$@" || echo "=== $name FAILED (exit $?)"
+  local status=0
+  timeout "$limit" "$@" || status=$?
+  [ $status = 0 ] || echo "=== $name FAILED (exit $status)"
   tar czf "$OUT/results.tgz" -C "$RES" .
+  return $status
 }
 
 nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>/dev/null
@@ -46,7 +49,8 @@ throughput() { step "throughput $SMALL tp=$1" 150 $PY -m benchmarks.throughput "
 SMALL_LATENCY=(--batches 1,32 --prompt-len 128 --new-tokens 64 --ttft-lens "${TTFT_LENS:-1024,4096}")
 
 # Most wanted first: the tp=2 decode speed-up, agreement, the 70B shape, then tp=4 of the 8B.
-for tp in 1 2; do latency "$SMALL" $tp "${S[@]}" "${SMALL_LATENCY[@]}"; done
+latency "$SMALL" 1 "${S[@]}" "${SMALL_LATENCY[@]}"
+latency "$SMALL" 2 "${S[@]}" "${SMALL_LATENCY[@]}" || latency "$SMALL" 2 "${S[@]}" "${SMALL_LATENCY[@]}" --enforce-eager
 agreement() { step "agreement $SMALL tp=$1" 200 $PY -m benchmarks.tp_agreement "${S[@]}" --sizes "$1" \
   --out "$RES/agreement_${SMALL}_tp$1.json"; }
 agreement 2
