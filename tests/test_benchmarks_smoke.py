@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from benchmarks import latency, throughput
+from benchmarks import latency, serving, throughput
 
 
 def run_main(module, monkeypatch, *argv: str) -> None:
@@ -42,3 +42,13 @@ def test_latency_runs(tmp_path, monkeypatch, capsys):
     assert all(row["decode_steps"] >= 1 for row in result["decode"])
     assert result["ttft"][0]["prompt_len"] == 16
     assert "decode latency" in capsys.readouterr().out
+
+
+def test_serving_runs_against_a_real_server(tmp_path, monkeypatch):
+    out = tmp_path / "serving.json"
+    run_main(serving, monkeypatch, "--model", "tiny", "--model-root", str(tmp_path), "--rates", "8",
+             "--num-requests", "3", "--length-scale", "0.02", "--server-args", "--dtype float32 --max-model-len 128",
+             "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["requests"] == 3 and row["errors"] == 0
+    assert row["output_tok_s"] > 0 and row["ttft_p50_ms"] > 0

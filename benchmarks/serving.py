@@ -1,0 +1,171 @@
+"""Online serving: Poisson arrivals at several request rates against `kubellm serve`.
+
+Starts the server on the model (or targets --url), then for each rate sends
+the workload's requests as streaming /v1/completions with token-id prompts,
+each arriving after an exponential gap (seeded), and measures per request:
+TTFT (request sent -> first text chunk), ITL (gaps between later chunks) and
+end-to-end latency; per rate: p50/p99 of each and output tokens per second of
+wall time. Output token counts come from the server's usage report.
+
+    python -m benchmarks.serving --model qwen2.5-0.5b --rates 2,8,32 --num-requests 200 --out results/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from benchmarks.common import print_table, save_json
+from benchmarks.workloads import MODEL_SHAPES, Request, make_workload, model_folder, token_id_limit
+
+
+@dataclass
+class RequestTiming:
+    ttft_s: float = float("nan")
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: float = float("nan")
+    output_tokens: int = 0
+    error: str | None = None
+
+
+async def send(client: httpx.AsyncClient, model: str, request: Request) -> RequestTiming:
+    body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    timing = RequestTiming()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                timing.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
+                return timing
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if chunk.get("usage"):
+                    timing.output_tokens = chunk["usage"]["completion_tokens"]
+                if not any(choice.get("text") for choice in chunk.get("choices", [])):
+                    continue
+                now = time.perf_counter()
+                if math.isnan(timing.ttft_s):
+                    timing.ttft_s = now - start
+                else:
+                    timing.itl_s.append(now - last)
+                last = now
+    except httpx.HTTPError as error:
+        timing.error = repr(error)
+        return timing
+    timing.e2e_s = time.perf_counter() - start
+    return timing
+
+
+async def run_rate(url: str, model: str, requests: list[Request], rate: float, seed: int) -> tuple[list[RequestTiming], float]:
+    """Send every request at Poisson arrival times of `rate` per second; (timings, wall seconds)."""
+    rng = random.Random(seed)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(base_url=url, timeout=None, limits=limits) as client:
+        tasks = []
+        start = time.perf_counter()
+        for request in requests:
+            tasks.append(asyncio.create_task(send(client, model, request)))
+            await asyncio.sleep(rng.expovariate(rate))
+        timings = await asyncio.gather(*tasks)
+        return list(timings), time.perf_counter() - start
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(v for v in values if not math.isnan(v))
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(q / 100 * len(values)))]
+
+
+def summarize(rate: float, timings: list[RequestTiming], wall_s: float) -> dict:
+    done = [t for t in timings if t.error is None]
+    itl = [gap for t in done for gap in t.itl_s]
+    output = sum(t.output_tokens for t in done)
+    return {"rate_req_s": rate, "requests": len(timings), "errors": len(timings) - len(done),
+            "ttft_p50_ms": 1e3 * percentile([t.ttft_s for t in done], 50),
+            "ttft_p99_ms": 1e3 * percentile([t.ttft_s for t in done], 99),
+            "itl_p50_ms": 1e3 * percentile(itl, 50), "itl_p99_ms": 1e3 * percentile(itl, 99),
+            "e2e_p50_s": percentile([t.e2e_s for t in done], 50), "e2e_p99_s": percentile([t.e2e_s for t in done], 99),
+            "output_tok_s": output / wall_s, "requests_s": len(done) / wall_s}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(folder: Path, port: int, extra_args: list[str], timeout_s: float) -> subprocess.Popen:
+    command = [sys.executable, "-m", "engine.cli", "serve", str(folder), "--host", "127.0.0.1", "--port", str(port),
+               "--served-model-name", "bench", "--log-level", "warning", *extra_args]
+    server = subprocess.Popen(command)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"kubellm serve exited with status {server.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    server.terminate()
+    raise SystemExit(f"kubellm serve was not ready after {timeout_s:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--model-root", default=str(Path(tempfile.gettempdir()) / "kubellm-bench-models"))
+    parser.add_argument("--url", help="benchmark this running server instead of starting one (model name 'bench')")
+    parser.add_argument("--rates", default="2,8,32", help="request rates per second, comma-separated")
+    parser.add_argument("--num-requests", type=int, default=200, help="requests per rate")
+    parser.add_argument("--workload", choices=["mixed", "fixed"], default="mixed")
+    parser.add_argument("--length-scale", type=float, default=1.0, help="shrink lengths (smoke tests)")
+    parser.add_argument("--server-args", default="--dtype bfloat16 --max-model-len 4096",
+                        help="extra `kubellm serve` arguments")
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+
+    folder = model_folder(args.model, args.model_root)
+    requests = make_workload(args.workload, token_id_limit(folder), args.num_requests, scale=args.length_scale)
+    server = None
+    url = args.url
+    if url is None:
+        port = free_port()
+        server = start_server(folder, port, args.server_args.split(), args.ready_timeout)
+        url = f"http://127.0.0.1:{port}"
+    try:
+        rows = []
+        for rate in [float(r) for r in args.rates.split(",")]:
+            timings, wall_s = asyncio.run(run_rate(url, "bench", requests, rate, seed=int(rate * 1000)))
+            rows.append(summarize(rate, timings, wall_s))
+            print(f"rate {rate:g}/s: {rows[-1]['output_tok_s']:,.0f} output tok/s, "
+                  f"TTFT p50 {rows[-1]['ttft_p50_ms']:,.1f} ms, errors {rows[-1]['errors']}", flush=True)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=60)
+    print_table(rows, f"online serving: {args.model}, workload {args.workload}, {args.num_requests} requests per rate")
+    save_json(args.out, {"model": args.model, "workload": args.workload, "command": " ".join(sys.argv),
+                         "server_args": args.server_args, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
