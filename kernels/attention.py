@@ -40,13 +40,26 @@ def _interpreted() -> bool:
 
 
 @triton.jit
-def _kv_tile_offsets(block_table_row_ptr, positions, valid, cache_head_offset,
-                     stride_cache_block, stride_cache_slot, offs_d,
-                     PAGE_SIZE: tl.constexpr):
-    """Element offsets of a [BLOCK_N, HEAD_DIM] K/V tile gathered through the block table."""
+def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row_ptr, positions, valid, cache_head_offset,
+                  stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE: tl.constexpr):
+    """The [BLOCK_N, HEAD_DIM] K and V tiles of `positions`, gathered through the block table."""
     page = tl.load(block_table_row_ptr + positions // PAGE_SIZE, mask=valid, other=0).to(tl.int64)
     row = page * stride_cache_block + (positions % PAGE_SIZE) * stride_cache_slot + cache_head_offset
-    return row[:, None] + offs_d[None, :]
+    offs = row[:, None] + offs_d[None, :]
+    k = tl.load(k_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    v = tl.load(v_cache_ptr + offs, mask=valid[:, None], other=0.0)
+    return k, v
+
+
+@triton.jit
+def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
+    """Fold one tile of base-2 scores and its V rows into the running (max, sum, output)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -88,18 +101,11 @@ def _decode_kernel(
     for tile_start in range(start, end, BLOCK_N):
         positions = tile_start + offs_n
         valid = positions < end
-        kv_offs = _kv_tile_offsets(block_table_row, positions, valid, cache_head_offset,
-                                   stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
-        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
+                             stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
     # An empty split (short sequence) has l_i == 0 and acc == 0: it writes zeros
     # with a log-sum-exp of -inf, which the merge weighs as nothing.
@@ -186,20 +192,13 @@ def _prefill_kernel(
     for tile_start in range(0, kv_end, BLOCK_N):
         positions = tile_start + offs_n
         valid = positions < kv_end
-        kv_offs = _kv_tile_offsets(block_table_row, positions, valid, cache_head_offset,
-                                   stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
-        k = tl.load(k_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=valid[:, None], other=0.0)
+        k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
+                             stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if tile_start >= unmasked_end:
             causal = positions[None, :] <= q_pos[:, None]
             scores = tl.where(causal, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
     out = acc / l_i[:, None]
     o_offs = (q_begin + token)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
