@@ -25,7 +25,7 @@ from engine.async_engine import AsyncLLMEngine
 from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import ConfigError, EngineDeadError
 from engine.layers.embedding import ParallelLMHead
-from engine.layers.linear import ColumnParallelLinear, RowParallelLinear
+from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.weights import CheckpointSlice
 
 PROBE_FIELDS = ("ids", "table", "mask", "weights", "count", "flag", "absent", "crash_rank")
@@ -199,6 +199,23 @@ def test_each_rank_reads_only_its_shard_from_the_checkpoint(tmp_path, layer_clas
             assert wanted == slice(part * rank, part * (rank + 1))
             shards.append(layer.weight.detach())
     assert torch.equal(torch.cat(shards, dim=dim), full)
+
+
+@pytest.mark.parametrize(("kv_heads", "tp"), [(4, 2), (8, 4), (2, 4), (2, 2)])
+def test_qkv_shards_hold_their_query_heads_and_the_kv_heads_those_attend_to(kv_heads, tp):
+    heads, head_dim, hidden = 8, 4, 16
+    q, k, v = (torch.randn(n * head_dim, hidden) for n in (heads, kv_heads, kv_heads))
+    group = heads // kv_heads  # query heads per KV head
+    for rank in range(tp):
+        layer = QKVParallelLinear(hidden, head_dim, heads, kv_heads, tp_rank=rank, tp_size=tp)
+        for shard_id, full in zip("qkv", (q, k, v)):
+            layer.weight.weight_loader(layer.weight, full, shard_id)
+        local_q, local_k, local_v = layer.weight.detach().split([layer.q_size, layer.kv_size, layer.kv_size])
+        my_heads = range(rank * heads // tp, (rank + 1) * heads // tp)
+        my_kv_heads = sorted({h // group for h in my_heads})
+        assert torch.equal(local_q, q.view(heads, head_dim, hidden)[list(my_heads)].flatten(0, 1))
+        assert torch.equal(local_k, k.view(kv_heads, head_dim, hidden)[my_kv_heads].flatten(0, 1))
+        assert torch.equal(local_v, v.view(kv_heads, head_dim, hidden)[my_kv_heads].flatten(0, 1))
 
 
 # The whole engine --------------------------------------------------------------------------

@@ -127,15 +127,16 @@ class QKVParallelLinear(_ParallelLinear):
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
         if shard_id == "q":
-            total_heads, offset, rows, index = self.total_num_heads, 0, self.q_size, self.tp_rank
+            total_heads, offset, rows = self.total_num_heads, 0, self.q_size
+            first_head = self.tp_rank * self.num_heads
         elif shard_id in ("k", "v"):
             total_heads, rows = self.total_num_kv_heads, self.kv_size
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
-            index = self.tp_rank * self.total_num_kv_heads // self.tp_size
+            first_head = self.tp_rank * self.total_num_kv_heads // self.tp_size
         else:
             raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
         check_shape(loaded, (total_heads * self.head_dim, *param.shape[1:]))
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, index * rows, rows))
+        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, first_head * self.head_dim, rows))
 
 
 class RowParallelLinear(_ParallelLinear):

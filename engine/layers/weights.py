@@ -35,6 +35,8 @@ class CheckpointSlice:
         self.shape = torch.Size(lazy_slice.get_shape())
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if not 0 <= start <= start + length <= self.shape[dim]:  # slicing would silently read less
+            raise IndexError(f"rows {start}..{start + length} are outside dimension {dim} of size {self.shape[dim]}")
         index = [slice(None)] * len(self.shape)
         index[dim] = slice(start, start + length)
         return self._slice[tuple(index)]
