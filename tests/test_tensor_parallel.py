@@ -291,6 +291,7 @@ async def test_a_worker_dying_while_the_server_idles_fails_health(tiny_model_fol
         front.check_accepting()
     front.stop()
     _assert_gone(pids)
+    assert not dist.is_initialized()
 
 
 def test_heads_that_do_not_split_fail_at_start(tiny_model_folder):

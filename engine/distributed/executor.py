@@ -81,8 +81,8 @@ class Executor:
 
     def check_health(self) -> None:
         """Raises EngineDeadError once any rank has died (also between steps, for /health)."""
-        if self._workers is not None and self.dead_reason is None:
-            self.dead_reason = self._workers.dead_reason
+        if self._workers is not None and self.dead_reason is None and self._workers.dead_reason is not None:
+            self._stop(self._workers.dead_reason)
         if self.dead_reason is not None:
             raise EngineDeadError(f"the engine is dead: {self.dead_reason}")
 
@@ -91,20 +91,20 @@ class Executor:
         if self._workers is None or self.dead_reason is not None:
             return
         try:
-            if self._channel is not None:
+            if self._workers.dead_reason is None and self._channel is not None:
                 self._channel.send(Command.SHUTDOWN)
         finally:
-            self._stop("the engine was shut down")
+            self._stop(self._workers.dead_reason or "the engine was shut down")
 
     def _stop(self, reason: str) -> None:
+        """Sets dead_reason (once) and releases the workers and the process groups."""
         atexit.unregister(self.shutdown)
-        self.dead_reason = self.dead_reason or reason
+        self.dead_reason = reason
         self._workers.shutdown()
         parallel_state.destroy_distributed()
 
     def _on_worker_death(self, reason: str) -> None:
         """Watcher thread: gloo collectives fail on their own when a peer's socket closes, NCCL
         ones would wait for the dead rank until their timeout, so they are aborted."""
-        self.dead_reason = reason
         if parallel_state.backend_for(self._device) == "nccl":
             parallel_state.abort_distributed()
