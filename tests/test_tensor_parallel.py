@@ -10,8 +10,11 @@ preemption and prefix caching, and a killed worker fails the engine cleanly.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import signal
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -27,6 +30,8 @@ from engine.errors import ConfigError, EngineDeadError
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.weights import CheckpointSlice
+from engine.model_config import load_model_config
+from engine.testing.factory import write_random_weights
 
 PROBE_FIELDS = ("ids", "table", "mask", "weights", "count", "flag", "absent", "crash_rank")
 
@@ -240,9 +245,21 @@ def _generate(llm: LLM, prompts: list[list[int]]) -> list[list[int]]:
     return [output.outputs[0].token_ids for output in outputs]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, prompts, family):
-    path = str(tiny_model_folder(family))
+@pytest.fixture(scope="module")
+def llama_with_4_kv_heads(tiny_model_folder, tmp_path_factory) -> Path:
+    """The tiny llama with 4 KV heads, so that each of 2 ranks holds more than one."""
+    folder = Path(shutil.copytree(tiny_model_folder("llama"), tmp_path_factory.mktemp("kv4") / "model"))
+    config_file = folder / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "num_key_value_heads": 4}))
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    write_random_weights(folder, load_model_config(folder), seed=0, dtype=torch.float32, shards=1)
+    return folder
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama with 4 KV heads"])
+def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, llama_with_4_kv_heads, prompts, model):
+    path = str(llama_with_4_kv_heads if model == "llama with 4 KV heads" else tiny_model_folder(model))
     expected = _generate(LLM(model=path, **ENGINE_ARGS), prompts)
     llm = LLM(model=path, tensor_parallel_size=2, **ENGINE_ARGS)
     try:
