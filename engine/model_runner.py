@@ -16,6 +16,7 @@ capped at CPU_KV_CACHE_BYTES.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -102,11 +103,19 @@ class ModelRunner:
         self.decode_graphs = self._capture_decode_graphs()
 
     @property
-    def bytes_per_block(self) -> int:
-        """K and V of every layer for block_size tokens, on this (tensor-parallel) rank."""
+    def kv_block_shape(self) -> tuple[int, int, int]:
+        """(block_size, num_kv_heads, head_dim) of one cache block on this (tensor-parallel) rank.
+
+        With fewer KV heads than ranks each rank holds one replicated head (QKVParallelLinear).
+        """
         cfg = self.model_config
         num_kv_heads = max(cfg.num_key_value_heads // self.config.tensor_parallel_size, 1)
-        elements = 2 * cfg.num_hidden_layers * self.block_size * num_kv_heads * cfg.head_dim
+        return self.block_size, num_kv_heads, cfg.head_dim
+
+    @property
+    def bytes_per_block(self) -> int:
+        """K and V of every layer for block_size tokens, on this (tensor-parallel) rank."""
+        elements = 2 * self.model_config.num_hidden_layers * math.prod(self.kv_block_shape)
         return elements * self.config.torch_dtype.itemsize
 
     # A step is split in three so that tensor-parallel workers can run the middle part alone
@@ -193,11 +202,10 @@ class ModelRunner:
         return graphs
 
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
-        cfg = self.model_config
-        num_kv_heads = max(cfg.num_key_value_heads // self.config.tensor_parallel_size, 1)
-        shape = (2, cfg.num_hidden_layers, num_blocks, self.block_size, num_kv_heads, cfg.head_dim)
+        num_layers = self.model_config.num_hidden_layers
+        shape = (2, num_layers, num_blocks, *self.kv_block_shape)
         kv_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
-        self.model.bind_kv_cache([(kv_cache[0, i], kv_cache[1, i]) for i in range(cfg.num_hidden_layers)])
+        self.model.bind_kv_cache([(kv_cache[0, i], kv_cache[1, i]) for i in range(num_layers)])
         return kv_cache
 
     def _default_num_kv_blocks(self) -> int:
