@@ -142,10 +142,12 @@ class Reconciler:
 
     def apply(self, body: dict, target: Target) -> statuses.Observed:
         desired = resources.children(target, self.default_image)
-        job, autoscaling_problem = None, None
+        job, deployment, autoscaling_problem = None, None, None
         for child in desired:  # in dependency order: the cache volume, its Job, then the engines
             if child["kind"] == "Deployment" and not statuses.model_cached(target, job):
-                continue  # the engines keep serving the previous revision until the new one is on the volume
+                # The engines keep serving the previous revision until the new one is on the volume.
+                deployment = self.client.get("Deployment", target.namespace, target.name)
+                continue
             try:
                 current = self.ensure(body, child)
             except ApiError as error:
@@ -157,8 +159,9 @@ class Reconciler:
                 continue
             if child["kind"] == "Job":
                 job = current
+            elif child["kind"] == "Deployment":
+                deployment = current
         self.prune(body, target, desired)
-        deployment = self.client.get("Deployment", target.namespace, target.name)
         return statuses.Observed(job, deployment, autoscaling_problem=autoscaling_problem)
 
     def ensure(self, body: dict, child: dict) -> dict:
