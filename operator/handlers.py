@@ -70,9 +70,8 @@ def reconcile_owner(labels: kopf.Labels, namespace: str, memo: kopf.Memo, logger
 
 
 for _kind in WATCHED_CHILD_KINDS:
-    _group, _, _version = KINDS[_kind].api_version.rpartition("/")
-    kopf.on.event(_group, _version, KINDS[_kind].plural, labels=MANAGED_BY, id=f"reconcile-owner-of-{_kind}")(
-        reconcile_owner)
+    kopf.on.event(KINDS[_kind].group, KINDS[_kind].version, KINDS[_kind].plural, labels=MANAGED_BY,
+                  id=f"reconcile-owner-of-{_kind}")(reconcile_owner)
 
 
 @kopf.on.probe(id="reconciler")

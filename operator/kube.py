@@ -18,6 +18,11 @@ import kubernetes
 from model_operator import crd
 
 
+def api_group(api_version: str) -> str:
+    """The group part of an apiVersion: "apps/v1" -> "apps", the core group's "v1" -> "" (RBAC spells it so)."""
+    return api_version.rpartition("/")[0]
+
+
 @dataclass(frozen=True)
 class Kind:
     api_version: str
@@ -26,7 +31,11 @@ class Kind:
 
     @property
     def group(self) -> str:
-        return self.api_version.rpartition("/")[0]
+        return api_group(self.api_version)
+
+    @property
+    def version(self) -> str:
+        return self.api_version.rpartition("/")[2]
 
     def path(self, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
         prefix = "/api/" if self.api_version == "v1" else "/apis/"

@@ -9,14 +9,13 @@ ClusterRole (bound cluster-wide, or per watched namespace plus the cluster-scope
 from __future__ import annotations
 
 from model_operator import crd
-from model_operator.kube import KINDS
+from model_operator.kube import KINDS, api_group
 
 CHILD_VERBS = ["get", "list", "watch", "create", "patch", "delete"]
 
 
 def _rule(api_version: str, resources: list[str], verbs: list[str]) -> dict:
-    group = api_version.rpartition("/")[0]
-    return {"apiGroups": [group], "resources": resources, "verbs": verbs}
+    return {"apiGroups": [api_group(api_version)], "resources": resources, "verbs": verbs}
 
 
 def _child_rules() -> list[dict]:
