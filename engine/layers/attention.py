@@ -30,19 +30,14 @@ def paged_attention(
     The one backend switch: Triton kernels on CUDA (`kernels` imports them only
     when first used, so CPU never loads Triton), the torch reference elsewhere.
     """
-    if q.is_cuda:
-        kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.decode_only:
-            return kernels.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-        return kernels.paged_prefill_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-            max_query_len=meta.max_query_len,
-        )
-    reference.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    backend = kernels if q.is_cuda else reference
+    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.decode_only:
-        return reference.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-    return reference.paged_prefill_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale
+        return backend.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    # The Triton kernel sizes its grid by the longest query; the reference needs no hint.
+    grid_hint = {"max_query_len": meta.max_query_len} if q.is_cuda else {}
+    return backend.paged_prefill_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale, **grid_hint
     )
 
 
