@@ -76,5 +76,5 @@ for _kind in WATCHED_CHILD_KINDS:
 
 @kopf.on.probe(id="reconciler")
 def reconciler_ready(memo: kopf.Memo, **_) -> bool:
-    """The liveness endpoint answers 200 only once startup configured the reconciler."""
+    """Shown as "reconciler": true in /healthz's JSON once startup configured it (kopf answers 200 either way)."""
     return hasattr(memo, "reconciler")
