@@ -37,6 +37,10 @@ MODEL_FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "tokenizer.model", 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 
 
+def is_model_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(name, pattern) for pattern in MODEL_FILE_PATTERNS)
+
+
 class FetchError(Exception):
     """A failure the user can act on; the message is the one line the CLI prints."""
 
@@ -97,7 +101,7 @@ def is_complete(dest: Path, source: str, revision: str) -> bool:
 
 
 def write_marker(dest: Path, content: dict) -> None:
-    partial = dest / f"{MARKER}.partial"
+    partial = partial_path(dest / MARKER)
     partial.write_text(json.dumps(content, indent=1))
     partial.replace(dest / MARKER)
 
@@ -136,7 +140,7 @@ def wanted_hub_files(siblings) -> list[HubFile]:
     """The top-level files an engine needs, sorted by name."""
     return sorted((HubFile(file.rfilename, file.size or 0, file.lfs.sha256 if file.lfs else None)
                    for file in siblings
-                   if "/" not in file.rfilename and any(fnmatch.fnmatch(file.rfilename, p) for p in MODEL_FILE_PATTERNS)),
+                   if "/" not in file.rfilename and is_model_file(file.rfilename)),
                   key=lambda file: file.name)
 
 
@@ -255,15 +259,14 @@ def copy_folder(source: Path, dest: Path) -> list[str]:
     """Copy the model files; a rerun skips files already copied (same size and mtime)."""
     if not source.is_dir():
         raise FetchError(f"file://{source}: no such folder")
-    names = sorted(path.name for path in source.iterdir()
-                   if path.is_file() and any(fnmatch.fnmatch(path.name, p) for p in MODEL_FILE_PATTERNS))
+    names = sorted(path.name for path in source.iterdir() if path.is_file() and is_model_file(path.name))
     dest.mkdir(parents=True, exist_ok=True)
     todo = [name for name in names if not same_file(source / name, dest / name)]
-    check_space(dest, sum((source / name).stat().st_size for name in todo))
+    todo_bytes = sum((source / name).stat().st_size for name in todo)
+    check_space(dest, todo_bytes)
     from tqdm import tqdm  # light, and only needed when there is something to copy
 
-    with tqdm(total=sum((source / name).stat().st_size for name in todo), unit="B", unit_scale=True,
-              desc="copying", disable=None) as progress:
+    with tqdm(total=todo_bytes, unit="B", unit_scale=True, desc="copying", disable=None) as progress:
         for name in todo:
             copy_file(source / name, dest / name, progress.update)
     return names
@@ -278,7 +281,7 @@ def same_file(source: Path, copy: Path) -> bool:
 
 def copy_file(source: Path, target: Path, advance, chunk: int = 8 << 20) -> None:
     """Copy through a .partial file so an interrupted copy never looks finished."""
-    partial = target.with_name(f"{target.name}.partial")
+    partial = partial_path(target)
     try:
         with open(source, "rb") as reader, open(partial, "wb") as writer:
             while block := reader.read(chunk):
