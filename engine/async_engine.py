@@ -165,7 +165,7 @@ class AsyncLLMEngine:
         pending = _PendingAdd(request_id, prompt, params, arrival_time or time.monotonic())
         with self._condition:
             if self.error is not None:  # checked under the lock: _fail_all cannot miss this stream
-                raise EngineDeadError(f"the engine step loop died: {self.error}")
+                raise _step_loop_died(self.error)
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in flight")
             self._streams[request_id] = stream
@@ -203,7 +203,7 @@ class AsyncLLMEngine:
 
     def check_accepting(self) -> None:
         if self.error is not None:
-            raise EngineDeadError(f"the engine step loop died: {self.error}")
+            raise _step_loop_died(self.error)
         if not self.is_loaded:
             raise EngineNotReadyError("the model is still loading")
         if self.max_pending_requests is not None and self.num_waiting >= self.max_pending_requests:
@@ -279,9 +279,13 @@ class AsyncLLMEngine:
         self.error = exc
         with self._condition:
             streams, self._streams = self._streams, {}
-        dead = exc if isinstance(exc, EngineDeadError) else EngineDeadError(f"the engine step loop died: {exc}")
+        dead = exc if isinstance(exc, EngineDeadError) else _step_loop_died(exc)
         for stream in streams.values():
             stream.deliver(dead)
+
+
+def _step_loop_died(error: BaseException) -> EngineDeadError:
+    return EngineDeadError(f"the engine step loop died: {error}")
 
 
 def _aborted(request_id: str, last: RequestOutput | None) -> RequestOutput:
