@@ -9,6 +9,7 @@ servers or tests that skip defaulting.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 from dataclasses import dataclass
 
@@ -31,10 +32,15 @@ def apply_schema_defaults(schema: dict, value: object) -> object:
     return value
 
 
+@functools.cache
+def spec_schema() -> dict:
+    """Built once per process: every reconcile defaults its spec against it, and it never changes."""
+    return crd.spec_schema()
+
+
 def with_defaults(spec: dict) -> dict:
     """A deep copy of `spec` with every schema default filled in."""
-    schema = crd.open_api_schema()["properties"]["spec"]
-    return apply_schema_defaults(schema, copy.deepcopy(spec))
+    return apply_schema_defaults(spec_schema(), copy.deepcopy(spec))
 
 
 @dataclass(frozen=True)
