@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
 from engine.errors import ConfigError
+from engine.fetch import add_fetch_arguments, run_fetch
 from engine.server.app import kubellm_version
 
 API_KEY_ENV = "KUBELLM_API_KEY"
@@ -115,10 +116,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_fetch_command(commands: argparse._SubParsersAction) -> None:
-    try:
-        from engine.fetch import add_fetch_arguments
-    except ImportError:  # the operator's fetch module is optional in engine-only installs
-        return
     fetch = commands.add_parser("fetch", help="Download a model into a folder (used by the operator's Job).")
     add_fetch_arguments(fetch)
 
@@ -185,8 +182,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return run_serve(args)
-        from engine.fetch import run_fetch
-
         return run_fetch(args)
     except ConfigError as exc:
         print(f"kubellm {args.command}: error: {exc}", file=sys.stderr)
