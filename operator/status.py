@@ -23,6 +23,14 @@ class Observed:
     failure: str | None = None  # a spec that cannot work, or a child the API server rejected
     autoscaling_problem: str | None = None
 
+    @property
+    def deployment_status(self) -> dict:
+        return (self.deployment or {}).get("status", {})
+
+    @property
+    def ready_replicas(self) -> int:
+        return self.deployment_status.get("readyReplicas", 0)
+
 
 def job_condition(job: dict, condition_type: str) -> dict | None:
     for condition in job.get("status", {}).get("conditions") or []:
@@ -66,7 +74,7 @@ def phase(target: Target, observed: Observed) -> tuple[str, str]:
     if deployment is None:
         return PENDING, "creating the engine Deployment"
     wanted = target.spec["replicas"]
-    ready = deployment.get("status", {}).get("readyReplicas", 0)
+    ready = observed.ready_replicas
     stuck = progress_deadline_exceeded(deployment)
     if stuck is not None and ready == 0:
         return FAILED, f"engine pods never became ready: {stuck}; see `kubectl describe pods -l {selector_string(target)}`"
@@ -106,7 +114,7 @@ def autoscaling_condition(target: Target, observed: Observed) -> dict:
 
 
 def conditions(target: Target, observed: Observed, current_phase: str, message: str) -> list[dict]:
-    ready = (observed.deployment or {}).get("status", {}).get("readyReplicas", 0)
+    ready = observed.ready_replicas
     available = condition("Available", ready >= 1, "MinimumReplicasAvailable" if ready else "NoReadyReplicas",
                           f"{ready} engine replicas serve requests")
     if current_phase == READY:
@@ -131,12 +139,11 @@ def with_transition_times(new: list[dict], old: list[dict], now: str) -> list[di
 
 def compute(target: Target, observed: Observed, generation: int | None, old_status: dict, now: str) -> dict:
     current_phase, message = phase(target, observed)
-    deployment_status = (observed.deployment or {}).get("status", {})
     status = {
         "phase": current_phase,
         "message": message,
-        "replicas": deployment_status.get("replicas", 0),
-        "readyReplicas": deployment_status.get("readyReplicas", 0),
+        "replicas": observed.deployment_status.get("replicas", 0),
+        "readyReplicas": observed.ready_replicas,
         "selector": selector_string(target),
         "endpoint": target.endpoint,
         "conditions": with_transition_times(conditions(target, observed, current_phase, message),
