@@ -2,7 +2,8 @@
 
 Both kernels read K/V through block tables from the cache layout
 [num_blocks, block_size, num_kv_heads, head_dim] and match the torch
-reference in kernels/reference.py (same signatures, same semantics).
+reference in kernels/reference.py (same arguments plus optional launch
+hints, same semantics).
 
 What makes them fast on Hopper:
 - GQA grouping: one program serves every query head of a KV head, so each K/V
