@@ -47,7 +47,7 @@ class DecodeGraphs:
             seq_lens=self.seq_lens[:batch_size],
             block_tables=self.block_tables[:batch_size],
             max_query_len=1,
-            max_seq_len=self.block_tables.shape[1],  # unread by decode; a bound, not a value
+            max_seq_len=self.block_tables.shape[1],  # no kernel reads max_seq_len; a placeholder, in blocks
         )
 
     @torch.inference_mode()
