@@ -115,9 +115,9 @@ class BlockManager:
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """Register seq's newly full and computed blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
-            return
         num_full = seq.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full == seq.num_cached_blocks:
+            return  # most decode steps fill no block: skip copying the sequence's hash list
         hashes = self.full_block_hashes(seq, num_full)
         for i in range(seq.num_cached_blocks, num_full):
             block = seq.block_table[i]
