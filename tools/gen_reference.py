@@ -126,9 +126,9 @@ def default_of(schema: dict) -> str:
 
 
 def field_rows(schema: dict, path: str, required: bool) -> list[str]:
-    description = schema.get("description", "")
-    if constraints(schema):
-        description += f" ({constraints(schema)})"
+    description, limits = schema.get("description", ""), constraints(schema)
+    if limits:
+        description += f" ({limits})"
     rows = [f"| `{path}`{' (required)' if required else ''} | {type_of(schema)} | {default_of(schema)} "
             f"| {cell(description)} |"]
     for name, sub in schema.get("properties", {}).items():
@@ -142,7 +142,7 @@ def field_rows(schema: dict, path: str, required: bool) -> list[str]:
 def crd_reference() -> str:
     from model_operator import crd
 
-    spec = crd.open_api_schema()["properties"]["spec"]
+    spec = crd.spec_schema()
     rows = []
     for name, sub in spec["properties"].items():
         rows += field_rows(sub, f"spec.{name}", name in spec.get("required", []))
