@@ -6,7 +6,7 @@ compute deltas themselves and offline callers just read the final one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 # One entry per generated token: {token_id: logprob} holding the chosen token
 # plus the top-`logprobs` alternatives.
@@ -48,4 +48,3 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    extra: dict = field(default_factory=dict)
