@@ -9,6 +9,7 @@ Settings come from the environment (the Helm chart and manifests/install.yaml se
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -31,6 +32,8 @@ def main() -> int:
     port = int(os.environ.get(HEALTH_PORT_ENV) or DEFAULT_HEALTH_PORT)
     level = (os.environ.get(LOG_LEVEL_ENV) or "INFO").upper()
     kopf.configure(debug=level == "DEBUG", quiet=level in ("WARNING", "ERROR"))
+    if level == "ERROR":  # kopf's quietest level is WARNING
+        logging.getLogger().setLevel(logging.ERROR)
     # One operator replica (the chart runs one, with Recreate): no peering CRD needed.
     kopf.run(standalone=True, clusterwide=not namespaces, namespaces=namespaces,
              liveness_endpoint=f"http://0.0.0.0:{port}/healthz")
