@@ -253,9 +253,9 @@ def engine_pod_spec(target: Target, image: str) -> dict:
                                                                          "sizeLimit": str(wanted["shmSize"])}}]
     mounts = model_mounts + [tmp_mount, {"name": "dshm", "mountPath": "/dev/shm"}]
     if "apiKeySecret" in engine:
-        volumes.append({"name": "api-key", "secret": {"secretName": engine["apiKeySecret"]["name"],
-                                                      "items": [{"key": engine["apiKeySecret"]["key"],
-                                                                 "path": engine["apiKeySecret"]["key"]}]}})
+        secret = engine["apiKeySecret"]
+        volumes.append({"name": "api-key", "secret": {"secretName": secret["name"],
+                                                      "items": [{"key": secret["key"], "path": secret["key"]}]}})
         mounts.append({"name": "api-key", "mountPath": API_KEY_DIR, "readOnly": True})
     container = {
         "name": "engine", "image": image, "imagePullPolicy": engine["imagePullPolicy"],
