@@ -190,9 +190,7 @@ class AsyncLLMEngine:
             stream = self._streams.get(request_id) if notify_client else self._streams.pop(request_id, None)
             if stream is None:
                 return
-            still_queued = [a for a in self._inbox.adds if a.request_id == request_id]
-            for add in still_queued:
-                self._inbox.adds.remove(add)
+            self._inbox.adds = [add for add in self._inbox.adds if add.request_id != request_id]
             self._inbox.aborts.append((request_id, notify_client))
             self._condition.notify()
 
