@@ -59,6 +59,7 @@ class ResponseFormat:
         self.include_usage = include_usage
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
+        self._token_texts: dict[int, str] = {}
 
     # --- shapes the subclasses define ------------------------------------------------------
 
@@ -156,7 +157,11 @@ class ResponseFormat:
         return list(zip(output.token_ids[start:], output.logprobs[start:]))
 
     def token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id])
+        """A token's text, decoded once per response: a stream needs it for the body and again for text_offset."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def top_alternatives(self, logprobs: TokenLogprobs) -> list[tuple[int, float]]:
         ranked = sorted(logprobs.items(), key=lambda item: item[1], reverse=True)
