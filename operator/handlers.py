@@ -13,15 +13,14 @@ import logging
 import kopf
 
 from model_operator import crd, kube, resources
-from model_operator.kube import ApiError, KINDS
+from model_operator.kube import CHILD_KINDS, KINDS, ApiError
 from model_operator.reconcile import Reconciler, SpecError
 from model_operator.spec import default_engine_image
 
 RETRY_BASE_SECONDS = 10.0
 RETRY_MAX_SECONDS = 600.0
 MANAGED_BY = {"app.kubernetes.io/managed-by": "kubellm-operator"}
-WATCHED_CHILD_KINDS = ("PersistentVolumeClaim", "Job", "Deployment", "Service", "ScaledObject",
-                       "HorizontalPodAutoscaler", "PodDisruptionBudget")
+WATCHED_CHILD_KINDS = CHILD_KINDS
 
 
 def retry_delay(retry: int) -> float:

@@ -61,6 +61,8 @@ KINDS: dict[str, Kind] = {
     "ScaledObject": Kind("keda.sh/v1alpha1", "scaledobjects"),
     "StorageClass": Kind("storage.k8s.io/v1", "storageclasses", namespaced=False),
 }
+# The kinds a ModelDeployment owns (the rest of KINDS are only read): watched, and granted full verbs.
+CHILD_KINDS = tuple(name for name in KINDS if name not in {crd.KIND, "Secret", "StorageClass"})
 
 
 class ApiError(Exception):

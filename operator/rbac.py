@@ -9,7 +9,7 @@ ClusterRole (bound cluster-wide, or per watched namespace plus the cluster-scope
 from __future__ import annotations
 
 from model_operator import crd
-from model_operator.kube import KINDS, api_group
+from model_operator.kube import CHILD_KINDS, KINDS, api_group
 
 CHILD_VERBS = ["get", "list", "watch", "create", "patch", "delete"]
 
@@ -19,10 +19,8 @@ def _rule(api_version: str, resources: list[str], verbs: list[str]) -> dict:
 
 
 def _child_rules() -> list[dict]:
-    """One rule per owned child kind (everything in KINDS except the CRD, Secrets and StorageClasses)."""
-    not_children = {crd.KIND, "Secret", "StorageClass"}
-    return [_rule(kind.api_version, [kind.plural], CHILD_VERBS)
-            for name, kind in KINDS.items() if name not in not_children]
+    """One rule per owned child kind."""
+    return [_rule(KINDS[name].api_version, [KINDS[name].plural], CHILD_VERBS) for name in CHILD_KINDS]
 
 
 RBAC_RULES: list[dict] = [
