@@ -167,15 +167,22 @@ class Generation:
         finals = [p.final for p in self._progress if p.final is not None]
         first_tokens = [p.first_token - p.arrival for p in self._progress if p.first_token is not None]
         queue_times = [p.queue_time for p in self._progress if p.queue_time is not None]
+        prompt_tokens, output_tokens = token_counts(finals)
         self.log_fields.update(
             outcome=outcome,
-            prompt_tokens=sum(len(f.prompt_token_ids) for f in finals),
-            output_tokens=sum(len(o.token_ids) for f in finals for o in f.outputs),
+            prompt_tokens=prompt_tokens,
+            output_tokens=output_tokens,
             queue_time_s=_rounded(max(queue_times, default=None)),
             ttft_s=_rounded(min(first_tokens, default=None)),
             generation_time_s=_rounded(time.monotonic() - self.arrival),
             finish_reasons=[o.finish_reason for f in finals for o in f.outputs],
         )
+
+
+def token_counts(finals: Sequence[RequestOutput]) -> tuple[int, int]:
+    """(prompt tokens, generated tokens) of a generation's outputs: its usage and its log line."""
+    prompt_tokens = sum(len(final.prompt_token_ids) for final in finals)
+    return prompt_tokens, sum(len(output.token_ids) for final in finals for output in final.outputs)
 
 
 def _rounded(seconds: float | None) -> float | None:

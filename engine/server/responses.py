@@ -18,7 +18,7 @@ from typing import Any
 
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.server.errors import sse_error_event
-from engine.server.generation import Generation
+from engine.server.generation import Generation, token_counts
 
 # What OpenAI-compatible servers report for a logprob of -inf (JSON has no infinity).
 MIN_LOGPROB = -9999.0
@@ -136,8 +136,7 @@ class ResponseFormat:
         return self.delta_choice(index, text, logprobs, output.finish_reason)
 
     def usage(self, finals: list[RequestOutput]) -> dict:
-        prompt_tokens = sum(len(final.prompt_token_ids) for final in finals)
-        completion_tokens = sum(len(output.token_ids) for final in finals for output in final.outputs)
+        prompt_tokens, completion_tokens = token_counts(finals)
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
