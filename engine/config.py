@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
-from engine.model_config import DTYPES
+from engine.model_config import DTYPES, auto_dtype
 
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -91,9 +91,8 @@ class EngineConfig:
             raise ConfigError(f"device={self.device!r} but no CUDA GPU is available")
         dtype = self.dtype
         if dtype == "auto":
-            # CPU kernels for half precision are slow or missing; GPUs run the checkpoint's dtype.
             by_torch = {v: k for k, v in DTYPES.items()}
-            dtype = by_torch.get(checkpoint_dtype, "bfloat16") if device != "cpu" else "float32"
+            dtype = by_torch[auto_dtype(checkpoint_dtype, device)]
         max_model_len = self.max_model_len or model_max_len
         if max_model_len > model_max_len:
             raise ConfigError(

@@ -30,6 +30,13 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    """What dtype "auto" means: the checkpoint's on a GPU, float32 on CPU (half precision there is slow and inexact)."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters; `llama3` and `linear` rescale the inverse frequencies."""

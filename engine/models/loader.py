@@ -18,18 +18,18 @@ from torch import nn
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
-from engine.model_config import DTYPES, ModelConfig
+from engine.model_config import DTYPES, ModelConfig, auto_dtype
 from engine.models.registry import MODEL_REGISTRY
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 def resolve_dtype(dtype: str | torch.dtype, model_config: ModelConfig, device: str | torch.device) -> torch.dtype:
-    """"auto" is the checkpoint's dtype on CUDA and float32 elsewhere (bf16 on CPU is slow and inexact)."""
+    """A torch dtype from a name, a torch dtype, or "auto" (see auto_dtype)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return model_config.dtype if torch.device(device).type == "cuda" else torch.float32
+        return auto_dtype(model_config.dtype, device)
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
