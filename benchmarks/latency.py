@@ -35,7 +35,7 @@ from engine.llm_engine import LLMEngine
 
 
 def weight_bytes(engine: LLMEngine) -> int:
-    model = engine.model_runner.model
+    model = engine.core.model_runner.model
     embedding = model.model.embed_tokens.weight
     tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -63,7 +63,7 @@ def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_toke
 
 
 def graph_replay_ms(engine: LLMEngine, batch: int) -> float | None:
-    graphs = engine.model_runner.decode_graphs
+    graphs = engine.core.model_runner.decode_graphs
     if graphs is None or engine.config.tensor_parallel_size > 1:
         return None
     size = next(b for b in graphs.batch_sizes if b >= batch)

@@ -100,6 +100,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="GPUs to shard the model over (default: %(default)s).")
     engine.add_argument("--enforce-eager", action="store_true", default=ENGINE_DEFAULTS["enforce_eager"],
                         help="Disable CUDA graphs (always eager).")
+    engine.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction,
+                        default=ENGINE_DEFAULTS["overlap_scheduling"],
+                        help="Schedule and prepare step n+1 while the GPU runs step n (default: on; "
+                             "with tensor parallelism every step waits for its tokens).")
     engine.add_argument("--seed", type=int, default=ENGINE_DEFAULTS["seed"],
                         help="Seed for requests without their own seed (default: %(default)s).")
 

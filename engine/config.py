@@ -39,6 +39,7 @@ class EngineConfig:
     seed: int = 0  # seeds unseeded sampling, so a whole run is reproducible
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True: no CUDA graphs
+    overlap_scheduling: bool = True  # schedule step n+1 while step n runs (tensor_parallel_size 1 only)
     served_model_name: str | None = None  # the name clients use; None: the model path
 
     def __post_init__(self) -> None:

@@ -15,7 +15,9 @@ from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.core_messages import EngineStats
+from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputKind
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
@@ -96,7 +98,7 @@ class LLM:
         request_ids = [str(next(self._request_ids)) for _ in prompts]
         try:
             for request_id, prompt, request_params in zip(request_ids, prompts, params):
-                engine.add_request(request_id, prompt, request_params)
+                engine.add_request(request_id, prompt, request_params, output_kind=OutputKind.FINAL_ONLY)
         except Exception:
             engine.abort_request(request_ids)  # all or nothing: the engine stays clean
             raise
@@ -104,9 +106,8 @@ class LLM:
         with tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm) as progress:
             while len(finished) < len(prompts):
                 for output in engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        progress.update(1)
+                    finished[output.request_id] = output
+                    progress.update(1)
         return [finished[request_id] for request_id in request_ids]
 
 

@@ -1,16 +1,15 @@
-"""What the engine hands back: vLLM-shaped RequestOutput / CompletionOutput.
+"""What the front end hands back: vLLM-shaped RequestOutput / CompletionOutput.
 
-Outputs are cumulative (the whole text so far), so streaming front ends
-compute deltas themselves and offline callers just read the final one.
+Whether an output holds everything so far or only what is new is chosen per
+request (engine.output_processor.OutputKind): offline callers read one final
+output, streams read deltas.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-# One entry per generated token: {token_id: logprob} holding the chosen token
-# plus the top-`logprobs` alternatives.
-TokenLogprobs = dict[int, float]
+from engine.core_messages import TokenLogprobs
 
 
 @dataclass

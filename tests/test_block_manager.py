@@ -3,6 +3,7 @@
 import pytest
 
 from engine.block_manager import BlockManager, hash_block
+from engine.core_messages import EngineCoreRequest
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Sequence
 
@@ -10,7 +11,7 @@ BLOCK = 4
 
 
 def make_seq(tokens: list[int], n: int = 1) -> Sequence:
-    request = Request("r", None, tokens, SamplingParams(n=n), arrival_time=0.0, max_tokens=16)
+    request = Request(EngineCoreRequest("r", tokens, SamplingParams(n=n), arrival_time=0.0, max_tokens=16))
     return request.seqs[0]
 
 

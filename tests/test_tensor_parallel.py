@@ -268,7 +268,7 @@ def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, llama_wi
         stats = llm.get_stats()
         assert stats.num_preemptions > 0 and stats.num_chunked_prefills > 0 and stats.prefix_cache_hits > 0
         kv_heads = llm.llm_engine.model_config.num_key_value_heads
-        assert llm.llm_engine.model_runner.kv_cache.shape[-2] == kv_heads // 2  # this rank's share only
+        assert llm.llm_engine.core.model_runner.kv_cache.shape[-2] == kv_heads // 2  # this rank's share only
     finally:
         llm.llm_engine.shutdown()
     assert not dist.is_initialized()
@@ -280,7 +280,7 @@ def test_a_worker_killed_mid_run_fails_the_engine_cleanly(tiny_model_folder, pro
     for i, prompt in enumerate(prompts[:4]):
         engine.add_request(str(i), prompt, GREEDY)
     engine.step()
-    pids = engine.executor.worker_pids
+    pids = engine.core.executor.worker_pids
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(EngineDeadError, match="rank 1"):
         while engine.has_unfinished_requests():
@@ -299,7 +299,7 @@ async def test_a_worker_dying_while_the_server_idles_fails_health(tiny_model_fol
     front = AsyncLLMEngine(lambda: LLMEngine(config))
     front.start()
     await front.wait_until_loaded()
-    pids = front.engine.executor.worker_pids
+    pids = front.engine.core.executor.worker_pids
     os.kill(pids[1], signal.SIGKILL)
     while front.is_alive:
         await asyncio.sleep(0.05)
