@@ -6,8 +6,9 @@ step takes at least weight_bytes / copy_bandwidth, with the copy bandwidth
 in the same run. The input embedding is excluded (a step reads only B rows of it).
 
 Where the time goes: the engine's wall time per decode step against the GPU
-time of replaying that step's CUDA graph alone; the difference is host work
-(scheduling, input preparation, sampling, detokenizing).
+time of replaying that step's CUDA graph alone; "host share" is the part of the
+step the graph does not explain (host work the overlap did not hide: scheduling,
+input preparation, sampling launches, detokenizing).
 
 With --tensor-parallel-size N the weight bytes and the roofline are one GPU's
 (each reads its shard), and the graph replay is not timed: rank 0's graph
@@ -32,6 +33,7 @@ from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
 from engine import SamplingParams
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputKind
 
 
 def weight_bytes(engine: LLMEngine) -> int:
@@ -47,18 +49,27 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
 
 
 def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
-    """Mean wall ms per decode step (all requests run together; first token excluded)."""
+    """Mean wall ms per engine step while every request decodes (prefill and drain steps excluded).
+
+    Outputs are FINAL_ONLY, as offline callers get them. With overlap scheduling a step()
+    call launches step n+1 and finishes step n, so in steady state its wall time is the
+    period of the step loop.
+    """
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"decode-{batch}-{i}", random_prompt(rng, prompt_len, vocab), params)
-    step_times = []
+        engine.add_request(f"decode-{batch}-{i}", random_prompt(rng, prompt_len, vocab), params,
+                           output_kind=OutputKind.FINAL_ONLY)
+    scheduler = engine.core.scheduler
+    decode = []
     while engine.has_unfinished_requests():
+        decoding = not scheduler.waiting and len(scheduler.running) == batch and all(
+            not seq.is_prefilling and seq.num_output_tokens < new_tokens for seq in scheduler.running
+        )
         start = time.perf_counter()
-        outputs = engine.step()
-        step_times.append((time.perf_counter() - start, outputs))
-    # Decode steps: those after every request has its first token, i.e. all but the prefill steps.
-    decode = [t for t, outputs in step_times if outputs and all(len(o.outputs[0].token_ids) > 1 for o in outputs)]
+        engine.step()
+        if decoding:
+            decode.append(time.perf_counter() - start)
     return {"batch": batch, "decode_steps": len(decode), "ms_per_step": 1e3 * sum(decode) / max(1, len(decode))}
 
 
@@ -74,7 +85,7 @@ def time_to_first_token_ms(engine: LLMEngine, prompt_len: int, vocab: int) -> fl
     prompt = random_prompt(random.Random(prompt_len), prompt_len, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     start = time.perf_counter()
-    engine.add_request(f"ttft-{prompt_len}", prompt, params)
+    engine.add_request(f"ttft-{prompt_len}", prompt, params, output_kind=OutputKind.FINAL_ONLY)
     while engine.has_unfinished_requests():
         engine.step()
     return 1e3 * (time.perf_counter() - start)
@@ -113,6 +124,9 @@ def main() -> None:
     for batch in batches:
         row = decode_ms_per_token(engine, batch, args.prompt_len, args.new_tokens, vocab)
         row["graph_replay_ms"] = graph_replay_ms(engine, batch) if on_gpu else None
+        row["host share"] = (
+            f"{100 * (1 - row['graph_replay_ms'] / row['ms_per_step']):.0f}%" if row["graph_replay_ms"] else None
+        )
         row["roofline_ms"] = roofline_ms
         row["%roofline"] = 100 * roofline_ms / row["ms_per_step"] if roofline_ms else None
         row["tokens/s"] = 1e3 * batch / row["ms_per_step"]
