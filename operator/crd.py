@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from model_operator.defaulting import defaults_of
+
 GROUP = "kubellm.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -41,6 +43,7 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+PERCENT_PATTERN = r"^[0-9]+%$"  # the string form of a Deployment's maxSurge / maxUnavailable
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
@@ -91,12 +94,20 @@ def free_form(description: str) -> dict:
 
 
 def obj(description: str, properties: dict, required: tuple[str, ...] = (), rules: tuple[dict, ...] = (),
-        **extra: Any) -> dict:
+        defaulted: bool = False, **extra: Any) -> dict:
+    """An object schema; `defaulted` makes an absent object its properties' defaults.
+
+    The default is spelled out rather than `{}`: the API server checks each `default` against its
+    schema and CEL rules exactly as written, so a rule reading a field of `{}` fails ("no such key")
+    and the whole CRD is rejected. Filled in by the server, both spellings give the same object.
+    """
     schema = {"type": "object", "description": description, "properties": properties, **extra}
     if required:
         schema["required"] = list(required)
     if rules:
         schema["x-kubernetes-validations"] = list(rules)
+    if defaulted:
+        schema["default"] = defaults_of(schema)
     return schema
 
 
@@ -184,7 +195,7 @@ def engine_schema() -> dict:
         "apiKeySecret": secret_key_ref("Secret holding the API key clients must send as "
                                        "`Authorization: Bearer KEY`; unset means no authentication.",
                                        default_key="api-key"),
-    }, default={})
+    }, defaulted=True)
 
 
 def resources_schema() -> dict:
@@ -204,7 +215,7 @@ def resources_schema() -> dict:
         "affinity": free_form("Affinity of the engine pods (a Kubernetes Affinity object)."),
         "priorityClassName": string("PriorityClass of the engine pods.", pattern=DNS_SUBDOMAIN_PATTERN,
                                     maxLength=253),
-    }, default={})
+    }, defaulted=True)
 
 
 def cache_schema() -> dict:
@@ -220,7 +231,7 @@ def cache_schema() -> dict:
                                         default="ReadWriteOnce"),
                    "existingClaim": string("Use this PersistentVolumeClaim as the cache instead of creating one.",
                                            pattern=DNS_SUBDOMAIN_PATTERN, maxLength=253),
-               }, default={}, rules=(
+               }, defaulted=True, rules=(
                    rule("self.accessMode != 'ReadOnlyMany' || has(self.existingClaim)",
                         "a new cache volume cannot be ReadOnlyMany (the download writes to it); "
                         "use ReadOnlyMany only with existingClaim", ".accessMode"),
@@ -249,7 +260,7 @@ def autoscaling_schema() -> dict:
                    "scaleDownDelaySeconds": integer("How long the load must stay low before replicas are "
                                                     "removed (scale-down stabilization window).", minimum=0,
                                                     maximum=3600, default=300),
-               }, default={}, rules=(
+               }, defaulted=True, rules=(
                    rule("self.minReplicas <= self.maxReplicas",
                         "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", ".minReplicas"),
                    rule("self.mode == 'keda' || self.minReplicas >= 1",
@@ -263,7 +274,7 @@ def service_schema() -> dict:
         "type": string("Service type.", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"),
         "port": integer("Port of the Service and of the engine container.", minimum=1, maximum=65535,
                         default=8000),
-    }, default={})
+    }, defaulted=True)
 
 
 def rollout_schema() -> dict:
@@ -271,10 +282,12 @@ def rollout_schema() -> dict:
         "strategy": string("RollingUpdate replaces pods one at a time; Recreate stops all old pods first "
                            "(needed when GPUs cannot hold two copies).", enum=["RollingUpdate", "Recreate"],
                            default="RollingUpdate"),
-        "maxSurge": int_or_string("Extra pods during a rolling update. 0 by default: a surge pod on a full "
-                                  "GPU node stays Pending.", default=0),
-        "maxUnavailable": int_or_string("Pods that may be unavailable during a rolling update.", default=1),
-    }, default={}, rules=(
+        "maxSurge": int_or_string("Extra pods during a rolling update, a number or a percentage. 0 by default: "
+                                  "a surge pod on a full GPU node stays Pending.", default=0,
+                                  pattern=PERCENT_PATTERN, maxLength=8),
+        "maxUnavailable": int_or_string("Pods that may be unavailable during a rolling update, a number or a "
+                                        "percentage.", default=1, pattern=PERCENT_PATTERN, maxLength=8),
+    }, defaulted=True, rules=(
         rule("self.strategy != 'RollingUpdate' || !(string(self.maxSurge) in ['0', '0%'] "
              "&& string(self.maxUnavailable) in ['0', '0%'])",
              "maxSurge and maxUnavailable cannot both be 0", ".maxUnavailable"),

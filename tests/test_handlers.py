@@ -330,11 +330,12 @@ def test_watched_namespaces_from_the_environment():
 
 @pytest.mark.asyncio
 async def test_entry_point_serves_liveness_and_stops_on_sigterm(cluster, tmp_path, unused_tcp_port):
-    """`python -m model_operator`, configured from the environment as the chart configures it."""
+    """`python -m model_operator`, configured from the environment as the chart configures it, and a flag."""
     env = {**os.environ, "KUBELLM_HEALTH_PORT": str(unused_tcp_port), "KUBELLM_LOG_LEVEL": "WARNING"}
     env.pop(entry_point.WATCH_NAMESPACES_ENV, None)  # all namespaces (kmock cannot list namespaces)
     # Not from the repo root: its operator/ folder would shadow the standard library's `operator`.
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "model_operator", cwd=tmp_path, env=env,
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "model_operator",
+                                                   "--health-address", "127.0.0.1", cwd=tmp_path, env=env,
                                                    stderr=asyncio.subprocess.PIPE)
     try:
         async def healthy() -> bool:
