@@ -331,3 +331,17 @@ def test_models_outside_the_watched_namespaces_are_refused():
     with pytest.raises(helm_python.HelmRenderError, match="watchNamespaces does not include"):
         render_objects(values)
     assert by_kind(render_objects(values | {"watchNamespaces": ["team-a", DEFAULT_NAMESPACE]}), crd.KIND)
+
+
+def test_notes_report_which_add_ons_the_cluster_serves():
+    """Every add-on API the operator may write to is looked up (the chart installs none of their CRDs)."""
+    from model_operator.kube import ADD_ON_KINDS, KINDS
+
+    add_on_apis = {KINDS[kind].api_version for kind in ADD_ON_KINDS if kind != "HorizontalPodAutoscaler"}
+    notes_without = render_templates()["kubellm/templates/NOTES.txt"]
+    assert notes_without.count(" missing  (") == len(add_on_apis) + 1  # and the Prometheus Operator
+    served = tuple(sorted(add_on_apis)) + PROMETHEUS_OPERATOR
+    notes_with = render_templates(api_versions=served)["kubellm/templates/NOTES.txt"]
+    assert notes_with.count(" found    (") == len(served) and " missing " not in notes_with
+    templates = (CHART_DIR / "templates" / "NOTES.txt").read_text()
+    assert all(f'"{api}"' in templates for api in served)

@@ -35,9 +35,12 @@ MINIMAL_STORED_SPEC = {
     "replicas": 1,
     "autoscaling": {"enabled": False, "mode": "keda", "minReplicas": 1, "maxReplicas": 4, "targetPendingRequests": 8,
                     "prometheusAddress": "http://prometheus-operated.monitoring.svc:9090",
-                    "scaleDownDelaySeconds": 300},
+                    "scaleDownDelaySeconds": 300,
+                    "http": {"targetConcurrentRequests": 32, "coldStartTimeoutSeconds": 900,
+                             "scalerAddress": "keda-add-ons-http-external-scaler.keda:9090"}},
     "service": {"type": "ClusterIP", "port": 8000},
     "rollout": {"strategy": "RollingUpdate", "maxSurge": 0, "maxUnavailable": 1},
+    "routing": {"inferencePool": {"enabled": False}},
 }
 
 
