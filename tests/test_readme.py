@@ -167,3 +167,22 @@ def test_quickstart_openai_sdk_example_works(quickstart_server, capsys):
     exec(compile(code_blocks("python")[0].replace(README_PORT, quickstart_server), "README.md", "exec"), {})
     assert "CompletionUsage(completion_tokens=32" in capsys.readouterr().out
 
+
+
+def test_kubectl_get_md_output_matches_the_crd_and_the_operator():
+    """The install section's `kubectl get md` table: the CRD's printer columns, filled as the operator fills them."""
+    from model_operator import resources, status
+
+    (table,) = [block for block in code_blocks("text") if block.startswith("NAME ")]
+    header, row = [line.split() for line in table.strip().splitlines()]
+    assert header == ["NAME"] + [column["name"].upper() for column in crd.printer_columns()]
+    example = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
+    example["metadata"].update(namespace="default", uid="u-1", generation=1)
+    target = resources.Target.from_body(example)
+    ready_deployment = {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1,
+                                   "observedGeneration": 1}}
+    stored = status.compute(target, status.Observed({"status": {"succeeded": 1}}, ready_deployment), 1, {}, "now")
+    shown = {"NAME": example["metadata"]["name"], "MODEL": example["spec"]["model"]["source"],
+             "PHASE": stored["phase"], "READY": str(stored["readyReplicas"]), "REPLICAS": str(stored["replicas"]),
+             "ENDPOINT": stored["endpoint"]}
+    assert dict(zip(header, row)) == {**shown, "AGE": row[-1]}
