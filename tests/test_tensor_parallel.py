@@ -169,6 +169,7 @@ def test_a_stuck_teardown_stage_is_left_behind_at_its_deadline(monkeypatch):
         stuck.set()
 
 
+@pytest.mark.slow
 def test_the_executor_starts_and_stops_three_times_in_one_process():
     for ending in ("shutdown", "garbage collected", "worker killed"):
         probe = Executor(_config(2), ProbeRunner, PROBE_FIELDS)
@@ -390,6 +391,7 @@ print(*llm.llm_engine.executor.worker_pids.values(), flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_script_that_never_shuts_down_its_llm_still_exits(tiny_model_folder):
     """The interpreter's exit stops the workers (before multiprocessing's own exit handler)."""
     done = subprocess.run(
