@@ -42,7 +42,7 @@ step() {  # step NAME SECONDS COMMAND...: output in NAME.log of the results
   nvidia-smi --query-gpu=index,name,memory.total --format=csv 2>/dev/null
   nvidia-smi topo -m 2>/dev/null
   $PY -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__,
-"nccl", torch.cuda.nccl.version(), torch.cuda.device_count(), "GPUs")'
+torch.cuda.device_count(), "GPUs, nccl", torch.cuda.nccl.version() if torch.cuda.is_available() else None)'
   echo "commit ${KUBELLM_COMMIT:-unknown}"
 } >"$RES/machine.log" 2>&1
 cat "$RES/machine.log"
