@@ -3,7 +3,8 @@
 # under 9 minutes: the multigpu tests (start/stop three times with CUDA graphs, graphs vs
 # eager vs tp=1, a rank killed), then on the Llama-3.1-8B shape: batch-1 and batch-32 decode
 # at tp=1 and tp=2, tp=2 in eager mode (what the all-reduces captured in the decode graphs
-# buy), bf16 agreement of tp=2 with tp=1, and "mixed" throughput at tp=1 and tp=2.
+# buy), bf16 agreement of tp=2 with tp=1, "mixed" throughput at tp=1 and tp=2, and the
+# seed example (fp16, sampled, never shut down) at tp=2.
 # Every step runs on its own under a time limit, so one failure or overrun leaves the
 # others' results; the most wanted run first.
 #
@@ -70,4 +71,6 @@ for tp in 1 2; do
     --num-requests "${REQUESTS:-64}" --tensor-parallel-size $tp --length-scale "${LENGTH_SCALE:-1}" \
     --out "$RES/throughput_tp$tp.json"
 done
+# The example users start from, which never shuts down: its process must still end.
+step seed_example_tp2 60 $PY -m benchmarks.tp_seed_example --model "$SMALL" --model-root "$ROOT"
 echo "=== done (t=$((SECONDS - START)) s)"

@@ -139,8 +139,16 @@ def _abort() -> None:
     if dist.get_backend() == "nccl":
         # First the NCCL backend alone: its abort lets go of the GIL while NCCL waits for the
         # captured graphs to be released; torch's world abort would wait in ncclGroupEnd holding it.
-        dist.group.WORLD._get_backend(torch.device("cuda")).abort()
-    dist.distributed_c10d._abort_process_group()
+        try:
+            dist.group.WORLD._get_backend(torch.device("cuda")).abort()
+        except Exception:  # noqa: BLE001 - the world abort below still runs
+            logger.warning("tensor parallelism: aborting the NCCL communicators failed", exc_info=True)
+    try:
+        dist.distributed_c10d._abort_process_group()
+    except Exception:  # noqa: BLE001 - a group that cannot abort is destroyed instead
+        logger.warning("tensor parallelism: abort failed; destroying the process groups", exc_info=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _release_captures() -> None:
