@@ -17,13 +17,14 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import Detokenizer, find_stop_string
 from engine.distributed import Executor, check_tensor_parallel
-from engine.errors import InvalidRequestError, ModelLoadError
+from engine.errors import InvalidRequestError
 from engine.model_config import load_model_config
 from engine.model_runner import STEP_FIELDS, ModelRunner
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Request, Sequence
+from engine.tokenizer_loader import load_tokenizer
 
 
 @dataclass
@@ -47,7 +48,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.model_config = load_model_config(config.model)
         self.config = config.resolve(self.model_config.max_model_len, self.model_config.dtype)
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         check_tensor_parallel(
             self.config.tensor_parallel_size,
             self.config.device,
@@ -236,11 +237,3 @@ class LLMEngine:
         except Exception as error:  # jinja raises for messages the template rejects
             raise InvalidRequestError(f"the chat template rejected the messages: {error}", param="messages") from None
 
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except Exception as error:  # transformers raises many types for missing or corrupt files
-        raise ModelLoadError(f"cannot load the tokenizer of {model_path}: {error}") from error
