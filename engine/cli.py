@@ -167,6 +167,7 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     from engine.async_engine import AsyncLLMEngine
+    from engine.cpu_threads import configure_cpu_threads
     from engine.llm_engine import LLMEngine
     from engine.server.app import ServerSettings, build_app
     from engine.server.logs import configure_logging
@@ -181,6 +182,7 @@ def run_serve(args: argparse.Namespace) -> int:
     address = f"http://{args.host}:{args.port}"
 
     def load_engine() -> LLMEngine:
+        configure_cpu_threads()
         engine = LLMEngine(config)
         log_startup_report(engine, config, address)
         return engine

@@ -73,7 +73,7 @@ def load_gguf_model_config(path: str | Path) -> ModelConfig:
     file = Path(path)
     reader = open_gguf(file)
     meta = read_metadata(reader)
-    vocab_size = _vocab_size(reader, meta, file)
+    vocab_size = _vocab_size(reader, _architecture(meta, file), meta, file)
     tensor_names = {tensor.name for tensor in reader.tensors}
     return parse_gguf_config(meta, vocab_size, tensor_names, file)
 
@@ -82,11 +82,7 @@ def parse_gguf_config(
     meta: dict[str, MetadataValue], vocab_size: int, tensor_names: set[str], file: Path
 ) -> ModelConfig:
     """Turn GGUF metadata into a ModelConfig (pure: the reader is not needed here)."""
-    arch = meta.get("general.architecture")
-    if arch not in GGUF_ARCHITECTURES:
-        raise UnsupportedModelError(
-            f"{file}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
-        )
+    arch = _architecture(meta, file)
     architecture, qkv_bias = GGUF_ARCHITECTURES[arch]
     if "rope_freqs.weight" in tensor_names:  # how llama.cpp stores Llama 3.1's rope scaling
         raise UnsupportedModelError(f"{file}: tensor rope_freqs.weight (per-frequency rope factors) is not supported")
@@ -131,8 +127,16 @@ def parse_gguf_config(
         raise ModelLoadError(f"{file}: invalid metadata value ({bad})") from None
 
 
-def _vocab_size(reader, meta: dict[str, MetadataValue], file: Path) -> int:
+def _architecture(meta: dict[str, MetadataValue], file: Path) -> str:
     arch = meta.get("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UnsupportedModelError(
+            f"{file}: GGUF architecture {arch!r} is not supported; supported: {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    return str(arch)
+
+
+def _vocab_size(reader, arch: str, meta: dict[str, MetadataValue], file: Path) -> int:
     if f"{arch}.vocab_size" in meta:
         return int(meta[f"{arch}.vocab_size"])
     tokens = reader.fields.get("tokenizer.ggml.tokens")

@@ -14,6 +14,7 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
+from engine.cpu_threads import configure_cpu_threads
 from engine.errors import InvalidRequestError
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import RequestOutput
@@ -54,6 +55,7 @@ class LLM:
             seed=seed,
             **other_engine_args,
         )
+        configure_cpu_threads()
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
 

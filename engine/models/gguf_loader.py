@@ -26,7 +26,7 @@ from engine.gguf_metadata import open_gguf
 from engine.model_config import ModelConfig
 
 # Tensor types this loader dequantizes; each is covered by tests/test_gguf.py.
-SUPPORTED_TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
 
 # llama.cpp tensor name -> Hugging Face name (the engine's checkpoint names).
 GLOBAL_TENSOR_NAMES = {
