@@ -24,6 +24,7 @@ from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.model_config import load_model_config
 from engine.models.gguf_loader import SUPPORTED_TENSOR_TYPES, dequantize, hf_tensor_name, unpermute_rotary_rows
 from engine.testing.gguf_file import gguf_tensor_name, permute_rotary_rows, write_gguf
+from engine.tokenizer_loader import gguf_tokenizer_cache, load_tokenizer
 
 PROMPT_IDS = [5, 17, 33, 100, 7, 250, 3]
 
@@ -223,19 +224,25 @@ def test_serve_names_a_missing_gguf_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_matches_transformers_greedy():
+@pytest.mark.timeout(1800)  # two loads of a 135M model and two tokenizer conversions; minutes on a busy 2-core machine
+def test_smollm2_gguf_matches_transformers_greedy(tmp_path, monkeypatch):
     """The built-in model's real Q4_1 file: tokenizer, chat template and greedy tokens as transformers has them."""
     from transformers import AutoTokenizer
 
+    monkeypatch.setenv("KUBELLM_CACHE_DIR", str(tmp_path))  # the tokenizer is converted, then read from the cache
     file = builtin_model_path()
     llm = LLM(model=str(file), dtype="float32", device="cpu", max_model_len=1024, num_kv_blocks=128)
+    assert gguf_tokenizer_cache(file).is_dir()
     reference_tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
-    conversation = [{"role": "user", "content": "What is the capital of France?"}]
-    prompt = llm.get_tokenizer().apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    assert prompt == reference_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    conversation = [{"role": "user", "content": "What is the capital of France? Ünïcödé, 日本語 🙂"}]
+    prompt = reference_tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     prompt_ids = reference_tokenizer(prompt)["input_ids"]
+    for tokenizer in (llm.get_tokenizer(), load_tokenizer(str(file))):  # converted now, and from the cache
+        assert tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True) == prompt
+        assert tokenizer(prompt)["input_ids"] == prompt_ids
     assert llm.llm_engine.tokenize(prompt) == prompt_ids
     expected = transformers_greedy(file, prompt_ids, 24)
     assert engine_greedy(llm, prompt_ids, 24) == expected
-    reply = llm.chat(conversation, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)[0].outputs[0]
-    assert "Paris" in reply.text
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = llm.chat(question, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)[0].outputs[0]
+    assert reply.text == "The capital of France is Paris."
