@@ -8,12 +8,15 @@ with 1 new token and once with N, and the rate is (N - 1) / (t_N - t_1).
 - kubellm, 1 stream and `--streams` concurrent streams (aggregate tokens/s);
 - transformers `generate`, 1 stream (its eager loop, the usual CPU baseline).
 
+The three take turns (see decode_rates), and the machine's load average is recorded.
+
     python -m benchmarks.cpu_decode --out results/cpu_decode.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,17 +39,20 @@ def prompt_ids(tokenizer, length: int, offset: int) -> list[int]:
     return ids[offset: offset + length]
 
 
-def decode_rate(run: Callable[[int], None], new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(decode tokens/s per stream-run, prefill seconds): best of `repeats` of t_N - t_1."""
-    best_n = best_1 = float("inf")
+def decode_rates(runs: dict[str, Callable[[int], None]], new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (decode tokens/s of one run, prefill seconds), from the best of `repeats` of t_N and t_1.
+
+    The systems take turns within each repeat, so a machine whose load drifts
+    (a shared CI runner) slows them alike instead of whichever ran last.
+    """
+    best: dict[str, list[float]] = {name: [float("inf"), float("inf")] for name in runs}
     for _ in range(repeats):
-        start = time.perf_counter()
-        run(1)
-        best_1 = min(best_1, time.perf_counter() - start)
-        start = time.perf_counter()
-        run(new_tokens)
-        best_n = min(best_n, time.perf_counter() - start)
-    return (new_tokens - 1) / (best_n - best_1), best_1
+        for name, run in runs.items():
+            for slot, tokens in enumerate((1, new_tokens)):
+                start = time.perf_counter()
+                run(tokens)
+                best[name][slot] = min(best[name][slot], time.perf_counter() - start)
+    return {name: ((new_tokens - 1) / (t_n - t_1), t_1) for name, (t_1, t_n) in best.items()}
 
 
 def kubellm_runner(llm: LLM, prompts: list[list[int]]) -> Callable[[int], None]:
@@ -72,8 +78,8 @@ def transformers_runner(model, prompt: list[int]) -> Callable[[int], None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -84,17 +90,19 @@ def main() -> None:
               max_num_seqs=args.streams, enable_prefix_caching=False)
     tokenizer = llm.get_tokenizer()
     prompts = [prompt_ids(tokenizer, args.prompt_len, 7 * i) for i in range(args.streams)]
-    kubellm_runner(llm, prompts[:1])(4)  # warm-up
-    single, single_prefill = decode_rate(kubellm_runner(llm, prompts[:1]), args.new_tokens, args.repeats)
-    batched, _ = decode_rate(kubellm_runner(llm, prompts), args.new_tokens, args.repeats)
-    del llm
 
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32).eval()
-    transformers_runner(model, prompts[0])(4)
-    reference, reference_prefill = decode_rate(transformers_runner(model, prompts[0]), args.new_tokens, args.repeats)
-
+    runs = {
+        "hf": transformers_runner(model, prompts[0]),
+        "single": kubellm_runner(llm, prompts[:1]),
+        "batched": kubellm_runner(llm, prompts),
+    }
+    for run in runs.values():  # warm-up
+        run(4)
+    rates = decode_rates(runs, args.new_tokens, args.repeats)
+    (reference, reference_prefill), (single, single_prefill), (batched, _) = rates["hf"], rates["single"], rates["batched"]
     rows = [
         {"system": "transformers generate", "streams": 1, "decode_tok_s": reference, "vs_hf_single": 1.0,
          "prefill_s": reference_prefill},
@@ -103,7 +111,7 @@ def main() -> None:
         {"system": "kubellm", "streams": args.streams, "decode_tok_s": batched * args.streams,
          "vs_hf_single": batched * args.streams / reference, "prefill_s": float("nan")},
     ]
-    env = environment() | {"threads": torch.get_num_threads(), "model": file.name}
+    env = environment() | {"threads": torch.get_num_threads(), "model": file.name, "load_average": os.getloadavg()}
     print(env)
     print_table(rows, f"CPU decode, {args.prompt_len}-token prompts, {args.new_tokens} new tokens (aggregate tok/s)")
     save_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
