@@ -41,6 +41,7 @@ class EngineConfig:
     enforce_eager: bool = False  # True: no CUDA graphs
     overlap_scheduling: bool = True  # schedule step n+1 while step n runs (tensor_parallel_size 1 only)
     served_model_name: str | None = None  # the name clients use; None: the model path
+    tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -55,7 +56,7 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
         if not self.model:
-            raise ConfigError("model must name a model folder")
+            raise ConfigError("model must name a model folder or a GGUF file")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):

@@ -14,6 +14,7 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
+from engine.cpu_threads import configure_cpu_threads
 from engine.errors import InvalidRequestError
 from engine.core_messages import EngineStats
 from engine.llm_engine import LLMEngine
@@ -56,6 +57,7 @@ class LLM:
             seed=seed,
             **other_engine_args,
         )
+        configure_cpu_threads()
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
 

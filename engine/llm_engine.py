@@ -19,7 +19,8 @@ from engine.errors import InvalidRequestError
 from engine.output_processor import OutputKind, OutputProcessor, RequestState
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
-from engine.tokenizer import ChatTemplate, load_tokenizer, tokenize_prompt
+from engine.tokenizer import ChatTemplate, tokenize_prompt
+from engine.tokenizer_loader import load_tokenizer
 
 
 class LLMEngine:
@@ -27,7 +28,7 @@ class LLMEngine:
         self.core = EngineCore(config)
         self.config = self.core.config
         self.model_config = self.core.model_config
-        self.tokenizer = load_tokenizer(config.model)
+        self.tokenizer = load_tokenizer(config.model, config.tokenizer)
         self.chat_template = ChatTemplate(self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
 

@@ -87,8 +87,12 @@ class ModelConfig:
 
 
 def load_model_config(model_path: str | Path) -> ModelConfig:
-    """Read config.json (and generation_config.json when present) of a model folder."""
+    """Read config.json (and generation_config.json when present) of a model folder, or a GGUF file's metadata."""
+    from engine.gguf_metadata import is_gguf_file, load_gguf_model_config  # it imports this module
+
     folder = Path(model_path)
+    if is_gguf_file(folder):
+        return load_gguf_model_config(folder)
     if not folder.is_dir():
         raise ModelLoadError(f"model folder {folder} does not exist or is not a directory")
     config_file = folder / "config.json"

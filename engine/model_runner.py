@@ -13,8 +13,7 @@ that step n sampled straight from the device (placeholders).
 KV cache size: `num_kv_blocks` when given. Otherwise, on CUDA, whatever
 gpu_memory_utilization of the GPU leaves after the weights and the peak
 activations of a profiling forward pass of a full step (max_num_batched_tokens
-tokens). On CPU, room for max_num_seqs sequences of max_model_len tokens,
-capped at CPU_KV_CACHE_BYTES.
+tokens). On CPU, see engine.kv_cache_sizing.
 """
 
 from __future__ import annotations
@@ -33,13 +32,12 @@ from engine.distributed.parallel_state import min_across_ranks
 from engine.distributed.step_channel import Field
 from engine.errors import ConfigError
 from engine.input_batch import InputBatch, StepArrays
+from engine.kv_cache_sizing import default_cpu_kv_cache_blocks
 from engine.layers.sampler import Sampler, SamplerOutput
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
 from engine.sampling_batch import SamplingState, device_tensor
 from engine.scheduler import SampledTokens, ScheduledBatch
-
-CPU_KV_CACHE_BYTES = 1 << 30
 
 
 # ModelInputs flattened for tensor-parallel ranks: the keys of as_fields(), in a fixed order.
@@ -246,8 +244,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             num_blocks = self._free_gpu_memory_after_profiling() // self.bytes_per_block
         else:
-            wanted = self.config.max_num_seqs * cdiv(self.config.max_model_len, self.block_size)
-            num_blocks = min(wanted, CPU_KV_CACHE_BYTES // self.bytes_per_block)
+            num_blocks = default_cpu_kv_cache_blocks(self.model, self.config, self.bytes_per_block)
         if num_blocks < 1:
             raise ConfigError(
                 "no memory is left for the KV cache after loading the model; "

@@ -1,21 +1,12 @@
-"""The tokenizer side of a front end: loading, prompt tokenization, chat templates.
+"""The tokenizer side of a front end: prompt tokenization and chat templates.
 
 Lives apart from the engine core so that the API process can tokenize and
-render chat templates without loading a model.
+render chat templates without loading a model (engine.tokenizer_loader loads it).
 """
 
 from __future__ import annotations
 
-from engine.errors import InvalidRequestError, ModelLoadError
-
-
-def load_tokenizer(model_path: str):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(model_path)
-    except Exception as error:  # transformers raises many types for missing or corrupt files
-        raise ModelLoadError(f"cannot load the tokenizer of {model_path}: {error}") from error
+from engine.errors import InvalidRequestError
 
 
 def tokenize_prompt(tokenizer, text: str) -> list[int]:

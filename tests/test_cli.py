@@ -115,9 +115,13 @@ def test_api_key_sources_in_order(tmp_path, monkeypatch):
 
 
 def test_no_model_means_the_built_in_model(tmp_path):
-    from engine.testing import DEFAULT_SERVED_NAME, default_model_path
+    from engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
 
-    assert resolve_model(serve_args()) == (str(default_model_path()), DEFAULT_SERVED_NAME)
+    assert resolve_model(serve_args()) == (str(builtin_model_path()), BUILTIN_MODEL_NAME)
+    assert builtin_model_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"")
+    assert resolve_model(serve_args(str(gguf_file))) == (str(gguf_file), str(gguf_file))
     assert resolve_model(serve_args(str(tmp_path))) == (str(tmp_path), str(tmp_path))
     assert resolve_model(serve_args(str(tmp_path), "--served-model-name", "x")) == (str(tmp_path), "x")
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import kernels
 from engine.attention_metadata import AttentionMetadata
-from kernels import reference
+from kernels import cpu_attention
 
 
 def paged_attention(
@@ -28,13 +28,13 @@ def paged_attention(
     """Store the step's K/V, then attend through the block tables.
 
     The one backend switch: Triton kernels on CUDA (`kernels` imports them only
-    when first used, so CPU never loads Triton), the torch reference elsewhere.
+    when first used, so CPU never loads Triton), batched torch SDPA elsewhere.
     """
-    backend = kernels if q.is_cuda else reference
+    backend = kernels if q.is_cuda else cpu_attention
     backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.decode_only:
         return backend.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-    # The Triton kernel sizes its grid by the longest query; the reference needs no hint.
+    # The Triton kernel sizes its grid by the longest query; the CPU backend needs no hint.
     grid_hint = {"max_query_len": meta.max_query_len} if q.is_cuda else {}
     return backend.paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale, **grid_hint

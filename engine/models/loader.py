@@ -1,4 +1,4 @@
-"""Build a model on its target device and fill it from safetensors, one tensor at a time.
+"""Build a model on its target device and fill it from safetensors or GGUF, one tensor at a time.
 
 Parameters are allocated once, on the target device, in the target dtype; each
 checkpoint tensor is read, copied (and cast) into its parameter slice, and
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -17,8 +17,10 @@ from safetensors import safe_open
 from torch import nn
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.gguf_metadata import is_gguf_file
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
 from engine.model_config import DTYPES, ModelConfig, auto_dtype
+from engine.models.gguf_loader import gguf_checkpoint_tensors
 from engine.models.registry import MODEL_REGISTRY
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -41,15 +43,21 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
 ) -> nn.Module:
-    """The model of `model_config.architecture`, weights loaded, in eval mode, no gradients."""
-    folder = Path(model_path)
-    files = checkpoint_files(folder)
+    """The model of `model_config.architecture`, weights loaded, in eval mode, no gradients.
+
+    model_path: a Hugging Face folder of safetensors files, or one GGUF file.
+    """
+    source = Path(model_path)
+    if is_gguf_file(source):
+        tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointSlice]] = gguf_checkpoint_tensors(source, model_config)
+    else:
+        tensors = _checkpoint_tensors(checkpoint_files(source))
     model_class = MODEL_REGISTRY.get(model_config.architecture)
     if model_class is None:
         raise UnsupportedModelError(f"no model class for architecture {model_config.architecture}")
     with _default_dtype(resolve_dtype(dtype, model_config, device)), torch.device(device):
         model = model_class(model_config)
-    load_weights(model, files)
+    load_weights(model, tensors, source)
     return model.eval()
 
 
@@ -74,13 +82,15 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: nn.Module, files: list[Path]) -> None:
-    """Copy every checkpoint tensor into its parameter; fail naming any tensor that is missing or misshapen."""
+def load_weights(
+    model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointSlice]], source: Path
+) -> None:
+    """Copy every (file, name, tensor) into its parameter; fail naming any tensor that is missing or misshapen."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     loaded: set[str] = set()
     with torch.no_grad():
-        for file, name, tensor in _checkpoint_tensors(files):
+        for file, name, tensor in tensors:
             param_name, shard_id = _param_name(name, packed)
             param = params.get(param_name)
             if param is None:  # e.g. rotary_emb.inv_freq, or lm_head.weight of a tied model
@@ -96,7 +106,7 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
     missing = sorted(expected_checkpoint_names(params, packed) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(f"checkpoint in {files[0].parent} is missing {len(missing)} tensor(s): {shown}")
+        raise ModelLoadError(f"checkpoint {source} is missing {len(missing)} tensor(s): {shown}")
 
 
 def expected_checkpoint_names(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, object]]) -> set[str]:

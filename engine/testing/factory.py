@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from engine.cache_dir import cache_dir
 from engine.model_config import DTYPES, ModelConfig, load_model_config
 from engine.testing.safetensors_stream import write_safetensors
 from engine.testing.shapes import FAMILIES, shape_kwargs
@@ -102,12 +103,6 @@ def default_model_path() -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
-
-
-def cache_dir() -> Path:
-    """$KUBELLM_CACHE_DIR, else ~/.cache/kubellm."""
-    configured = os.environ.get("KUBELLM_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "kubellm"
 
 
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
