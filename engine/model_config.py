@@ -107,6 +107,13 @@ class ModelConfig:
         return max(windows) if windows else None
 
     @property
+    def kv_window(self) -> int | None:
+        """How far back any layer attends when every layer has a window (then older KV blocks can be freed)."""
+        if any(window is None for window in self.layer_windows):
+            return None
+        return max(self.layer_windows, default=None)
+
+    @property
     def max_model_len(self) -> int:
         """Longest context this engine serves: sliding-window layers attend within their window at any length."""
         return self.max_position_embeddings
