@@ -22,9 +22,9 @@ import itertools
 from dataclasses import asdict
 
 import torch
-import triton.testing
 
 import kernels
+from benchmarks.attention_kernels import bench_ms
 from benchmarks.common import copy_bandwidth_gbs, environment, print_table, save_json
 from engine.layers.moe import route
 from kernels import moe_reference
@@ -33,10 +33,6 @@ from kernels.moe import MoeLaunchConfig, default_moe_config
 # name -> (hidden, expert intermediate, experts, top_k)
 SHAPES = {"qwen3-30b-a3b": (2048, 768, 128, 8), "mixtral-8x7b": (4096, 14336, 8, 2)}
 BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
 def moe_problem(shape: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

@@ -19,7 +19,7 @@ from engine.layers.embedding import VocabParallelEmbedding
 from engine.layers.layernorm import GemmaRMSNorm
 from engine.layers.rotary_embedding import RotaryEmbedding
 from engine.model_config import ModelConfig
-from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP
+from engine.models.llama import LlamaAttention, LlamaForCausalLM, LlamaMLP, enter_layer
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,10 +45,7 @@ class Gemma3DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's MLP output, the residual stream before it): the next layer adds the two."""
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = enter_layer(self.input_layernorm, hidden, residual)
         cos, sin = local_rope if self.is_sliding else global_rope
         hidden = self.post_attention_layernorm(self.self_attn(hidden, cos, sin, meta))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)

@@ -78,6 +78,15 @@ class LlamaMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+def enter_layer(
+    input_layernorm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed input, residual stream): the first layer starts the stream, later ones add the last output to it."""
+    if residual is None:
+        return input_layernorm(hidden), hidden
+    return input_layernorm(hidden, residual)
+
+
 # Where a family's checkpoint keeps a layer's MLP, when not under `mlp`.
 MLP_MODULE_NAME = {"MixtralForCausalLM": "block_sparse_moe"}
 
@@ -106,10 +115,7 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = enter_layer(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return getattr(self, self.mlp_name)(hidden), residual
