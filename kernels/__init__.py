@@ -1,4 +1,4 @@
-"""Triton kernels (paged attention, fused norm / activation / rotary) and the attention references.
+"""Triton kernels (paged attention, fused MoE, fused norm / activation / rotary) and their torch references.
 
 The Triton kernels are imported lazily (`kernels.paged_decode_attention` etc.),
 so CPU-only code that uses kernels.reference never loads Triton or compiles anything.
@@ -16,6 +16,7 @@ _LAZY = {
     "rms_norm": "kernels.fused",
     "silu_and_mul": "kernels.fused",
     "apply_rotary": "kernels.fused",
+    "fused_moe": "kernels.moe",
 }
 
 __all__ = sorted(_LAZY)

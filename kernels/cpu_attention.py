@@ -44,8 +44,12 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks_per_seq]
     seq_lens: torch.Tensor,  # [B]
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """Every sequence's whole context gathered at once, padded positions masked, one SDPA call."""
+    """Every sequence's whole context gathered at once, padded positions masked, one SDPA call.
+
+    With a sliding window, positions more than sliding_window - 1 before the query are masked too.
+    """
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
     num_blocks = -(-int(seq_lens.max()) // block_size)
@@ -54,7 +58,11 @@ def paged_decode_attention(
     k = k_cache[tables].flatten(1, 2).transpose(1, 2)
     v = v_cache[tables].flatten(1, 2).transpose(1, 2)
     positions = torch.arange(num_blocks * block_size, device=q.device)
-    mask = (positions[None, :] < seq_lens[:, None].to(positions.dtype))[:, None, None, :]  # [B, 1, 1, L]
+    lengths = seq_lens[:, None].to(positions.dtype)
+    mask = positions[None, :] < lengths
+    if sliding_window is not None:
+        mask &= positions[None, :] >= lengths - sliding_window
+    mask = mask[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(
         _grouped(q[:, None], num_kv_heads), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale
     )
@@ -69,6 +77,7 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention: the one-token queries of a mixed step go through one decode call."""
     starts = query_start_loc.tolist()
@@ -78,7 +87,9 @@ def paged_prefill_attention(
     if single:
         rows = torch.tensor([starts[b] for b in single], device=q.device)
         picked = torch.tensor(single, device=q.device)
-        out[rows] = paged_decode_attention(q[rows], k_cache, v_cache, block_tables[picked], seq_lens[picked], scale)
+        out[rows] = paged_decode_attention(
+            q[rows], k_cache, v_cache, block_tables[picked], seq_lens[picked], scale, sliding_window
+        )
     num_kv_heads = k_cache.shape[2]
     lens = seq_lens.tolist()
     for b, num_q in enumerate(query_lens):
@@ -88,7 +99,10 @@ def paged_prefill_attention(
         k = gather_kv(k_cache, block_tables[b], seq_len).transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
         v = gather_kv(v_cache, block_tables[b], seq_len).transpose(0, 1).to(q.dtype)
         q_pos = torch.arange(seq_len - num_q, seq_len, device=q.device)
-        causal = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [Lq, L]
+        k_pos = torch.arange(seq_len, device=q.device)[None, :]
+        causal = k_pos <= q_pos[:, None]  # [Lq, L]
+        if sliding_window is not None:
+            causal &= k_pos > q_pos[:, None] - sliding_window
         group = q.shape[1] // num_kv_heads
         mask = causal.repeat(group, 1)  # rows follow _grouped: group-major, then query position
         attended = F.scaled_dot_product_attention(

@@ -21,7 +21,11 @@ def hf_model(path):
     return model.eval()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", [
+    "llama", "qwen2", "mistral", "qwen3_moe", "gemma3",
+    # Their layers are checked against transformers in test_models_vs_hf; end to end they add ~1 min each.
+    pytest.param("qwen3", marks=pytest.mark.slow), pytest.param("mixtral", marks=pytest.mark.slow),
+])
 def test_greedy_tokens_and_logprobs_match_transformers(tiny_model_folder, family):
     path = tiny_model_folder(family)
     llm = LLM(model=str(path), device="cpu", dtype="float32", num_kv_blocks=256)

@@ -336,7 +336,11 @@ def llama_with_4_kv_heads(tiny_model_folder, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama with 4 KV heads"])
+@pytest.mark.parametrize("model", [
+    "llama", "qwen2", "llama with 4 KV heads",
+    # Experts split by their intermediate dimension; Gemma 3's local/global layers (~2 min each on 2 cores).
+    pytest.param("qwen3_moe", marks=pytest.mark.slow), pytest.param("gemma3", marks=pytest.mark.slow),
+])
 def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, llama_with_4_kv_heads, prompts, model):
     path = str(llama_with_4_kv_heads if model == "llama with 4 KV heads" else tiny_model_folder(model))
     expected = _generate(LLM(model=path, **ENGINE_ARGS), prompts)

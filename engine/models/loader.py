@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.gguf_metadata import is_gguf_file
+from engine.layers.moe import ExpertProjections, expert_checkpoint_names, expert_param_name
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
 from engine.model_config import DTYPES, ModelConfig, auto_dtype
 from engine.models.gguf_loader import gguf_checkpoint_tensors
@@ -88,10 +89,11 @@ def load_weights(
     """Copy every (file, name, tensor) into its parameter; fail naming any tensor that is missing or misshapen."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    experts: ExpertProjections = getattr(model, "expert_projections", {})
     loaded: set[str] = set()
     with torch.no_grad():
         for file, name, tensor in tensors:
-            param_name, shard_id = _param_name(name, packed)
+            param_name, shard_id = _param_name(name, packed, experts)
             param = params.get(param_name)
             if param is None:  # e.g. rotary_emb.inv_freq, or lm_head.weight of a tied model
                 continue
@@ -103,28 +105,38 @@ def load_weights(
                     f"{file}: tensor {name} has shape {list(error.got)}, the model expects {list(error.expected)}"
                 ) from None
             loaded.add(name)
-    missing = sorted(expected_checkpoint_names(params, packed) - loaded)
+    missing = sorted(expected_checkpoint_names(params, packed, experts) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint {source} is missing {len(missing)} tensor(s): {shown}")
 
 
-def expected_checkpoint_names(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, object]]) -> set[str]:
-    """The checkpoint tensor names a model needs: fused parameters expand to their parts."""
+def expected_checkpoint_names(
+    params: dict[str, nn.Parameter], packed: dict[str, tuple[str, object]], experts: ExpertProjections
+) -> set[str]:
+    """The checkpoint tensor names a model needs: fused and stacked-expert parameters expand to their parts."""
     parts_of: dict[str, list[str]] = {}
     for part, (fused, _) in packed.items():
         parts_of.setdefault(fused, []).append(part)
     names: set[str] = set()
-    for name in params:
+    for name, param in params.items():
+        expert_names = expert_checkpoint_names(name, param.shape[0], experts) if experts else None
         fused = next((f for f in parts_of if f".{f}." in name), None)
-        if fused is None:
+        if expert_names is not None:
+            names.update(expert_names)
+        elif fused is None:
             names.add(name)
         else:
             names.update(name.replace(f".{fused}.", f".{part}.") for part in parts_of[fused])
     return names
 
 
-def _param_name(checkpoint_name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+def _param_name(
+    checkpoint_name: str, packed: dict[str, tuple[str, object]], experts: ExpertProjections
+) -> tuple[str, object]:
+    expert = expert_param_name(checkpoint_name, experts) if experts else None
+    if expert is not None:
+        return expert
     for part, (fused, shard_id) in packed.items():
         if f".{part}." in checkpoint_name:
             return checkpoint_name.replace(f".{part}.", f".{fused}."), shard_id
