@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
+from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.model_config import DTYPES, auto_dtype
 
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -40,6 +41,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True: no CUDA graphs
     served_model_name: str | None = None  # the name clients use; None: the model path
+    quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -69,6 +71,10 @@ class EngineConfig:
         positive("max_num_batched_tokens", optional=True)
         positive("max_model_len", optional=True)
         positive("tensor_parallel_size")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset), got {self.quantization!r}"
+            )
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 

@@ -16,9 +16,9 @@ from typing import Any
 from engine.errors import UnsupportedModelError
 from engine.layers.quantization.base import LinearMethod
 from engine.layers.quantization.fp8 import Fp8LinearMethod, Fp8Scheme
+from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.layers.quantization.w4a16 import W4A16LinearMethod, W4A16Scheme
 
-QUANTIZATION_METHODS: tuple[str, ...] = ("fp8", "awq", "gptq", "compressed-tensors")
 SUPPORTED = (
     "fp8 (per-tensor or per-channel weights, static or dynamic per-token activations; or online from 16-bit), "
     "awq (4-bit gemm), gptq (4-bit, desc_act true or false), "
@@ -130,6 +130,9 @@ def _gptq(config: dict[str, Any], source: str) -> LinearMethod:
 
 
 def _compressed_tensors(config: dict[str, Any], source: str) -> LinearMethod:
+    for extra in ("sparsity_config", "transform_config"):
+        if config.get(extra):
+            raise UnsupportedModelError(f"{source}: compressed-tensors with a {extra} is not supported")
     groups = config.get("config_groups") or {}
     if len(groups) != 1:
         raise UnsupportedModelError(
