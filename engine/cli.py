@@ -20,6 +20,7 @@ from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES,
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
 from engine.gguf_metadata import is_gguf_file
+from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.server.app import kubellm_version
 
 API_KEY_ENV = "KUBELLM_API_KEY"
@@ -104,6 +105,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Reuse KV blocks of shared prompt prefixes (default: %(default)s).")
     engine.add_argument("--tensor-parallel-size", type=int, default=ENGINE_DEFAULTS["tensor_parallel_size"],
                         help="GPUs to shard the model over (default: %(default)s).")
+    engine.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=ENGINE_DEFAULTS["quantization"],
+                        help="Weight quantization; default: what the checkpoint's config.json says. "
+                             "fp8 on a 16-bit checkpoint quantizes it to FP8 while loading.")
     engine.add_argument("--enforce-eager", action="store_true", default=ENGINE_DEFAULTS["enforce_eager"],
                         help="Disable CUDA graphs (always eager).")
     engine.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction,

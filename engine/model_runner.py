@@ -132,7 +132,9 @@ class ModelRunner:
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.model = load_model(model_config.path, model_config, config.torch_dtype, self.device)
+        self.model = load_model(
+            model_config.path, model_config, config.torch_dtype, self.device, quantization=config.quantization
+        )
         # Tensor-parallel ranks must agree on the cache size: the scheduler on rank 0 allocates for all.
         self.num_kv_blocks = min_across_ranks(config.num_kv_blocks or self._default_num_kv_blocks())
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)

@@ -1,4 +1,4 @@
-"""Triton kernels (paged attention, fused MoE, fused norm / activation / rotary) and their torch references.
+"""Triton kernels (paged attention, fused MoE, fused norm / activation / rotary, quantized GEMMs) and their references.
 
 The Triton kernels are imported lazily (`kernels.paged_decode_attention` etc.),
 so CPU-only code that uses kernels.reference never loads Triton or compiles anything.
@@ -17,6 +17,9 @@ _LAZY = {
     "silu_and_mul": "kernels.fused",
     "apply_rotary": "kernels.fused",
     "fused_moe": "kernels.moe",
+    "w4a16_matmul": "kernels.w4a16",
+    "quantize_fp8_per_token": "kernels.fp8",
+    "fp8_matmul": "kernels.fp8",
 }
 
 __all__ = sorted(_LAZY)

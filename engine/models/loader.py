@@ -11,6 +11,7 @@ import contextlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -19,6 +20,12 @@ from torch import nn
 from engine.errors import ModelLoadError, UnsupportedModelError
 from engine.gguf_metadata import is_gguf_file
 from engine.layers.moe import ExpertProjections, expert_checkpoint_names, expert_param_name
+from engine.layers.quantization import quantization_scope
+from engine.layers.quantization.config import (
+    check_no_ignored_linear_layers,
+    ignored_module_patterns,
+    linear_method_for,
+)
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
 from engine.model_config import DTYPES, ModelConfig, auto_dtype
 from engine.models.gguf_loader import gguf_checkpoint_tensors
@@ -43,23 +50,58 @@ def load_model(
     model_config: ModelConfig,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> nn.Module:
     """The model of `model_config.architecture`, weights loaded, in eval mode, no gradients.
 
-    model_path: a Hugging Face folder of safetensors files, or one GGUF file.
+    model_path: a Hugging Face folder of safetensors files, or one GGUF file (dequantized as it loads).
+    quantization: the `--quantization` flag (None: whatever config.json's quantization_config says).
     """
     source = Path(model_path)
     if is_gguf_file(source):
         tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointSlice]] = gguf_checkpoint_tensors(source, model_config)
+        quantization_config, config_file = None, str(source)
     else:
         tensors = _checkpoint_tensors(checkpoint_files(source))
+        quantization_config, config_file = read_quantization_config(source), str(source / "config.json")
     model_class = MODEL_REGISTRY.get(model_config.architecture)
     if model_class is None:
         raise UnsupportedModelError(f"no model class for architecture {model_config.architecture}")
-    with _default_dtype(resolve_dtype(dtype, model_config, device)), torch.device(device):
+    method = linear_method_for(quantization, quantization_config, config_file)
+    with _default_dtype(resolve_dtype(dtype, model_config, device)), torch.device(device), quantization_scope(method):
         model = model_class(model_config)
+    if method is not None:
+        check_no_ignored_linear_layers(ignored_module_patterns(quantization_config), _linear_checkpoint_names(model),
+                                       config_file)
     load_weights(model, tensors, source)
+    finish_quantized_layers(model)
     return model.eval()
+
+
+def read_quantization_config(folder: Path) -> dict[str, Any] | None:
+    """config.json's quantization_config (the file itself was validated by load_model_config)."""
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return raw.get("quantization_config") or raw.get("compression_config")
+
+
+def finish_quantized_layers(model: nn.Module) -> None:
+    """Convert every quantized layer's loaded checkpoint tensors to its kernel's layout."""
+    with torch.no_grad():
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+def _linear_checkpoint_names(model: nn.Module) -> Iterator[str]:
+    """The checkpoint names of the model's linear layers (fused layers as their parts)."""
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    for name, module in model.named_modules():
+        if getattr(module, "quant_method", None) is None:
+            continue
+        parts = [part for part, (fused, _) in packed.items() if name.endswith(f".{fused}")]
+        fused = name.rsplit(".", 1)[-1]
+        yield from ([name[: -len(fused)] + part for part in parts] if parts else [name])
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
