@@ -1,7 +1,8 @@
 """One start-up log record saying what the server chose: model, dtype and why, context, cache, graphs, address.
 
-Read from a loaded LLMEngine and the settings the user asked for, so the
-record states what happened rather than what was requested.
+Read from a loaded EngineCore (it holds the resolved config, the model config
+and the model runner) and the settings the user asked for, so the record
+states what happened rather than what was requested.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.engine_core import EngineCore
 from engine.model_config import auto_dtype
 
 logger = logging.getLogger("kubellm.startup")
@@ -57,21 +58,21 @@ def dtype_reason(requested: str, checkpoint_dtype: torch.dtype, device: str) -> 
     return f"auto: the checkpoint's dtype on a GPU ({chosen}; bfloat16 for quantized GGUF weights)"
 
 
-def log_startup_report(engine: LLMEngine, requested: EngineConfig, address: str) -> None:
+def log_startup_report(core: EngineCore, requested: EngineConfig, address: str) -> None:
     """The report as one log record: readable text, and each field as a key of the JSON line."""
-    report = startup_report(engine, requested, address)
+    report = startup_report(core, requested, address)
     logger.info(report.text(), extra=dataclasses.asdict(report))
 
 
-def startup_report(engine: LLMEngine, requested: EngineConfig, address: str) -> StartupReport:
-    config, runner = engine.config, engine.model_runner
+def startup_report(core: EngineCore, requested: EngineConfig, address: str) -> StartupReport:
+    config, runner = core.config, core.model_runner
     graphs = runner.decode_graphs
     return StartupReport(
         model=config.model,
         served_model_name=config.name,
-        architecture=engine.model_config.architecture,
+        architecture=core.model_config.architecture,
         dtype=config.dtype,
-        dtype_reason=dtype_reason(requested.dtype, engine.model_config.dtype, config.device),
+        dtype_reason=dtype_reason(requested.dtype, core.model_config.dtype, config.device),
         device=config.device,
         max_model_len=config.max_model_len,
         kv_blocks=runner.num_kv_blocks,
