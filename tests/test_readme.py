@@ -157,7 +157,7 @@ def test_quickstart_curl_commands_work(quickstart_server):
     assert len(commands) == 2
     for command in commands:
         result = subprocess.run(["bash", "-c", command.replace(README_PORT, quickstart_server)],
-                                capture_output=True, text=True, timeout=60, check=True)
+                                capture_output=True, text=True, timeout=300, check=True)
         if '"stream": true' in command:
             assert result.stdout.rstrip().endswith("data: [DONE]")
         else:
