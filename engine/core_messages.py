@@ -89,6 +89,8 @@ class CoreLimits:
     block_size: int
     num_kv_blocks: int
     eos_token_ids: tuple[int, ...]
+    max_num_batched_tokens: int
+    kv_window: int | None = None  # every layer's sliding window: blocks behind it are freed as it moves
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -115,6 +117,8 @@ class CoreLimits:
                 param="max_tokens",
             )
         blocks = self.blocks_needed(max(total, len(token_ids) + 1))
+        if self.kv_window is not None:  # live at once: the window, one step's chunk, a partial block
+            blocks = min(blocks, self.blocks_needed(self.kv_window + self.max_num_batched_tokens) + 1)
         if blocks > self.num_kv_blocks:
             raise InvalidRequestError(
                 f"the request needs {blocks} KV-cache blocks of {self.block_size} tokens but the "

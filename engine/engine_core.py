@@ -53,6 +53,7 @@ class EngineCore:
             self.config.max_num_batched_tokens,
             self.config.max_model_len,
             self.model_config.eos_token_ids,
+            self.model_config.kv_window,
         )
         self.limits = CoreLimits(
             max_model_len=self.config.max_model_len,
@@ -60,6 +61,8 @@ class EngineCore:
             block_size=self.config.block_size,
             num_kv_blocks=self.block_manager.num_blocks,
             eos_token_ids=self.model_config.eos_token_ids,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            kv_window=self.model_config.kv_window,
         )
         # Tensor-parallel workers build their inputs from the broadcast fields alone, so every
         # input token must be known on the host: with tp > 1 each step waits for its tokens.
