@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from engine import generation_defaults
 from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
@@ -74,6 +75,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Seconds in-flight requests may take to finish after SIGTERM before they are "
                              "aborted (default: %(default)s).")
     server.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default: %(default)s).")
+    server.add_argument("--root-path", default="",
+                        help="Path prefix a proxy serves the API under, as FastAPI's root_path (default: none).")
+    server.add_argument("--generation-config", default=generation_defaults.AUTO, metavar="auto|vllm|FOLDER",
+                        help="Sampling defaults for requests that leave them unset: auto reads the model's "
+                             "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+                             "max_new_tokens), vllm uses none, a folder reads its generation_config.json "
+                             "(default: %(default)s).")
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=ENGINE_DEFAULTS["dtype"],
@@ -168,7 +176,9 @@ def run_serve(args: argparse.Namespace) -> int:
     model, served_model_name = resolve_model(args)
     config = engine_config_from_args(args, model, served_model_name)
     settings = ServerSettings(served_model_name=served_model_name, api_key=resolve_api_key(args),
-                              shutdown_timeout=args.shutdown_timeout)
+                              shutdown_timeout=args.shutdown_timeout, root_path=args.root_path,
+                              sampling_defaults=generation_defaults.load_sampling_defaults(
+                                  model, args.generation_config))
     configure_logging(args.log_level)
     engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=args.max_pending_requests)
     server = DrainingServer(build_app(engine, settings), host=args.host, port=args.port)

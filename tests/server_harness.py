@@ -65,10 +65,12 @@ class RunningServer:
 
 @contextmanager
 def running_server(config: EngineConfig | None = None, api_key: str | None = None,
-                   max_pending_requests: int | None = None):
+                   max_pending_requests: int | None = None, **settings_overrides):
+    """`settings_overrides`: further ServerSettings fields (sampling_defaults, tool parser, ...)."""
     config = config or engine_config()
     engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=max_pending_requests)
-    settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0)
+    settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0,
+                              **settings_overrides)
     app = build_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     sock = socket.socket()
