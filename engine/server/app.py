@@ -34,6 +34,7 @@ from engine.server.prompts import PromptChecker
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine.server.responses import ChatFormat, CompletionFormat, ResponseFormat, ResponseOptions
 from engine.server.tokenizer_routes import add_tokenizer_routes
+from engine.server.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
 
 T = TypeVar("T")
 
@@ -61,6 +62,8 @@ class ServerSettings:
     shutdown_timeout: float = 30.0  # seconds in-flight requests may take to finish on SIGTERM
     sampling_defaults: SamplingDefaults = field(default_factory=SamplingDefaults)  # --generation-config
     root_path: str = ""  # --root-path: the prefix a proxy serves this app under
+    enable_auto_tool_choice: bool = False  # --enable-auto-tool-choice
+    tool_call_parser: str | None = None  # --tool-call-parser: a TOOL_CALL_PARSERS name
 
 
 class ServerState:
@@ -130,6 +133,15 @@ class ServerState:
     @property
     def tokenizer(self) -> Any:
         return self.engine.engine.tokenizer
+
+    def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
+        """The parser that reads tool calls out of this request's reply; None: the reply is all content."""
+        if body.effective_tool_choice != "auto":
+            return None
+        if not (self.settings.enable_auto_tool_choice and self.settings.tool_call_parser):
+            raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
+                                "to be set", param="tool_choice")
+        return TOOL_CALL_PARSERS[self.settings.tool_call_parser]()
 
     @property
     def prompt_checker(self) -> PromptChecker:
@@ -287,11 +299,15 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         state.check_model(body.model)
         body.check_supported()
         state.check_accepting()
+        tool_parser = state.tool_parser(body)
+        if tool_parser is not None and tool_parser.keeps_special_tokens:
+            body.skip_special_tokens = False  # the parser reads the special token its calls start with
         prompt = render_chat(state.tokenizer, body)
         last = body.messages[-1]
         echo = last.text if body.echo and last.role == body.reply_role else ""
         response_format = ChatFormat(settings.served_model_name, state.tokenizer,
-                                     _response_options(body, body.num_top_logprobs), role=body.reply_role, echo=echo)
+                                     _response_options(body, body.num_top_logprobs), role=body.reply_role, echo=echo,
+                                     tool_parser=tool_parser, parallel_tool_calls=body.parallel_tool_calls is not False)
         return await state.serve(request, body, [prompt], response_format)
 
     add_tokenizer_routes(app, state)

@@ -8,11 +8,11 @@ from engine.errors import InvalidRequestError
 from engine.server.protocol import ChatTemplateFields
 
 
-def render_chat(tokenizer: Any, body: ChatTemplateFields, tools: list[dict] | None = None) -> str:
+def render_chat(tokenizer: Any, body: ChatTemplateFields) -> str:
     """The prompt text, rendered as transformers' apply_chat_template does for the same arguments.
 
-    `tools` are OpenAI function tools, which templates that know tools (Qwen,
-    Llama 3.1, Mistral, Hermes) write into the system prompt.
+    The request's tools (OpenAI function tools) go to the template, which writes
+    them into the prompt when it knows tools (Qwen, Llama 3.1, Mistral, Hermes).
     """
     template = body.chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -22,7 +22,7 @@ def render_chat(tokenizer: Any, body: ChatTemplateFields, tools: list[dict] | No
     try:
         return tokenizer.apply_chat_template(
             [message.as_template_input() for message in body.messages],
-            tools=tools or None,
+            tools=body.tool_definitions,
             chat_template=template,
             tokenize=False,
             add_generation_prompt=body.add_generation_prompt,

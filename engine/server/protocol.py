@@ -238,6 +238,30 @@ def _json_arguments(arguments: str) -> Any:
                                   param="messages") from None
 
 
+class FunctionDefinition(BaseModel):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
 class ChatTemplateFields(BaseModel):
     """What rendering messages through the chat template takes (chat completions and /tokenize)."""
 
@@ -246,6 +270,12 @@ class ChatTemplateFields(BaseModel):
     continue_final_message: StrictBool = False
     chat_template: StrictStr | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    @property
+    def tool_definitions(self) -> list[dict] | None:
+        """The tools as chat templates take them (OpenAI's JSON shape)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
 
     def check_template_flags(self) -> None:
         if self.add_generation_prompt and self.continue_final_message:
@@ -259,6 +289,8 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     logprobs: bool | None = False  # lax: vLLM also takes the string "true"
     top_logprobs: StrictInt | None = None
     echo: StrictBool = False  # vLLM: the reply starts with the last message when it has the reply's role
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without (OpenAI's defaults)
+    parallel_tool_calls: StrictBool | None = None  # False: at most one call per reply
 
     @property
     def num_top_logprobs(self) -> int | None:
@@ -270,11 +302,30 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         """The role of the generated message: a new assistant turn, or the continued last message's."""
         return "assistant" if self.add_generation_prompt else self.messages[-1].role
 
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
     def check_supported(self) -> None:
         super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
         self.check_template_flags()
+        self._check_tool_choice()
+
+    def _check_tool_choice(self) -> None:
+        choice = self.effective_tool_choice
+        if choice != "none" and not self.tools:
+            raise InvalidRequestError("tool_choice requires tools to be set", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
+            raise InvalidRequestError(f"tool_choice names the function {choice.function.name!r}, which is not "
+                                      "among the tools", param="tool_choice")
+        if choice == "required" or isinstance(choice, NamedToolChoice):
+            raise InvalidRequestError(
+                "tool_choice 'required' or a named function is not supported yet: it needs structured outputs "
+                "in the sampler to force a valid call; use 'auto'", param="tool_choice")
 
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

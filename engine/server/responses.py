@@ -20,6 +20,7 @@ from typing import Any
 from engine.outputs import CompletionOutput, RequestOutput, TokenLogprobs
 from engine.server.errors import sse_error_event
 from engine.server.generation import Generation, token_counts
+from engine.server.tool_parsers import ToolCallParser, ToolCallStream
 
 # What OpenAI-compatible servers report for a logprob of -inf (JSON has no infinity).
 MIN_LOGPROB = -9999.0
@@ -79,7 +80,8 @@ class ResponseFormat:
     def choice(self, index: int, prompt_index: int, final: RequestOutput, output: CompletionOutput) -> dict:
         raise NotImplementedError
 
-    def delta_choice(self, index: int, text: str, logprobs: dict | None, output: CompletionOutput) -> dict:
+    def delta_choice(self, index: int, text: str, logprobs: dict | None, output: CompletionOutput) -> dict | None:
+        """A chunk's choice for new text; None: nothing to send yet."""
         raise NotImplementedError
 
     def logprobs_body(self, entries: list[tuple[int, TokenLogprobs]], text_offset: int) -> dict:
@@ -145,9 +147,11 @@ class ResponseFormat:
             state.text_offset += sum(len(self.token_text(token_id)) for token_id, _ in entries)
         state.tokens_sent = len(output.token_ids)
         state.finished = output.finished
-        if not (text or new_token_ids or output.finished):
+        if not (text or entries or output.finished or (self.options.return_token_ids and new_token_ids)):
             return None
         choice = self.delta_choice(index, text, logprobs, output)
+        if choice is None:
+            return None
         if self.options.return_token_ids:
             choice["token_ids"] = new_token_ids
         return choice
@@ -247,10 +251,14 @@ class ChatFormat(ResponseFormat):
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def __init__(self, *args: Any, role: str = "assistant", echo: str = "", **kwargs: Any):
+    def __init__(self, *args: Any, role: str = "assistant", echo: str = "", tool_parser: ToolCallParser | None = None,
+                 parallel_tool_calls: bool = True, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.role = role
         self.echo = echo  # the continued message's text, when the request asked for echo
+        self.tool_parser = tool_parser  # None: the reply is all content (tool_choice "none", or no tools)
+        self.max_tool_calls = None if parallel_tool_calls else 1
+        self._tool_streams: dict[int, ToolCallStream] = {}
 
     def text_prefix(self, prompt_index: int) -> str:
         return self.echo
@@ -263,11 +271,18 @@ class ChatFormat(ResponseFormat):
 
     def choice(self, index: int, prompt_index: int, final: RequestOutput, output: CompletionOutput) -> dict:
         entries = self._logprob_entries(output)
+        content, calls = self.echo + output.text, []
+        if self.tool_parser is not None:
+            content, calls = self.tool_parser.parse(content)
+            calls = calls[: self.max_tool_calls]
+        message: dict[str, Any] = {"role": self.role, "content": content}
+        if calls:
+            message.update(content=content if content.strip() else None, tool_calls=[c.as_openai() for c in calls])
         choice = {
             "index": index,
-            "message": {"role": self.role, "content": self.echo + output.text},
+            "message": message,
             "logprobs": self.logprobs_body(entries, 0) if entries is not None else None,
-            "finish_reason": output.finish_reason,
+            "finish_reason": "tool_calls" if calls else output.finish_reason,
             "stop_reason": output.stop_reason,
         }
         if self.options.return_token_ids:
@@ -282,9 +297,25 @@ class ChatFormat(ResponseFormat):
             chunk["prompt_token_ids"] = final.prompt_token_ids
         return chunk
 
-    def delta_choice(self, index: int, text: str, logprobs: dict | None, output: CompletionOutput) -> dict:
-        delta = {"content": text} if text else {}
-        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": output.finish_reason,
+    def delta_choice(self, index: int, text: str, logprobs: dict | None, output: CompletionOutput) -> dict | None:
+        delta: dict[str, Any] = {}
+        finish_reason = output.finish_reason
+        if self.tool_parser is None:
+            content = text
+        else:
+            stream = self._tool_streams.setdefault(index, ToolCallStream(self.tool_parser))
+            first_call = stream.calls_sent
+            content, calls = stream.feed(text, final=output.finished)
+            calls = calls[: None if self.max_tool_calls is None else max(0, self.max_tool_calls - first_call)]
+            if calls:
+                delta["tool_calls"] = [call.as_openai(i) for i, call in enumerate(calls, start=first_call)]
+            if output.finished and stream.calls_sent:
+                finish_reason = "tool_calls"
+        if content:
+            delta["content"] = content
+        if not (delta or logprobs or output.finished):
+            return None
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
                 "stop_reason": output.stop_reason}
 
     def logprobs_body(self, entries: list[tuple[int, TokenLogprobs]], text_offset: int) -> dict:
