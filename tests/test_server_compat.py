@@ -278,3 +278,38 @@ def test_generation_config_sources(tmp_path):
     (other / "generation_config.json").write_text(json.dumps({"top_p": 7}))
     with pytest.raises(ConfigError, match="top_p"):
         load_sampling_defaults(str(model), str(other))
+
+
+# --- structured outputs: checked at request time, refused until the sampler applies them ----------
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(("path", "body", "param", "fragment"), [
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objec"}}}}, "response_format", 'Unsupported type "objec"'),
+    ("/v1/completions", {"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "Unclosed '['"),
+    ("/v1/completions", {"guided_grammar": "root ::= missing"}, "guided_grammar", "is not defined"),
+    ("/v1/completions", {"guided_json": "{oops"}, "guided_json", "not valid JSON"),
+    ("/v1/completions", {"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
+    ("/v1/completions", {"guided_regex": "a+", "structured_outputs": {"json_object": True}}, "structured_outputs",
+     "only one"),
+    # Valid constraints: named in the 400 until the engine applies them, never ignored with a 200.
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                                         "schema": SCHEMA}}},
+     "response_format", "not supported yet"),
+    ("/v1/completions", {"structured_outputs": {"choice": ["yes", "no"]}}, "structured_outputs", "not supported yet"),
+])
+def test_structured_output_requests_are_400_naming_the_field(server, path, body, param, fragment):
+    request = {"messages": CHAT} if path.endswith("chat/completions") else {"prompt": "hi"}
+    response = post(server, path, {**request, "max_tokens": 2, **body})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and fragment in error["message"]
+
+
+def test_response_format_text_is_plain_generation(client):
+    response = client.chat.completions.create(model=SERVED_NAME, messages=CHAT, max_tokens=2,
+                                              response_format={"type": "text"})
+    assert response.choices[0].finish_reason == "length"

@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.async_engine import AsyncLLMEngine
 from engine.generation_defaults import SamplingDefaults
 from engine.server.chat import render_chat
+from engine.structured_output import GrammarCompiler
 from engine.server.errors import APIError, as_api_error, error_response, install_error_handlers
 from engine.server.generation import Generation
 from engine.server.metrics import ServerMetrics
@@ -76,6 +77,7 @@ class ServerState:
         self.draining = False
         self.started = int(time.time())
         self._prompt_checker: PromptChecker | None = None  # built once the model (and tokenizer) loaded
+        self._grammar_compiler: GrammarCompiler | None = None  # likewise
 
     async def drain(self) -> None:
         """SIGTERM: stop taking requests, let in-flight ones finish up to the timeout, abort the rest."""
@@ -133,6 +135,29 @@ class ServerState:
     @property
     def tokenizer(self) -> Any:
         return self.engine.engine.tokenizer
+
+    async def check_structured_output(self, body: CompletionRequest | ChatCompletionRequest) -> None:
+        """An invalid schema, regex or grammar is a 400 naming its field; so, for now, is a valid one.
+
+        Compiling proves the constraint valid against this model's tokenizer (off
+        the event loop: a large schema takes a while). Applying it needs the
+        sampler to take the grammar's bitmask each step, which it does not yet:
+        until then a client asking for JSON must not get prose with a 200.
+        """
+        spec = body.structured_output
+        if spec is None:
+            return
+        await asyncio.to_thread(self.grammar_compiler.compile, spec)
+        raise APIError(400, f"{spec.param} is not supported yet: the {spec.kind} constraint is valid, but the "
+                            "engine's sampler does not apply structured outputs yet", param=spec.param)
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            engine = self.engine.engine
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, engine.model_config.vocab_size,
+                                                     engine.model_config.eos_token_ids)
+        return self._grammar_compiler
 
     def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
         """The parser that reads tool calls out of this request's reply; None: the reply is all content."""
@@ -288,6 +313,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         state.check_model(body.model)
         body.check_supported()
         state.check_accepting()
+        await state.check_structured_output(body)
         prompts = body.prompts
         echo_prompts = [state.prompt_checker.text(p) for p in prompts] if body.echo else None
         response_format = CompletionFormat(settings.served_model_name, state.tokenizer,
@@ -299,6 +325,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         state.check_model(body.model)
         body.check_supported()
         state.check_accepting()
+        await state.check_structured_output(body)
         tool_parser = state.tool_parser(body)
         if tool_parser is not None and tool_parser.keeps_special_tokens:
             body.skip_special_tokens = False  # the parser reads the special token its calls start with

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 from engine.errors import InvalidRequestError
 from engine.generation_defaults import SamplingDefaults
 from engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from engine.structured_output import StructuredOutputSpec
 
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 Prompt = str | list[int]
@@ -37,7 +38,6 @@ UNSUPPORTED_FIELDS: dict[str, str] = {
     "spaces_between_special_tokens": "the detokenizer always decodes special tokens without extra spaces",
     "priority": "the scheduler serves requests first come, first served",
     "logits_processors": "custom logits processors are not supported",
-    "guided_decoding_backend": "structured outputs are not applied by the sampler yet",
 }
 # The values of those fields that ask for nothing (besides None, False and empty containers).
 NEUTRAL_VALUES: dict[str, object] = {"spaces_between_special_tokens": True, "priority": 0}
@@ -51,6 +51,75 @@ def reject_unsupported(fields: dict[str, Any], unsupported: dict[str, str]) -> N
         if not any(value is candidate or (value == candidate and type(value) is type(candidate))
                    for candidate in neutral):
             raise InvalidRequestError(f"{name} is not supported: {reason}", param=name)
+
+
+class JSONSchemaFormat(BaseModel):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    json_schema: Any = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormatField(BaseModel):
+    """OpenAI's response_format."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Any = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+
+def structured_output_specs(body: _SamplingFields) -> list[StructuredOutputSpec]:
+    """Every constraint a request states, from response_format, structured_outputs and vLLM's older guided_*."""
+    specs = []
+    response_format = body.response_format
+    if response_format is not None and response_format.type == "json_object":
+        specs.append(StructuredOutputSpec("json_object", param="response_format"))
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.json_schema is None:
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema",
+                                      param="response_format")
+        specs.append(StructuredOutputSpec.json_schema(response_format.json_schema.json_schema, "response_format"))
+    extra = body.model_extra or {}
+    outputs = body.structured_outputs
+    candidates = [
+        ("json", outputs and outputs.json_, "structured_outputs"), ("json", extra.get("guided_json"), "guided_json"),
+        ("regex", outputs and outputs.regex, "structured_outputs"), ("regex", extra.get("guided_regex"), "guided_regex"),
+        ("choice", outputs and outputs.choice, "structured_outputs"),
+        ("choice", extra.get("guided_choice"), "guided_choice"),
+        ("grammar", outputs and outputs.grammar, "structured_outputs"),
+        ("grammar", extra.get("guided_grammar"), "guided_grammar"),
+        ("json_object", outputs and outputs.json_object, "structured_outputs"),
+    ]
+    for kind, value, param in candidates:
+        if value is None or value is False:
+            continue
+        if kind == "json":
+            specs.append(StructuredOutputSpec.json_schema(value, param))
+        elif kind == "json_object":
+            specs.append(StructuredOutputSpec("json_object", param=param))
+        elif kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+                raise InvalidRequestError(f"{param}: choice must be a non-empty list of strings", param=param)
+            specs.append(StructuredOutputSpec("choice", tuple(value), param))
+        elif not isinstance(value, str):
+            raise InvalidRequestError(f"{param}: {kind} must be a string", param=param)
+        else:
+            specs.append(StructuredOutputSpec(kind, value, param))
+    if len(specs) > 1:
+        raise InvalidRequestError("only one structured output constraint may be given per request "
+                                  f"(got {', '.join(spec.param for spec in specs)})", param=specs[1].param)
+    return specs
 
 
 class _SamplingFields(BaseModel):
@@ -81,6 +150,14 @@ class _SamplingFields(BaseModel):
     truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
     return_token_ids: StrictBool = False  # vLLM: prompt and output token ids in the response
     return_tokens_as_token_ids: StrictBool = False  # vLLM: logprob tokens spelled "token_id:<id>"
+    response_format: ResponseFormatField | None = None
+    structured_outputs: StructuredOutputsField | None = None
+
+    @property
+    def structured_output(self) -> StructuredOutputSpec | None:
+        """The request's output constraint, if it states one (400 if it states several)."""
+        specs = structured_output_specs(self)
+        return specs[0] if specs else None
 
     def check_supported(self) -> None:
         """400s a body can earn before any work: fields not honoured, contradictory options."""
