@@ -1,4 +1,6 @@
-"""Tool calling through the official client: tools rendered by the chat template, calls parsed out of replies.
+"""Tool calling and the Responses API through the official client.
+
+Tools are rendered by the chat template and calls parsed out of replies.
 
 The tiny test model writes no tool calls of its own, so the calls come from an
 echoed, continued assistant message (`continue_final_message` + `echo`): the
@@ -116,3 +118,48 @@ def test_auto_tool_choice_needs_the_server_flags():
         response = post(plain, "/v1/chat/completions", {"messages": QUESTION, "tools": [WEATHER_TOOL]})
     assert response.status_code == 400
     assert "--enable-auto-tool-choice and --tool-call-parser" in response.json()["error"]["message"]
+
+
+# --- the Responses API ------------------------------------------------------------------------------
+
+
+def test_responses_text_equals_chat(client):
+    response = client.responses.create(model=SERVED_NAME, instructions="You are terse.", input="Say hello.",
+                                       max_output_tokens=6, temperature=0)
+    chat = client.chat.completions.create(model=SERVED_NAME, max_tokens=6, temperature=0, messages=[
+        {"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}])
+    assert response.output_text == chat.choices[0].message.content
+    assert response.id.startswith("resp_") and response.object == "response"
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.usage.input_tokens == chat.usage.prompt_tokens
+    assert response.usage.output_tokens == 6
+    [message] = response.output
+    assert message.type == "message" and message.role == "assistant" and message.status == "completed"
+
+
+def test_responses_stream_events(client):
+    request = dict(model=SERVED_NAME, input="Say hello.", max_output_tokens=6, temperature=0)
+    whole = client.responses.create(**request)
+    events = list(client.responses.create(**request, stream=True))
+    kinds = [event.type for event in events]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == whole.output_text == events[-1].response.output_text
+
+
+def test_responses_take_function_tools_and_call_history(client, server):
+    tool = {"type": "function", "name": "get_weather", "description": "Current weather of a city",
+            "parameters": WEATHER_TOOL["function"]["parameters"]}
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "call_1", "output": "sunny"},
+    ]
+    response = client.responses.create(model=SERVED_NAME, input=history, tools=[tool], max_output_tokens=3)
+    assert response.status in ("completed", "incomplete") and response.output
+    stored = post(server, "/v1/responses", {"input": "hi", "previous_response_id": "resp_1"})
+    assert stored.status_code == 400 and stored.json()["error"]["param"] == "previous_response_id"

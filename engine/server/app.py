@@ -34,6 +34,7 @@ from engine.server.metrics import ServerMetrics
 from engine.server.prompts import PromptChecker
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest
 from engine.server.responses import ChatFormat, CompletionFormat, ResponseFormat, ResponseOptions
+from engine.server.responses_api import ResponsesFormat, ResponsesRequest
 from engine.server.tokenizer_routes import add_tokenizer_routes
 from engine.server.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
 
@@ -98,7 +99,7 @@ class ServerState:
 
     async def serve(
         self, request: Request, body: CompletionRequest | ChatCompletionRequest, prompts: list[str | list[int]],
-        response_format: ResponseFormat,
+        response_format: ResponseFormat | ResponsesFormat,
     ) -> Response:
         params = body.to_sampling_params(self.settings.sampling_defaults)
         generation = Generation(
@@ -113,7 +114,7 @@ class ServerState:
             if body.stream:
                 await until_disconnect(request, generation.start())
                 return StreamingResponse(
-                    response_format.stream(generation, len(prompts)), media_type="text/event-stream",
+                    response_format.stream(generation), media_type="text/event-stream",
                     headers=SSE_HEADERS,
                 )
             finals = await until_disconnect(request, generation.final_outputs())
@@ -158,6 +159,13 @@ class ServerState:
             self._grammar_compiler = GrammarCompiler(self.tokenizer, engine.model_config.vocab_size,
                                                      engine.model_config.eos_token_ids)
         return self._grammar_compiler
+
+    def chat_prompt(self, body: ChatCompletionRequest) -> tuple[str, ToolCallParser | None]:
+        """The rendered prompt and the parser for tool calls in the reply (None: the reply is all content)."""
+        tool_parser = self.tool_parser(body)
+        if tool_parser is not None and tool_parser.keeps_special_tokens:
+            body.skip_special_tokens = False  # the parser reads the special token its calls start with
+        return render_chat(self.tokenizer, body), tool_parser
 
     def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
         """The parser that reads tool calls out of this request's reply; None: the reply is all content."""
@@ -326,16 +334,23 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         body.check_supported()
         state.check_accepting()
         await state.check_structured_output(body)
-        tool_parser = state.tool_parser(body)
-        if tool_parser is not None and tool_parser.keeps_special_tokens:
-            body.skip_special_tokens = False  # the parser reads the special token its calls start with
-        prompt = render_chat(state.tokenizer, body)
+        prompt, tool_parser = state.chat_prompt(body)
         last = body.messages[-1]
         echo = last.text if body.echo and last.role == body.reply_role else ""
         response_format = ChatFormat(settings.served_model_name, state.tokenizer,
                                      _response_options(body, body.num_top_logprobs), role=body.reply_role, echo=echo,
                                      tool_parser=tool_parser, parallel_tool_calls=body.parallel_tool_calls is not False)
         return await state.serve(request, body, [prompt], response_format)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, request: Request) -> Response:
+        state.check_model(body.model)
+        chat = body.to_chat()
+        chat.check_supported()
+        state.check_accepting()
+        await state.check_structured_output(chat)
+        prompt, tool_parser = state.chat_prompt(chat)
+        return await state.serve(request, chat, [prompt], ResponsesFormat(settings.served_model_name, body, tool_parser))
 
     add_tokenizer_routes(app, state)
     return app

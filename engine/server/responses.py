@@ -105,7 +105,7 @@ class ResponseFormat:
         ]
         return self._body(self.object_name, choices, usage=self.usage(finals))
 
-    async def stream(self, generation: Generation, num_prompts: int) -> AsyncIterator[str]:
+    async def stream(self, generation: Generation) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
         states: dict[int, _ChoiceState] = {}
         try:
