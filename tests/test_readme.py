@@ -167,3 +167,17 @@ def test_quickstart_openai_sdk_example_works(quickstart_server, capsys):
     exec(compile(code_blocks("python")[0].replace(README_PORT, quickstart_server), "README.md", "exec"), {})
     assert "CompletionUsage(completion_tokens=32" in capsys.readouterr().out
 
+
+
+def test_compatibility_table_names_every_refused_field_and_every_route():
+    from engine.server.responses_api import UNSUPPORTED_RESPONSES_FIELDS
+
+    for field in UNSUPPORTED_RESPONSES_FIELDS:
+        assert f"`{field}" in README, field
+    from engine.async_engine import AsyncLLMEngine
+    from engine.server.app import ServerSettings, build_app
+
+    app = build_app(AsyncLLMEngine(lambda: None), ServerSettings(served_model_name="m"))
+    for route in app.routes:
+        if getattr(route, "include_in_schema", False):
+            assert f"{sorted(route.methods)[0]} {route.path}" in README or f"`{route.path}`" in README, route.path
