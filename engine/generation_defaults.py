@@ -10,11 +10,11 @@ a folder reads generation_config.json from there instead of the model folder.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.errors import ConfigError, InvalidRequestError
+from engine.errors import ConfigError, InvalidRequestError, ModelLoadError
+from engine.model_config import read_json_object
 from engine.sampling import SamplingParams
 
 # generation_config.json keys that are SamplingParams fields of the same name.
@@ -39,11 +39,9 @@ def load_sampling_defaults(model_folder: str, source: str = AUTO) -> SamplingDef
             return SamplingDefaults()
         raise ConfigError(f"--generation-config {source}: {path} does not exist")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read {path}: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a JSON object")
+        raw = read_json_object(path)
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
     sampling = {key: raw[key] for key in SAMPLING_KEYS if raw.get(key) is not None}
     max_tokens = raw.get("max_new_tokens")
     try:

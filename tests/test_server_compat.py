@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 from starlette.testclient import TestClient
 
@@ -21,30 +20,12 @@ from engine.llm import LLM
 from engine.sampling import SamplingParams
 from engine.server.app import ServerSettings, build_app
 from engine.server.protocol import ChatCompletionRequest, CompletionRequest
-from server_harness import SERVED_NAME, engine_config, running_server
+from server_harness import SERVED_NAME
 
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
 # Prompts whose greedy output (tiny test model) holds a special token / the letter "Z".
 SPECIAL_TOKEN_PROMPT, SPECIAL_TOKEN = "Hello, my name is", "<|start_header_id|>"
 STOP_PROMPT, STOP = "The capital of France is", "Z"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def offline():
-    config = engine_config()
-    return LLM(model=config.model, max_model_len=config.max_model_len, num_kv_blocks=config.num_kv_blocks,
-               device="cpu")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from server_harness import SERVED_NAME, running_server
@@ -49,7 +48,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+    return server.client()
 
 
 def post(server, path: str, body: dict) -> httpx.Response:

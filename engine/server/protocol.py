@@ -11,7 +11,7 @@ import json
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from engine.errors import InvalidRequestError
 from engine.generation_defaults import SamplingDefaults
