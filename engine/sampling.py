@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
+# Seeds are signed 64-bit integers, as in vLLM. The sampler seeds output i of a request with
+# seed + i, and torch generators take at most 2**64 - 1: a larger range would overflow there.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -74,8 +78,8 @@ class SamplingParams:
             fail("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             fail("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
+            fail("seed", f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "stop must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:

@@ -75,6 +75,7 @@ def test_probes_and_metrics_need_no_key(server):
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "stop": [""]}, "stop"),
         ({"prompt": "hi", "seed": 2**70}, "seed"),
+        ({"prompt": "hi", "seed": 2**63}, "seed"),  # vLLM's range is int64; seed + n - 1 must fit a torch seed
         ({"prompt": "hi", "logprobs": 50}, "logprobs"),
         ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": []}, "prompt"),
@@ -107,7 +108,7 @@ def test_invalid_chat_parameters_are_400(server, body, param):
 @pytest.mark.parametrize(
     "extreme",
     [
-        {"seed": -(2**63)}, {"seed": 2**64 - 1}, {"top_k": 10**6}, {"top_p": 1e-9}, {"min_p": 1.0},
+        {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 2}, {"top_k": 10**6}, {"top_p": 1e-9}, {"min_p": 1.0},
         {"repetition_penalty": 2.0, "presence_penalty": -2.0, "frequency_penalty": 2.0}, {"temperature": 1e-6},
         {"temperature": 100.0}, {"stop": ["a"] * 16}, {"stop_token_ids": [0, 10**9]}, {"logprobs": 20},
     ],
