@@ -222,6 +222,8 @@ class Scheduler:
             seq.token_ids.append(token)
             self.generation_tokens_total += 1
             self._computed(seq)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
             if check_stop(seq, token, self.eos_token_ids, self.max_model_len):
                 self.finish(seq)
             delta = SequenceDelta(seq.request.request_id, seq.index, [token], None, seq.finish_reason, seq.stop_reason)
@@ -256,6 +258,9 @@ def check_stop(seq: Sequence, token: int, eos_token_ids: frozenset[int], max_mod
     Stop strings need text, so the front end checks those (and aborts the request).
     """
     params = seq.params
+    if seq.grammar is not None and seq.grammar.is_terminated:  # it accepted a stop token: the output is whole
+        seq.finish("stop", None if token in eos_token_ids else token)
+        return True
     num_tokens = len(seq.token_ids)  # the known ones: the next step's placeholder may be counted already
     num_output_tokens = num_tokens - seq.num_prompt_tokens
     if num_output_tokens >= params.min_tokens:

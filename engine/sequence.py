@@ -21,6 +21,7 @@ import itertools
 import torch
 
 from engine.core_messages import EngineCoreRequest
+from engine.structured_output import RequestGrammar
 from engine.sampling import SamplingParams
 
 
@@ -55,6 +56,8 @@ class Sequence:
         # A seeded sequence draws from its own generator (made by the runner on its device), so its
         # tokens do not depend on the batch around it; it lives here to survive preemption.
         self.generator: torch.Generator | None = None
+        # With a structured output: where the sequence is in its grammar (set by the engine core).
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -138,19 +138,15 @@ class ServerState:
         return self.engine.engine.tokenizer
 
     async def check_structured_output(self, body: CompletionRequest | ChatCompletionRequest) -> None:
-        """An invalid schema, regex or grammar is a 400 naming its field; so, for now, is a valid one.
+        """An invalid schema, regex or grammar is a 400 naming its field, before the request is queued.
 
         Compiling proves the constraint valid against this model's tokenizer (off
-        the event loop: a large schema takes a while). Applying it needs the
-        sampler to take the grammar's bitmask each step, which it does not yet:
-        until then a client asking for JSON must not get prose with a 200.
+        the event loop: a large schema takes a while); the engine core compiles it
+        again from xgrammar's cache and applies it while sampling.
         """
         spec = body.structured_output
-        if spec is None:
-            return
-        await asyncio.to_thread(self.grammar_compiler.compile, spec)
-        raise APIError(400, f"{spec.param} is not supported yet: the {spec.kind} constraint is valid, but the "
-                            "engine's sampler does not apply structured outputs yet", param=spec.param)
+        if spec is not None:
+            await asyncio.to_thread(self.grammar_compiler.compile, spec)
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
