@@ -48,12 +48,15 @@ class LLMEngine:
         self.output_processor.add_request(RequestState.new(request_id, text, token_ids, params, output_kind, arrival_time))
         self.core.add_request(EngineCoreRequest(request_id, token_ids, params, arrival_time, max_tokens))
 
-    def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Stop requests and free their blocks now; unknown or finished ids are ignored."""
+    def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """Stop requests and free their blocks now; unknown or finished ids are ignored.
+
+        Returns the last output of each request that was still running (finish_reason "abort").
+        """
         request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for rid in request_ids:
-            self.output_processor.abort_request(rid)
+        aborted = [self.output_processor.abort_request(rid) for rid in request_ids]
         self.core.abort_requests(request_ids)
+        return [output for output in aborted if output is not None]
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()
