@@ -52,11 +52,15 @@ def transformers_logits(folder: Path, fp8_activations: bool = False) -> torch.Te
     """transformers' logits; fp8_activations rounds every decoder linear layer's input to FP8 per token first."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if fp8_activations:
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in LINEAR_NAMES:
-                module.register_forward_pre_hook(lambda module, args: (fp8_round_per_token(args[0]),))
+        round_linear_inputs_to_fp8(model)
     with torch.no_grad():
         return model(torch.tensor([PROMPT])).logits[0].float()
+
+
+def round_linear_inputs_to_fp8(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LINEAR_NAMES:
+            module.register_forward_pre_hook(lambda module, args: (fp8_round_per_token(args[0]),))
 
 
 def fp8_round_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -234,3 +238,24 @@ def test_flag_must_agree_with_the_checkpoint(source, tmp_path):
         engine_logits(folder, quantization="gptq")
     with pytest.raises(UnsupportedModelError, match="--quantization awq needs a awq checkpoint"):
         engine_logits(source, quantization="awq")
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq-act-order", "fp8-channel"])
+def test_llm_greedy_text_matches_transformers_on_the_dequantized_weights(fmt, source, tmp_path):
+    # The whole engine (scheduler, paged cache, sampler) on a checkpoint detected from config.json alone.
+    from engine import LLM, SamplingParams
+
+    quantized = quantize_model_folder(source, tmp_path / "quantized", fmt, group_size=GROUP_SIZE)
+    dense = dequantized_folder(quantized, tmp_path / "dense", fmt)
+    llm = LLM(model=str(quantized), device="cpu", dtype="float32", num_kv_blocks=64)
+    prompts = [PROMPT[:n] for n in (3, 11, 20)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    if fmt.startswith("fp8"):
+        round_linear_inputs_to_fp8(model)
+    with torch.inference_mode():
+        for prompt, output in zip(prompts, outputs):
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+            assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
