@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -30,8 +31,10 @@ from engine.model_config import load_model_config
 from engine.model_runner import STEP_FIELDS, InFlightStep, ModelRunner
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Request
-from engine.structured_output import GrammarCompiler, RequestGrammar
 from engine.tokenizer_loader import load_tokenizer
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
+    from engine.structured_output import GrammarCompiler
 
 
 class EngineCore:
@@ -86,6 +89,8 @@ class EngineCore:
         core_request = Request(request)
         spec = request.params.structured_output
         if spec is not None:
+            from engine.structured_output import RequestGrammar
+
             compiled = self.grammar_compiler.compile(spec)
             for seq in core_request.seqs:
                 seq.grammar = RequestGrammar(compiled)
@@ -126,6 +131,8 @@ class EngineCore:
     def grammar_compiler(self) -> GrammarCompiler:
         """Compiles structured outputs against the model's tokenizer (loaded on first use)."""
         if self._grammar_compiler is None:
+            from engine.structured_output import GrammarCompiler
+
             tokenizer = load_tokenizer(self.config.model, self.config.tokenizer)
             cfg = self.model_config
             self._grammar_compiler = GrammarCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_ids)

@@ -14,7 +14,6 @@ import torch
 from engine.layers.sampler import PenaltyState, SamplingBatch
 from engine.sampling import SamplingParams
 from engine.sequence import Sequence
-from engine.structured_output import allocate_bitmask, fill_bitmask
 
 
 def sampling_row(params: SamplingParams) -> tuple[float, ...]:
@@ -105,6 +104,8 @@ class SamplingState:
         grammars = [seq.grammar for seq in seqs]
         if all(grammar is None for grammar in grammars):
             return None
+        from engine.structured_output import allocate_bitmask, fill_bitmask  # xgrammar, loaded by the first grammar
+
         bitmask = allocate_bitmask(len(seqs), self.vocab_size)
         for row in fill_bitmask(grammars, bitmask):
             bitmask[row] = 0

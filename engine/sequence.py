@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.core_messages import EngineCoreRequest
-from engine.structured_output import RequestGrammar
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
+    from engine.structured_output import RequestGrammar
 
 
 class SequenceStatus(enum.Enum):

@@ -21,8 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
-from engine.structured_output import apply_bitmask
 # Sampling parameters per row, in one float32 array so that a step copies them in one go.
 SAMPLING_COLUMNS = ("temperature", "top_p", "top_k", "min_p", "repetition", "frequency", "presence")
 _COLUMN = {name: i for i, name in enumerate(SAMPLING_COLUMNS)}
@@ -95,6 +93,8 @@ class Sampler:
         for row, stop_ids in batch.banned:
             logits[row, stop_ids] = float("-inf")
         if batch.allowed is not None:
+            from engine.structured_output import apply_bitmask  # xgrammar, loaded by the first grammar
+
             apply_bitmask(logits, batch.allowed)
         token_ids = logits.argmax(dim=-1)
         if batch.greedy is not None:
