@@ -214,7 +214,7 @@ def run_serve(args: argparse.Namespace) -> int:
     def load_engine() -> LLMEngine:
         configure_cpu_threads()
         engine = LLMEngine(config)
-        log_startup_report(engine, config, address)
+        log_startup_report(engine.core, config, address)
         return engine
 
     engine = AsyncLLMEngine(load_engine, max_pending_requests=args.max_pending_requests)
