@@ -164,7 +164,6 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     from engine.async_engine import AsyncLLMEngine
-    from engine.llm_engine import LLMEngine
     from engine.server.app import ServerSettings, build_app
     from engine.server.logs import configure_logging
     from engine.server.runner import DrainingServer
@@ -174,7 +173,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(served_model_name=served_model_name, api_key=resolve_api_key(args),
                               shutdown_timeout=args.shutdown_timeout)
     configure_logging(args.log_level)
-    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=args.max_pending_requests)
+    engine = AsyncLLMEngine(config, max_pending_requests=args.max_pending_requests, log_level=args.log_level)
     server = DrainingServer(build_app(engine, settings), host=args.host, port=args.port)
     server.run()
     return server.exit_code

@@ -1,7 +1,8 @@
 """A real uvicorn serving a real engine on 127.0.0.1, for the server tests.
 
 Each test module starts one server (module-scoped fixture) on a free port, in a
-thread of the test process, so tests can also look at the engine directly.
+thread of the test process, so tests can also look at the engine directly. The
+engine core runs in its own process, as under `kubellm serve`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import uvicorn
 
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
 from engine.server.app import ServerSettings, ServerState, build_app
 from engine.testing import default_model_path
 
@@ -67,7 +67,7 @@ class RunningServer:
 def running_server(config: EngineConfig | None = None, api_key: str | None = None,
                    max_pending_requests: int | None = None):
     config = config or engine_config()
-    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=max_pending_requests)
+    engine = AsyncLLMEngine(config, max_pending_requests=max_pending_requests)
     settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0)
     app = build_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))

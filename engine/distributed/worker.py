@@ -55,7 +55,7 @@ def run_worker(
 ) -> None:
     # Ctrl-C reaches the whole process group; rank 0 decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_when_parent_dies()
+    exit_when_parent_dies()
     try:
         device = config.device
         if not device.startswith("cuda"):
@@ -77,7 +77,8 @@ def run_worker(
         raise
 
 
-def _exit_when_parent_dies() -> None:
+def exit_when_parent_dies() -> None:
+    """A spawned process (worker, engine core) exits with its parent, so no orphan holds a GPU."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return

@@ -122,7 +122,7 @@ class ServerState:
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
 
 class ClientDisconnected(Exception):
@@ -215,18 +215,18 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Liveness: the process runs and the step loop has not died (loading counts as alive)."""
+        """Liveness: the process runs and the engine core has not died (loading counts as alive)."""
         if not engine.is_alive:
-            return error_response(503, f"the engine step loop is dead: {engine.error}", code="engine_dead")
+            return error_response(503, f"the engine core is dead: {engine.error}", code="engine_dead")
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: the model is loaded, the step loop runs and the server is not draining."""
+        """Readiness: the model is loaded, the engine core runs and the server is not draining."""
         if state.draining:
             return error_response(503, "the server is shutting down", code="draining")
         if not engine.is_ready:
-            reason = "the model is loading" if engine.is_alive else f"the engine step loop is dead: {engine.error}"
+            reason = "the model is loading" if engine.is_alive else f"the engine core is dead: {engine.error}"
             return error_response(503, reason, code="not_ready")
         return JSONResponse({"status": "ready"})
 
@@ -247,7 +247,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             "owned_by": "kubellm",
         }
         if engine.is_loaded:
-            card["max_model_len"] = engine.engine.config.max_model_len
+            card["max_model_len"] = engine.limits.max_model_len
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")
@@ -265,7 +265,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         state.check_model(body.model)
         state.check_accepting()
-        prompt = engine.engine.apply_chat_template([m.as_template_input() for m in body.messages])
+        prompt = engine.apply_chat_template([m.as_template_input() for m in body.messages])
         response_format = ChatFormat(settings.served_model_name, state.tokenizer, body.n, body.num_top_logprobs,
                                      body.include_usage)
         return await state.serve(request, body, [prompt], response_format)
