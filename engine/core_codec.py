@@ -27,7 +27,7 @@ from engine.core_messages import (
     SequenceDelta,
 )
 from engine.errors import ConfigError, EngineDeadError, KubellmError, ModelLoadError, UnsupportedModelError
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, StructuredOutputSpec
 
 
 @dataclass
@@ -98,15 +98,28 @@ class _Tag(enum.IntEnum):
 
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
 _STATS_FIELDS = tuple(f.name for f in fields(EngineStats))
+_LIMITS_FIELDS = tuple(f.name for f in fields(CoreLimits))
 
 
 def _values(obj: Any, names: tuple[str, ...]) -> list:
     return [getattr(obj, name) for name in names]
 
 
-def _limits(limits: CoreLimits) -> list:
-    return [limits.max_model_len, limits.vocab_size, limits.block_size, limits.num_kv_blocks,
-            list(limits.eos_token_ids)]
+def _params(params: SamplingParams) -> list:
+    """SamplingParams' fields in order; the structured-output spec as [kind, value, param]."""
+    values = _values(params, _SAMPLING_FIELDS)
+    spec = params.structured_output
+    values[_SAMPLING_FIELDS.index("structured_output")] = None if spec is None else [spec.kind, spec.value, spec.param]
+    return values
+
+
+def _decode_params(values: list) -> SamplingParams:
+    position = _SAMPLING_FIELDS.index("structured_output")
+    spec = values[position]
+    if spec is not None:
+        kind, value, param = spec
+        values[position] = StructuredOutputSpec(kind, tuple(value) if isinstance(value, list) else value, param)
+    return SamplingParams(*values)
 
 
 def _delta(delta: SequenceDelta) -> list:
@@ -125,7 +138,7 @@ def _outputs(outputs: EngineCoreOutputs) -> list:
 def _to_fields(message: ToCore | FromCore) -> list:
     match message:
         case EngineCoreRequest():
-            return [_Tag.ADD, message.request_id, message.prompt_token_ids, _values(message.params, _SAMPLING_FIELDS),
+            return [_Tag.ADD, message.request_id, message.prompt_token_ids, _params(message.params),
                     message.arrival_time, message.max_tokens]
         case AbortRequests():
             return [_Tag.ABORT, message.request_ids]
@@ -134,7 +147,7 @@ def _to_fields(message: ToCore | FromCore) -> list:
         case Shutdown():
             return [_Tag.SHUTDOWN]
         case CoreReady():
-            return [_Tag.READY, _limits(message.limits), _values(message.stats, _STATS_FIELDS)]
+            return [_Tag.READY, _values(message.limits, _LIMITS_FIELDS), _values(message.stats, _STATS_FIELDS)]
         case StepOutputs():
             return [_Tag.OUTPUTS, _outputs(message.outputs), message.num_requests_received]
         case CoreFailed():
@@ -160,7 +173,7 @@ def decode(raw: bytes) -> ToCore | FromCore:
     match tag:
         case _Tag.ADD:
             request_id, prompt_token_ids, params, arrival_time, max_tokens = body
-            return EngineCoreRequest(request_id, prompt_token_ids, SamplingParams(*params), arrival_time, max_tokens)
+            return EngineCoreRequest(request_id, prompt_token_ids, _decode_params(params), arrival_time, max_tokens)
         case _Tag.ABORT:
             return AbortRequests(body[0])
         case _Tag.STOP:
@@ -169,8 +182,9 @@ def decode(raw: bytes) -> ToCore | FromCore:
             return Shutdown()
         case _Tag.READY:
             limits, stats = body
-            *sizes, eos = limits
-            return CoreReady(CoreLimits(*sizes, eos_token_ids=tuple(eos)), EngineStats(*stats))
+            limits = dict(zip(_LIMITS_FIELDS, limits))
+            limits["eos_token_ids"] = tuple(limits["eos_token_ids"])
+            return CoreReady(CoreLimits(**limits), EngineStats(*stats))
         case _Tag.OUTPUTS:
             outputs, num_requests_received = body
             return StepOutputs(_decode_outputs(*outputs), num_requests_received)

@@ -24,7 +24,7 @@ from engine.core_messages import (
     SequenceDelta,
 )
 from engine.errors import EngineDeadError, ModelLoadError
-from engine.sampling import SamplingParams
+from engine.sampling import SamplingParams, StructuredOutputSpec
 
 EVERY_SAMPLING_FIELD = SamplingParams(
     n=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.25,
@@ -38,11 +38,16 @@ STATS = EngineStats(num_waiting=2, num_running=5, kv_cache_usage=0.375, num_bloc
 MESSAGES = [
     EngineCoreRequest("cmpl-1-0", [1, 15043, 29892], EVERY_SAMPLING_FIELD, 12345.678, 2045),
     EngineCoreRequest("default", [5], SamplingParams(), 0.5, 16),
+    EngineCoreRequest("json", [5, 6], SamplingParams(structured_output=StructuredOutputSpec.json_schema(
+        {"type": "object"}, "response_format"), seed=-(2**63)), 0.5, 16),
+    EngineCoreRequest("choice", [7], SamplingParams(structured_output=StructuredOutputSpec("choice", ("a", "b"))), 1.0, 2),
     AbortRequests(["a", "b"]),
     StopSequences([("cmpl-1-0", 2), ("x", 0)]),
     Shutdown(),
     CoreReady(CoreLimits(max_model_len=4096, vocab_size=32000, block_size=16, num_kv_blocks=999,
-                         eos_token_ids=(2, 32000)), STATS),
+                         eos_token_ids=(2, 32000), max_num_batched_tokens=8192), STATS),
+    CoreReady(CoreLimits(max_model_len=32768, vocab_size=32000, block_size=16, num_kv_blocks=99,
+                         eos_token_ids=(2,), max_num_batched_tokens=512, kv_window=4096), STATS),
     StepOutputs(EngineCoreOutputs(), 0),
     StepOutputs(EngineCoreOutputs(stats=STATS), 3),
     StepOutputs(
