@@ -46,10 +46,12 @@ def _w4a16_kernel(
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Eight rows share one int32: load it once per row (the repeats hit L1) and shift their nibble out.
-        packed = tl.load(qweight_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :],
-                         mask=mask_k[:, None] & mask_n[None, :], other=0)
-        q = ((packed >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+        # Eight rows share one int32: load each once, shift its eight nibbles out, and lay them out as rows.
+        offs_packed = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(qweight_ptr + offs_packed[:, None] * N + offs_n[None, :],
+                         mask=(offs_packed[:, None] < k_end // 8) & mask_n[None, :], other=0)
+        nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF  # [BLOCK_K // 8, 8, BLOCK_N]
+        q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
         if HAS_G_IDX:
             group = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)[:, None]
             group_mask = mask_k[:, None] & mask_n[None, :]
