@@ -196,6 +196,15 @@ def test_llmcompressor_gptq_with_zero_points_matches_its_own_decompression(tmp_p
     assert relative_error(engine_logits(folder), reference) < TOLERANCE["w4"]
 
 
+def test_autoawq_checkpoint_matches_its_dequantized_weights(tmp_path):
+    # tests/fixtures/autoawq/gemm-g32: AutoAWQ 0.2.9 (torch 2.13 CPU) quantized the same tiny Llama with
+    # tools/autoawq_checkpoint.py. The engine also matched AutoAWQ's own dequantize_gemm to 4.8e-4 (its
+    # fp16 rounding); that check needs autoawq installed, so it was run once (NOTES-quant.md), not here.
+    folder = Path(__file__).parent / "fixtures" / "autoawq" / "gemm-g32"
+    reference = transformers_logits(dequantized_folder(folder, tmp_path / "dense", "awq"))
+    assert relative_error(engine_logits(folder), reference) < TOLERANCE["w4"]
+
+
 # --- what is refused, and how ------------------------------------------------------------------------
 
 
