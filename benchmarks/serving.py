@@ -3,9 +3,16 @@
 Starts the server on the model (or targets --url), then for each rate sends
 the workload's requests as streaming /v1/completions with token-id prompts,
 each arriving after an exponential gap (seeded), and measures per request:
-TTFT (request sent -> first text chunk), ITL (gaps between later chunks) and
-end-to-end latency; per rate: p50/p99 of each and output tokens per second of
-wall time. Output token counts come from the server's usage report.
+TTFT (request sent -> first token), ITL (the gap between chunks divided over
+the tokens they carry, as the server's own histogram counts it) and end-to-end
+latency; per rate: p50/p99 of each and output tokens per second of wall time.
+
+Tokens are counted, not text chunks: with a random-weight model most tokens
+decode to no text at all, so a text-chunk clock reads whole runs of tokens as
+one. Every chunk carries the running completion_tokens (vLLM's
+stream_options.continuous_usage_stats). As a check on the client's clock, the
+table also shows the p50 of the server's own TTFT, ITL and queue-time
+histograms over the same rate (from /metrics, scraped before and after).
 
     python -m benchmarks.serving --model qwen2.5-0.5b --rates 2,8,32 --num-requests 200 --out results/serving.json
 """
@@ -42,7 +49,8 @@ class RequestTiming:
 
 async def send(client: httpx.AsyncClient, model: str, request: Request) -> RequestTiming:
     body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-            "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     timing = RequestTiming()
     start = last = time.perf_counter()
     try:
@@ -54,21 +62,59 @@ async def send(client: httpx.AsyncClient, model: str, request: Request) -> Reque
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: "):])
-                if chunk.get("usage"):
-                    timing.output_tokens = chunk["usage"]["completion_tokens"]
-                if not any(choice.get("text") for choice in chunk.get("choices", [])):
+                usage = chunk.get("usage")
+                if not usage:
                     continue
+                new_tokens = usage["completion_tokens"] - timing.output_tokens
+                if new_tokens <= 0:
+                    continue
+                timing.output_tokens = usage["completion_tokens"]
                 now = time.perf_counter()
                 if math.isnan(timing.ttft_s):
                     timing.ttft_s = now - start
-                else:
-                    timing.itl_s.append(now - last)
+                    new_tokens -= 1
+                timing.itl_s += [(now - last) / new_tokens] * new_tokens if new_tokens else []
                 last = now
     except httpx.HTTPError as error:
         timing.error = repr(error)
         return timing
     timing.e2e_s = time.perf_counter() - start
     return timing
+
+
+HISTOGRAMS = {"server_ttft_p50_ms": "kubellm_time_to_first_token_seconds",
+              "server_itl_p50_ms": "kubellm_inter_token_latency_seconds",
+              "server_queue_p50_ms": "kubellm_request_queue_time_seconds"}
+
+
+def histogram_buckets(url: str) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts of the server's latency histograms, by metric name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    buckets: dict[str, dict[float, float]] = {name: {} for name in HISTOGRAMS.values()}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=10).text):
+        for sample in family.samples:
+            metric = sample.name.removesuffix("_bucket")
+            if sample.name.endswith("_bucket") and metric in buckets:
+                bound = float(sample.labels["le"])
+                buckets[metric][bound] = buckets[metric].get(bound, 0.0) + sample.value
+    return buckets
+
+
+def histogram_p50_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """The median of what a histogram observed between two scrapes (linear within a bucket)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return float("nan")
+    target, lower, below = counts[-1] / 2, 0.0, 0.0
+    for bound, count in zip(bounds, counts):
+        if count >= target:
+            if math.isinf(bound):
+                return 1e3 * lower
+            return 1e3 * (lower + (bound - lower) * (target - below) / max(count - below, 1e-12))
+        lower, below = bound, count
+    return float("nan")
 
 
 async def run_rate(url: str, model: str, requests: list[Request], rate: float, seed: int) -> tuple[list[RequestTiming], float]:
@@ -154,8 +200,12 @@ def main() -> None:
     try:
         rows = []
         for rate in [float(r) for r in args.rates.split(",")]:
+            before = histogram_buckets(url)
             timings, wall_s = asyncio.run(run_rate(url, "bench", requests, rate, seed=int(rate * 1000)))
+            after = histogram_buckets(url)
             rows.append(summarize(rate, timings, wall_s))
+            for column, metric in HISTOGRAMS.items():
+                rows[-1][column] = histogram_p50_ms(before[metric], after[metric])
             print(f"rate {rate:g}/s: {rows[-1]['output_tok_s']:,.0f} output tok/s, "
                   f"TTFT p50 {rows[-1]['ttft_p50_ms']:,.1f} ms, errors {rows[-1]['errors']}", flush=True)
     finally:

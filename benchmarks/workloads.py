@@ -12,6 +12,10 @@ MODEL_SHAPES = {  # benchmark name -> (engine.testing family, size)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),
     "llama-3.1-70b": ("llama", "llama-3.1-70b"),  # ~141 GB: build it with benchmarks.gpu_random_model
     "qwen2.5-0.5b": ("qwen2", "qwen2.5-0.5b"),
+    "qwen3-8b": ("qwen3", "qwen3-8b"),
+    "qwen3-30b-a3b": ("qwen3_moe", "qwen3-30b-a3b"),  # ~61 GB: build it with benchmarks.gpu_random_model
+    "mixtral-8x7b": ("mixtral", "mixtral-8x7b"),  # ~93 GB
+    "gemma-3-270m": ("gemma3", "gemma-3-270m"),
     "tiny": ("llama", "tiny"),
 }
 

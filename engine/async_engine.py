@@ -12,7 +12,6 @@ false, so health checks fail instead of requests hanging.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import EngineDeadError, InvalidRequestError, KubellmError
+from engine.output_processor import OutputKind
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling import SamplingParams
 
@@ -45,6 +45,7 @@ class _PendingAdd:
     prompt: str | list[int]
     params: SamplingParams
     arrival_time: float
+    output_kind: OutputKind
 
 
 @dataclass
@@ -53,7 +54,6 @@ class _Stream:
 
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    last_output: RequestOutput | None = None
 
     def deliver(self, item: RequestOutput | BaseException) -> None:
         try:
@@ -154,15 +154,16 @@ class AsyncLLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         arrival_time: float | None = None,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request until it finishes.
+        """Outputs of one request, of `output_kind`, until it finishes.
 
         Leaving the iteration early (client disconnect, cancellation) aborts the
         request, which frees its KV blocks at the next step boundary.
         """
         self.check_accepting()
         stream = _Stream(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
-        pending = _PendingAdd(request_id, prompt, params, arrival_time or time.monotonic())
+        pending = _PendingAdd(request_id, prompt, params, arrival_time or time.monotonic(), output_kind)
         with self._condition:
             if self.error is not None:  # checked under the lock: _fail_all cannot miss this stream
                 raise _step_loop_died(self.error)
@@ -241,16 +242,17 @@ class AsyncLLMEngine:
                 return False
             inbox, self._inbox = self._inbox, _Inbox()
         for request_id, notify_client in inbox.aborts:
-            self.engine.abort_request(request_id)
+            aborted = self.engine.abort_request(request_id)
             if notify_client:
-                self._finish_aborted(request_id)
+                self._finish_aborted(request_id, aborted[0] if aborted else None)
         for add in inbox.adds:
             self._add(add)
         return True
 
     def _add(self, add: _PendingAdd) -> None:
         try:
-            self.engine.add_request(add.request_id, add.prompt, add.params, arrival_time=add.arrival_time)
+            self.engine.add_request(add.request_id, add.prompt, add.params, arrival_time=add.arrival_time,
+                                    output_kind=add.output_kind)
         except Exception as exc:  # noqa: BLE001 - a bad request fails alone; the loop keeps going
             with self._condition:
                 stream = self._streams.pop(add.request_id, None)
@@ -264,14 +266,13 @@ class AsyncLLMEngine:
                     self._streams.get(output.request_id)
                 )
             if stream is not None:
-                stream.last_output = output
                 stream.deliver(output)
 
-    def _finish_aborted(self, request_id: str) -> None:
+    def _finish_aborted(self, request_id: str, output: RequestOutput | None) -> None:
         with self._condition:
             stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream.deliver(_aborted(request_id, stream.last_output))
+            stream.deliver(output or _aborted_before_any_output(request_id))
 
     def _fail_all(self, exc: BaseException) -> None:
         self.error = exc
@@ -286,9 +287,6 @@ def _step_loop_died(error: BaseException) -> EngineDeadError:
     return EngineDeadError(f"the engine step loop died: {error}")
 
 
-def _aborted(request_id: str, last: RequestOutput | None) -> RequestOutput:
-    """The final output of a request aborted by the server: what it had so far, finish_reason 'abort'."""
-    if last is None:
-        return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], finish_reason="abort")], True)
-    outputs = [o if o.finished else dataclasses.replace(o, finish_reason="abort") for o in last.outputs]
-    return dataclasses.replace(last, outputs=outputs, finished=True)
+def _aborted_before_any_output(request_id: str) -> RequestOutput:
+    """The final output of a request the server aborted before the engine took it."""
+    return RequestOutput(request_id, None, [], [CompletionOutput(0, "", [], finish_reason="abort")], True)

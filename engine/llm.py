@@ -14,8 +14,11 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
+from engine.cpu_threads import configure_cpu_threads
 from engine.errors import InvalidRequestError
-from engine.llm_engine import EngineStats, LLMEngine
+from engine.core_messages import EngineStats
+from engine.llm_engine import LLMEngine
+from engine.output_processor import OutputKind
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 
@@ -54,6 +57,7 @@ class LLM:
             seed=seed,
             **other_engine_args,
         )
+        configure_cpu_threads()
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
 
@@ -96,7 +100,7 @@ class LLM:
         request_ids = [str(next(self._request_ids)) for _ in prompts]
         try:
             for request_id, prompt, request_params in zip(request_ids, prompts, params):
-                engine.add_request(request_id, prompt, request_params)
+                engine.add_request(request_id, prompt, request_params, output_kind=OutputKind.FINAL_ONLY)
         except Exception:
             engine.abort_request(request_ids)  # all or nothing: the engine stays clean
             raise
@@ -104,9 +108,8 @@ class LLM:
         with tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm) as progress:
             while len(finished) < len(prompts):
                 for output in engine.step():
-                    if output.finished:
-                        finished[output.request_id] = output
-                        progress.update(1)
+                    finished[output.request_id] = output
+                    progress.update(1)
         return [finished[request_id] for request_id in request_ids]
 
 

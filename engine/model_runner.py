@@ -1,17 +1,19 @@
-"""Runs one scheduled batch through the model and samples the next tokens.
+"""Runs one scheduled batch through the model and samples the next tokens, without waiting for them.
 
 The runner owns the device side: the model weights, the paged KV cache (one K
-and one V tensor per layer, [num_blocks, block_size, num_kv_heads, head_dim])
-and the sampler. Each step it flattens the batch into the tensors attention
-needs (built in one place, `prepare_inputs`), runs the model, computes logits
-only at the last position of the sequences that sample this step, and copies
-the sampled tokens back to the host once.
+and one V tensor per layer, [num_blocks, block_size, num_kv_heads, head_dim]),
+the sampler and the persistent input batch. A step is prepare_step (host
+arrays from the persistent batch, engine.input_batch), execute_model (copy
+in, forward, logits only at the positions that sample) and sample (on the
+device; the token ids start their copy back and an InFlightStep hands them
+over once they arrive). Nothing here blocks on the GPU, so the host can
+schedule and prepare step n+1 while step n runs; step n+1 reads the tokens
+that step n sampled straight from the device (placeholders).
 
 KV cache size: `num_kv_blocks` when given. Otherwise, on CUDA, whatever
 gpu_memory_utilization of the GPU leaves after the weights and the peak
 activations of a profiling forward pass of a full step (max_num_batched_tokens
-tokens). On CPU, room for max_num_seqs sequences of max_model_len tokens,
-capped at CPU_KV_CACHE_BYTES.
+tokens). On CPU, see engine.kv_cache_sizing.
 """
 
 from __future__ import annotations
@@ -24,16 +26,18 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.block_manager import cdiv
 from engine.config import EngineConfig
+from engine.core_messages import TokenLogprobs
 from engine.cuda_graphs import DecodeGraphs
 from engine.distributed.parallel_state import min_across_ranks
 from engine.distributed.step_channel import Field
 from engine.errors import ConfigError
-from engine.layers.sampler import SampledToken, Sampler
+from engine.input_batch import InputBatch, StepArrays
+from engine.kv_cache_sizing import default_cpu_kv_cache_blocks
+from engine.layers.sampler import Sampler, SamplerOutput
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
-from engine.scheduler import ScheduledBatch
-
-CPU_KV_CACHE_BYTES = 1 << 30
+from engine.sampling_batch import SamplingState, device_tensor
+from engine.scheduler import SampledTokens, ScheduledBatch
 
 
 # ModelInputs flattened for tensor-parallel ranks: the keys of as_fields(), in a fixed order.
@@ -57,20 +61,6 @@ class ModelInputs:
     attn_metadata: AttentionMetadata
     logits_indices: torch.Tensor  # [S]: the last new token of each sequence that samples
 
-    def as_fields(self) -> dict[str, Field]:
-        meta = self.attn_metadata
-        return {
-            "input_ids": self.input_ids,
-            "positions": self.positions,
-            "logits_indices": self.logits_indices,
-            "slot_mapping": meta.slot_mapping,
-            "query_start_loc": meta.query_start_loc,
-            "seq_lens": meta.seq_lens,
-            "block_tables": meta.block_tables,
-            "max_query_len": meta.max_query_len,
-            "max_seq_len": meta.max_seq_len,
-        }
-
     @classmethod
     def from_fields(cls, fields: dict[str, Field], device: torch.device) -> ModelInputs:
         """The inputs on `device` (host tensors in pinned memory are copied asynchronously)."""
@@ -89,18 +79,73 @@ class ModelInputs:
         return cls(tensor("input_ids"), tensor("positions"), metadata, tensor("logits_indices"))
 
 
+def step_fields(arrays: StepArrays) -> dict[str, Field]:
+    return {name: getattr(arrays, name) for name in STEP_FIELDS}
+
+
+class InFlightStep:
+    """A step's sampled tokens on their way to the host; result() waits for them."""
+
+    def __init__(self, output: SamplerOutput | None, logprobs_wanted: list[int | None], device: torch.device):
+        self._logprobs_wanted = logprobs_wanted
+        self._event: torch.cuda.Event | None = None
+        if output is None:
+            self._token_ids, self._logprob_ids, self._logprobs = torch.empty(0, dtype=torch.int64), None, None
+            return
+        pin = device.type == "cuda"
+
+        def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
+            return host.copy_(tensor, non_blocking=pin)
+
+        self._token_ids = to_host(output.token_ids)
+        self._logprob_ids = to_host(output.logprob_token_ids)
+        self._logprobs = to_host(output.logprobs)
+        if pin:
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> SampledTokens:
+        if self._event is not None:
+            self._event.synchronize()
+        token_ids = self._token_ids.numpy()
+        if self._logprobs is None:
+            return SampledTokens(token_ids)
+        ids, values = self._logprob_ids.tolist(), self._logprobs.tolist()
+        logprobs: list[TokenLogprobs | None] = []
+        for row, wanted in enumerate(self._logprobs_wanted):
+            if wanted is None:
+                logprobs.append(None)
+                continue
+            entry = {ids[row][0]: values[row][0]}
+            for token_id, value in zip(ids[row][1 : wanted + 1], values[row][1 : wanted + 1]):
+                entry.setdefault(token_id, value)
+            logprobs.append(entry)
+        return SampledTokens(token_ids, logprobs)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model_config: ModelConfig):
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.device)
         self.block_size = config.block_size
-        self.model = load_model(model_config.path, model_config, config.torch_dtype, self.device)
+        self.model = load_model(
+            model_config.path, model_config, config.torch_dtype, self.device, quantization=config.quantization
+        )
         # Tensor-parallel ranks must agree on the cache size: the scheduler on rank 0 allocates for all.
         self.num_kv_blocks = min_across_ranks(config.num_kv_blocks or self._default_num_kv_blocks())
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
-        self.sampler = Sampler(model_config.eos_token_ids, config.seed, self.device)
+        self.sampler = Sampler(config.seed, self.device)
         self.decode_graphs = self._capture_decode_graphs()
+        # Rank 0's step state, made on first use (tensor-parallel workers only run execute_model).
+        self._input_batch: InputBatch | None = None
+        self._sampling_state: SamplingState | None = None
+        self._step: StepArrays | None = None
+        self._previous_sampled: torch.Tensor | None = None  # last step's token ids, on the device
+        self._previous_sample_rows: dict[int, int] = {}  # seq_id -> index in _previous_sampled
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
@@ -122,13 +167,26 @@ class ModelRunner:
     # (engine.distributed.Executor): prepare_step and sample run on rank 0 only.
 
     def prepare_step(self, batch: ScheduledBatch) -> dict[str, Field]:
-        """The batch's model inputs as host tensors, keyed by STEP_FIELDS."""
-        return self.prepare_inputs(batch).as_fields()
+        """The batch's model inputs as (page-locked) host tensors, keyed by STEP_FIELDS."""
+        if self._input_batch is None:
+            config = self.config
+            pin = self.device.type == "cuda"
+            self._input_batch = InputBatch(
+                config.max_num_seqs, config.max_model_len, config.max_num_batched_tokens, self.block_size, pin
+            )
+            cfg = self.model_config
+            self._sampling_state = SamplingState(config.max_num_seqs, cfg.vocab_size, cfg.eos_token_ids, self.device)
+        self._input_batch.release(batch.released)
+        self._step, new_rows = self._input_batch.prepare(batch, self._previous_sample_rows)
+        for row in new_rows:
+            self._sampling_state.add_row(row, self._input_batch.seqs[row])
+        return step_fields(self._step)
 
     def execute_model(self, fields: dict[str, Field]) -> torch.Tensor | None:
         """Logits at each sampling position (None when no sequence samples this step)."""
         inputs = ModelInputs.from_fields(fields, self.device)
         with torch.inference_mode():
+            self._fill_placeholders(inputs.input_ids)
             if self.decode_graphs and self.decode_graphs.can_run(inputs.attn_metadata):
                 hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
             else:
@@ -137,55 +195,31 @@ class ModelRunner:
                 return None
             return self.model.compute_logits(hidden[inputs.logits_indices])
 
-    def sample(self, logits: torch.Tensor | None, batch: ScheduledBatch) -> list[SampledToken]:
-        """One SampledToken per sequence in batch.sampling_seqs."""
+    def sample(self, logits: torch.Tensor | None, batch: ScheduledBatch) -> InFlightStep:
+        """Samples on the device and starts copying the tokens back; does not wait for them."""
+        step = self._step
+        seqs = [self._input_batch.seqs[row] for row in step.sampling_rows]
+        logprobs_wanted = [seq.params.logprobs for seq in seqs]
         if logits is None:
-            return []
+            return InFlightStep(None, logprobs_wanted, self.device)
+        params = self._input_batch.sampling_parameters(step.sampling_rows)
+        sampling = self._sampling_state.batch(seqs, params, step.sampling_rows)
         with torch.inference_mode():
-            return self.sampler(logits, batch.sampling_seqs)
+            output = self.sampler(logits, sampling, self._sampling_state.penalties)
+        self._previous_sampled = output.token_ids
+        self._previous_sample_rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
+        return InFlightStep(output, logprobs_wanted, self.device)
 
-    def prepare_inputs(self, batch: ScheduledBatch) -> ModelInputs:
-        """Host tensors (page-locked on CUDA, so that the copies to the GPU are asynchronous)."""
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        size = self.block_size
-        for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
-            start = seq.num_computed_tokens
-            end = start + num_new
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            table = seq.block_table
-            slot_mapping.extend(table[p // size] * size + p % size for p in range(start, end))
-            query_start_loc.append(query_start_loc[-1] + num_new)
-            seq_lens.append(end)
-            if samples:
-                logits_indices.append(query_start_loc[-1] - 1)
-        width = max(len(seq.block_table) for seq in batch.seqs)
-        block_tables = [seq.block_table + [0] * (width - len(seq.block_table)) for seq in batch.seqs]
+    # Rank 0's step state ----------------------------------------------------------------------
 
-        pinned = self.device.type == "cuda"
-
-        def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=pinned)
-
-        metadata = AttentionMetadata(
-            slot_mapping=tensor(slot_mapping, torch.int64),
-            query_start_loc=tensor(query_start_loc, torch.int32),
-            seq_lens=tensor(seq_lens, torch.int32),
-            block_tables=tensor(block_tables, torch.int32),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
-        )
-        return ModelInputs(
-            input_ids=tensor(input_ids, torch.int64),
-            positions=tensor(positions, torch.int64),
-            attn_metadata=metadata,
-            logits_indices=tensor(logits_indices, torch.int64),
-        )
+    def _fill_placeholders(self, input_ids: torch.Tensor) -> None:
+        """Write the tokens the previous step sampled, still on the device, into this step's inputs."""
+        step = self._step
+        if step is None or not len(step.placeholder_dst):
+            return
+        dst = device_tensor(step.placeholder_dst.tolist(), torch.int64, self.device)
+        src = device_tensor(step.placeholder_src.tolist(), torch.int64, self.device)
+        input_ids[dst] = self._previous_sampled[src]
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
         """CUDA graphs for decode steps, unless eager mode is asked for.
@@ -212,8 +246,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             num_blocks = self._free_gpu_memory_after_profiling() // self.bytes_per_block
         else:
-            wanted = self.config.max_num_seqs * cdiv(self.config.max_model_len, self.block_size)
-            num_blocks = min(wanted, CPU_KV_CACHE_BYTES // self.bytes_per_block)
+            num_blocks = default_cpu_kv_cache_blocks(self.model, self.config, self.bytes_per_block)
         if num_blocks < 1:
             raise ConfigError(
                 "no memory is left for the KV cache after loading the model; "

@@ -6,13 +6,39 @@ queued and never disturbs the requests already running.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from engine.errors import InvalidRequestError
 
 # Seeds are signed 64-bit integers, as in vLLM. The sampler seeds output i of a request with
 # seed + i, and torch generators take at most 2**64 - 1: a larger range would overflow there.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+StructuredOutputKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """A constraint on a completion's text (engine.structured_output compiles and applies it)."""
+
+    kind: StructuredOutputKind
+    value: str | tuple[str, ...] | None = None  # JSON schema text, regex, EBNF, the choices; None for json_object
+    param: str = "structured_outputs"  # the request field it came from, for error messages
+
+    @classmethod
+    def json_schema(cls, schema: Any, param: str) -> StructuredOutputSpec:
+        """A schema given as an object or as JSON text."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidRequestError(f"{param}: a JSON schema must be an object", param=param)
+        return cls("json", json.dumps(schema), param)
 
 
 @dataclass
@@ -34,6 +60,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputSpec | None = None  # the completion must match this constraint
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

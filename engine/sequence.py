@@ -1,21 +1,31 @@
-"""Per-request state: a Request holds n Sequences, one per completion.
+"""Per-request state in the engine core: a Request holds n Sequences, one per completion.
 
 A sequence is a growing list of token ids (prompt, then generated) of which
-the first `num_computed_tokens` have their K/V in the paged cache. Prefill,
-chunked prefill, decode and recompute after preemption are all the same
-operation: compute the next uncomputed tokens; when none remain, the logits
-of the last one give the next token.
+the first `num_computed_tokens` have their K/V in the paged cache (or will
+have, once the step in flight ends). Prefill, chunked prefill, decode and
+recompute after preemption are all the same operation: compute the next
+uncomputed tokens; when none remain, the logits of the last one give the next
+token.
+
+With overlapped scheduling, a token sampled by the step still on the GPU is
+not known on the host yet: it counts as a placeholder (`num_placeholders`)
+until Scheduler.update writes it in. The next step's input reads it on the
+device.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from engine.core_messages import EngineCoreRequest
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
+    from engine.structured_output import RequestGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -35,7 +45,10 @@ class Sequence:
         self.params = request.params
         self.token_ids: list[int] = list(request.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
+        self.num_placeholders = 0  # sampled on the device, not yet read back (0 or 1)
         self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.stop_reason: int | None = None
 
         # KV-cache state, owned by the BlockManager.
         self.num_computed_tokens = 0
@@ -43,26 +56,20 @@ class Sequence:
         self.block_hashes: list[bytes] = []  # chain hashes of full token blocks, filled lazily
         self.num_cached_blocks = 0  # leading blocks of block_table registered in the prefix cache
 
-        # Sampling state: a seeded request draws from its own generator so its tokens do
-        # not depend on the batch around it (created on the logits' device by the sampler).
+        # A seeded sequence draws from its own generator (made by the runner on its device), so its
+        # tokens do not depend on the batch around it; it lives here to survive preemption.
         self.generator: torch.Generator | None = None
-
-        # Output state, owned by the engine's output processing and the Detokenizer.
-        self.output_text = ""
-        self.prefix_offset = max(self.num_prompt_tokens - 5, 0)  # detokenizer window
-        self.read_offset = self.num_prompt_tokens
-        self.logprobs: list[TokenLogprobs] | None = [] if self.params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
+        # With a structured output: where the sequence is in its grammar (set by the engine core).
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Tokens the sequence has, the ones still on the device included."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -70,7 +77,7 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return self.num_tokens - self.num_computed_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -81,40 +88,10 @@ class Sequence:
         """Still computing its prompt (the first token of a sibling may reuse it)."""
         return self.num_computed_tokens < self.num_prompt_tokens
 
-    def append_token(self, token_id: int, logprobs: TokenLogprobs | None) -> None:
-        self.token_ids.append(token_id)
-        if logprobs is not None:
-            self.cumulative_logprob += logprobs[token_id]
-            if self.logprobs is not None:
-                self.logprobs.append(logprobs)
-
-    def finish(self, reason: str, stop_reason: int | str | None = None) -> None:
+    def finish(self, reason: str, stop_reason: int | None = None) -> None:
         self.status = SequenceStatus.FINISHED
         self.finish_reason = reason
         self.stop_reason = stop_reason
-
-    @property
-    def visible_text(self) -> str:
-        """The text so far, minus a tail that could still become a stop string.
-
-        Holding back len(longest stop) - 1 characters while running means streamed
-        text never has to be taken back when a stop string completes.
-        """
-        if self.is_finished or not self.params.stop:
-            return self.output_text
-        hold_back = max(len(s) for s in self.params.stop) - 1
-        return self.output_text[: max(len(self.output_text) - hold_back, 0)]
-
-    def completion_output(self) -> CompletionOutput:
-        return CompletionOutput(
-            index=self.index,
-            text=self.visible_text,
-            token_ids=self.output_token_ids,
-            cumulative_logprob=self.cumulative_logprob if self.logprobs is not None else None,
-            logprobs=list(self.logprobs) if self.logprobs is not None else None,
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-        )
 
     def __repr__(self) -> str:
         return (
@@ -124,25 +101,17 @@ class Sequence:
 
 
 class Request:
-    """One add_request call: the prompt, its parameters, and its n sequences."""
+    """One request in the core: its parameters and its n sequences."""
 
-    def __init__(
-        self,
-        request_id: str,
-        prompt: str | None,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        arrival_time: float,
-        max_tokens: int,
-    ):
-        self.request_id = request_id
-        self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
-        self.params = params
-        self.max_tokens = max_tokens  # params.max_tokens, or what the context leaves when that is None
-        self.metrics = RequestMetrics(arrival_time=arrival_time)
+    def __init__(self, core_request: EngineCoreRequest):
+        self.request_id = core_request.request_id
+        self.prompt_token_ids = core_request.prompt_token_ids
+        self.params: SamplingParams = core_request.params
+        self.arrival_time = core_request.arrival_time
+        self.max_tokens = core_request.max_tokens  # params.max_tokens, or what the context leaves
+        self.scheduled = False  # reported once, when its first step is scheduled
         self.num_cached_tokens = 0
-        self.seqs = [Sequence(self, i) for i in range(params.n)]
+        self.seqs = [Sequence(self, i) for i in range(self.params.n)]
 
     @property
     def leader(self) -> Sequence:
@@ -152,14 +121,3 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
-
-    def output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[seq.completion_output() for seq in self.seqs],
-            finished=self.is_finished,
-            metrics=self.metrics,
-            num_cached_tokens=self.num_cached_tokens,
-        )

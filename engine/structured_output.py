@@ -1,9 +1,9 @@
 """Structured outputs through xgrammar: a request's constraint compiled into a grammar, token bitmasks per step.
 
 The parts, in the order a request meets them:
-- `StructuredOutputSpec`: what the request asked for (a JSON schema, any JSON
-  object, a regex, a choice of strings, an EBNF grammar), as the server reads it
-  from `response_format` or vLLM's `structured_outputs`.
+- `engine.sampling.StructuredOutputSpec`: what the request asked for (a JSON
+  schema, any JSON object, a regex, a choice of strings, an EBNF grammar), as
+  the server reads it from `response_format` or vLLM's `structured_outputs`.
 - `GrammarCompiler.compile`: the spec compiled against the model's tokenizer
   (cached by xgrammar); an invalid schema, regex or grammar raises
   InvalidRequestError, so the server answers 400 before the request is queued.
@@ -14,9 +14,10 @@ The parts, in the order a request meets them:
   grammar that cannot go on: `fill_bitmask` names those rows so the engine can
   fail the request with a clear error instead of sampling from nothing.
 
-Not here (the engine core's part): calling fill_bitmask while the forward pass
-runs, apply_bitmask in the sampler, accept after sampling, finishing a sequence
-when its matcher is terminated.
+The engine core compiles each request's grammar when it arrives, fills the
+bitmask of the sampling rows each step (engine.sampling_batch), applies it in
+the sampler, and accepts each sampled token in Scheduler.update, which
+finishes a sequence whose matcher has terminated.
 """
 
 from __future__ import annotations
@@ -24,36 +25,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import xgrammar
 
 from engine.errors import InvalidRequestError
+from engine.sampling import StructuredOutputSpec
 
-StructuredOutputKind = Literal["json", "json_object", "regex", "choice", "grammar"]
 # xgrammar's errors start with "[hh:mm:ss] /path/to/file.cc:123: "; clients need only the rest.
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
-
-
-@dataclass(frozen=True)
-class StructuredOutputSpec:
-    kind: StructuredOutputKind
-    value: str | tuple[str, ...] | None = None  # JSON schema text, regex, EBNF, the choices; None for json_object
-    param: str = "structured_outputs"  # the request field it came from, for error messages
-
-    @classmethod
-    def json_schema(cls, schema: Any, param: str) -> StructuredOutputSpec:
-        """A schema given as an object or as JSON text."""
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as exc:
-                raise InvalidRequestError(f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from None
-        if not isinstance(schema, (dict, bool)):
-            raise InvalidRequestError(f"{param}: a JSON schema must be an object", param=param)
-        return cls("json", json.dumps(schema), param)
 
 
 class GrammarCompiler:

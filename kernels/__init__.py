@@ -1,4 +1,4 @@
-"""Triton kernels (paged attention, fused norm / activation / rotary) and the attention references.
+"""Triton kernels (paged attention, fused MoE, fused norm / activation / rotary, quantized GEMMs) and their references.
 
 The Triton kernels are imported lazily (`kernels.paged_decode_attention` etc.),
 so CPU-only code that uses kernels.reference never loads Triton or compiles anything.
@@ -16,6 +16,10 @@ _LAZY = {
     "rms_norm": "kernels.fused",
     "silu_and_mul": "kernels.fused",
     "apply_rotary": "kernels.fused",
+    "fused_moe": "kernels.moe",
+    "w4a16_matmul": "kernels.w4a16",
+    "quantize_fp8_per_token": "kernels.fp8",
+    "fp8_matmul": "kernels.fp8",
 }
 
 __all__ = sorted(_LAZY)

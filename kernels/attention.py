@@ -14,6 +14,8 @@ What makes them fast on Hopper:
   block table), so the loop does few, wide iterations whatever the block size.
 - Softmax in base 2: log2(e) is folded into the scale once, exp2 is one
   instruction. Accumulation is fp32; inputs and outputs stay in the cache dtype.
+- Sliding-window layers read only the window: decode starts at
+  seq_len - window, prefill tiles start at their first query's window.
 - Decode splits each sequence's context over NUM_SPLITS programs when there
   are too few (sequence, KV head) pairs to fill the 132 SMs (flash-decoding),
   then a small kernel merges the partial results by their log-sum-exp. The
@@ -54,10 +56,15 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row_ptr, positions, vali
 
 @triton.jit
 def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
-    """Fold one tile of base-2 scores and its V rows into the running (max, sum, output)."""
+    """Fold one tile of base-2 scores and its V rows into the running (max, sum, output).
+
+    A row masked out of every tile so far (a sliding window that starts past
+    the tile) keeps max -inf; it is measured against 0 so it adds nothing instead of NaN.
+    """
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(scores - m_new[:, None])
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(scores - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
@@ -67,7 +74,7 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,
-    qk_scale,
+    qk_scale, window,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -88,10 +95,12 @@ def _decode_kernel(
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=head_valid[:, None], other=0.0)
 
-    # This split's share of the context, in whole tiles, from the device-side length.
+    # This split's share of the attended context (the last `window` positions, or all when window is 0),
+    # in whole tiles, from the device-side length.
     seq_len = tl.load(seq_lens_ptr + seq)
-    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS)
-    start = split * tiles_per_split * BLOCK_N
+    span_start = tl.where(window > 0, tl.maximum(seq_len - window, 0), 0)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len - span_start, BLOCK_N), NUM_SPLITS)
+    start = span_start + split * tiles_per_split * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, seq_len)
 
     block_table_row = block_tables_ptr + seq * stride_bt
@@ -146,11 +155,12 @@ def _merge_splits_kernel(
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
-    qk_scale,
+    qk_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SLIDING: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x all GROUP heads of one KV head.
 
@@ -184,19 +194,28 @@ def _prefill_kernel(
     kv_end = context_len + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
     # Tiles wholly before the tile's first query need no causal mask.
     unmasked_end = (context_len + q_tile * BLOCK_Q) // BLOCK_N * BLOCK_N
+    # A sliding window starts at the tile's first query's window (later queries mask more); positions
+    # before it are never loaded: their blocks may already belong to another sequence.
+    kv_lo = 0
+    if SLIDING:
+        kv_lo = tl.maximum(context_len + q_tile * BLOCK_Q - window + 1, 0)
+    kv_start = kv_lo // BLOCK_N * BLOCK_N
 
     block_table_row = block_tables_ptr + seq * stride_bt
     cache_head_offset = kv_head * stride_cache_head
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for tile_start in range(0, kv_end, BLOCK_N):
+    for tile_start in range(kv_start, kv_end, BLOCK_N):
         positions = tile_start + offs_n
-        valid = positions < kv_end
+        valid = (positions >= kv_lo) & (positions < kv_end)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
                              stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if tile_start >= unmasked_end:
+        if SLIDING:
+            attended = (positions[None, :] <= q_pos[:, None]) & (positions[None, :] > q_pos[:, None] - window)
+            scores = tl.where(attended, scores, float("-inf"))
+        elif tile_start >= unmasked_end:
             causal = positions[None, :] <= q_pos[:, None]
             scores = tl.where(causal, scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
@@ -260,6 +279,7 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B]
     scale: float,
     config: LaunchConfig | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Single-token decode over the paged cache, split over the context when the batch is small.
 
@@ -274,8 +294,9 @@ def paged_decode_attention(
         return out
     config = config or default_decode_config(head_dim)
     group = num_heads // num_kv_heads
+    max_context = block_tables.shape[1] * page_size
     num_splits = config.num_splits or choose_num_splits(
-        batch, num_kv_heads, block_tables.shape[1] * page_size, config.block_n)
+        batch, num_kv_heads, min(max_context, sliding_window or max_context), config.block_n)
     if num_splits > 1:
         partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
@@ -283,7 +304,7 @@ def paged_decode_attention(
         partial_out = partial_lse = out  # unused
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
-        scale * LOG2E,
+        scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(MIN_DOT_M, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
@@ -318,6 +339,7 @@ def paged_prefill_attention(
     scale: float,
     max_query_len: int | None = None,
     config: LaunchConfig | None = None,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over the paged cache (prefill, chunked prefill, prefix hits, mixed).
 
@@ -338,12 +360,12 @@ def paged_prefill_attention(
     grid = (triton.cdiv(max_query_len, config.block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        scale * LOG2E,
+        scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_Q=config.block_q, BLOCK_M=max(MIN_DOT_M, triton.next_power_of_2(config.block_q * group)),
-        BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype), SLIDING=sliding_window is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -7,6 +7,10 @@ attention path on CPU. The KV cache layout shared by all of them:
 
 A token at position p of a sequence lives in block block_table[p // block_size]
 at offset p % block_size; its flat slot is block * block_size + offset.
+
+With a sliding window W, the query at position p attends to positions
+p - W + 1 .. p only, and blocks wholly before the first query's window are
+never read (the block manager may have handed them to another sequence).
 """
 
 from __future__ import annotations
@@ -33,13 +37,14 @@ def store_kvcache(
 
 
 def gather_kv(
-    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, start: int = 0
 ) -> torch.Tensor:
-    """The first seq_len cached tokens of one sequence: [seq_len, num_kv_heads, head_dim]."""
+    """Cached tokens start..seq_len - 1 of one sequence: [seq_len - start, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
+    first_block = start // block_size
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = block_table[:num_blocks].long()
-    return cache[blocks].flatten(0, 1)[:seq_len]
+    blocks = block_table[first_block:num_blocks].long()
+    return cache[blocks].flatten(0, 1)[start - first_block * block_size : seq_len - first_block * block_size]
 
 
 def _attend(
@@ -47,6 +52,7 @@ def _attend(
     k: torch.Tensor,  # [Lk, Hkv, D]
     v: torch.Tensor,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention where the Lq queries are the last Lq of the Lk positions."""
     num_q, num_heads, _ = q.shape
@@ -57,7 +63,10 @@ def _attend(
     scores = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale
     q_pos = torch.arange(num_k - num_q, num_k, device=q.device)[:, None]
     k_pos = torch.arange(num_k, device=q.device)[None, :]
-    scores = scores.masked_fill(k_pos > q_pos, float("-inf"))
+    hidden = k_pos > q_pos
+    if sliding_window is not None:
+        hidden |= k_pos <= q_pos - sliding_window
+    scores = scores.masked_fill(hidden, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     return torch.einsum("hqk,khd->qhd", probs, v.float()).to(q.dtype)
 
@@ -70,6 +79,7 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # [B + 1] int32, cumulative query lengths
     seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over the paged cache (prefill, chunked prefill, prefix hits, decode).
 
@@ -83,9 +93,11 @@ def paged_prefill_attention(
         lo, hi = starts[b], starts[b + 1]
         if hi == lo:
             continue
-        k = gather_kv(k_cache, block_tables[b], seq_len)
-        v = gather_kv(v_cache, block_tables[b], seq_len)
-        out[lo:hi] = _attend(q[lo:hi], k, v, scale)
+        # With a window, only positions from the first query's window on are read.
+        start = max(0, seq_len - (hi - lo) - sliding_window + 1) if sliding_window is not None else 0
+        k = gather_kv(k_cache, block_tables[b], seq_len, start)
+        v = gather_kv(v_cache, block_tables[b], seq_len, start)
+        out[lo:hi] = _attend(q[lo:hi], k, v, scale, sliding_window)
     return out
 
 
@@ -96,8 +108,11 @@ def paged_decode_attention(
     block_tables: torch.Tensor,  # [B, max_blocks_per_seq]
     seq_lens: torch.Tensor,  # [B]
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Single-token decode: the special case of prefill attention with one query each."""
     batch = q.shape[0]
     query_start_loc = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
-    return paged_prefill_attention(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    return paged_prefill_attention(
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale, sliding_window
+    )

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from model_operator.defaulting import defaults_of
+
 GROUP = "kubellm.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -29,7 +31,8 @@ SHORT_NAMES = ["md"]
 CATEGORIES = ["kubellm"]
 
 PHASES = ["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
-CONDITION_TYPES = ["ModelCached", "Available", "Progressing", "Autoscaling"]
+CONDITION_TYPES = ["ModelCached", "Available", "Progressing", "Autoscaling", "Routing"]
+AUTOSCALING_MODES = ("keda", "hpa", "keda-http")
 
 DEFAULT_CRD_PATHS = (
     pathlib.Path("manifests/crd.yaml"),
@@ -41,6 +44,8 @@ QUANTITY_PATTERN = (
     r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
     r"(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
 )
+HOSTNAME_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"  # optional wildcard
+PERCENT_PATTERN = r"^[0-9]+%$"  # the string form of a Deployment's maxSurge / maxUnavailable
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
@@ -91,12 +96,20 @@ def free_form(description: str) -> dict:
 
 
 def obj(description: str, properties: dict, required: tuple[str, ...] = (), rules: tuple[dict, ...] = (),
-        **extra: Any) -> dict:
+        defaulted: bool = False, **extra: Any) -> dict:
+    """An object schema; `defaulted` makes an absent object its properties' defaults.
+
+    The default is spelled out rather than `{}`: the API server checks each `default` against its
+    schema and CEL rules exactly as written, so a rule reading a field of `{}` fails ("no such key")
+    and the whole CRD is rejected. Filled in by the server, both spellings give the same object.
+    """
     schema = {"type": "object", "description": description, "properties": properties, **extra}
     if required:
         schema["required"] = list(required)
     if rules:
         schema["x-kubernetes-validations"] = list(rules)
+    if defaulted:
+        schema["default"] = defaults_of(schema)
     return schema
 
 
@@ -184,7 +197,7 @@ def engine_schema() -> dict:
         "apiKeySecret": secret_key_ref("Secret holding the API key clients must send as "
                                        "`Authorization: Bearer KEY`; unset means no authentication.",
                                        default_key="api-key"),
-    }, default={})
+    }, defaulted=True)
 
 
 def resources_schema() -> dict:
@@ -204,7 +217,7 @@ def resources_schema() -> dict:
         "affinity": free_form("Affinity of the engine pods (a Kubernetes Affinity object)."),
         "priorityClassName": string("PriorityClass of the engine pods.", pattern=DNS_SUBDOMAIN_PATTERN,
                                     maxLength=253),
-    }, default={})
+    }, defaulted=True)
 
 
 def cache_schema() -> dict:
@@ -220,42 +233,102 @@ def cache_schema() -> dict:
                                         default="ReadWriteOnce"),
                    "existingClaim": string("Use this PersistentVolumeClaim as the cache instead of creating one.",
                                            pattern=DNS_SUBDOMAIN_PATTERN, maxLength=253),
-               }, default={}, rules=(
+               }, defaulted=True, rules=(
                    rule("self.accessMode != 'ReadOnlyMany' || has(self.existingClaim)",
                         "a new cache volume cannot be ReadOnlyMany (the download writes to it); "
                         "use ReadOnlyMany only with existingClaim", ".accessMode"),
                ))
 
 
+def http_autoscaling_schema() -> dict:
+    return obj("Mode keda-http: the KEDA HTTP add-on's interceptor receives the requests, holds them while an "
+               "engine starts, and reports in-flight requests to KEDA.", {
+                   "hosts": array("Host headers the interceptor routes to this model; default NAME.NAMESPACE.svc "
+                                  "(clients call the interceptor's proxy Service with that Host header).",
+                                  string("A host name; *.example.com matches subdomains.", maxLength=253,
+                                         pattern=HOSTNAME_PATTERN),
+                                  minItems=1, maxItems=16),
+                   "targetConcurrentRequests": integer("In-flight requests (held by the interceptor or running in "
+                                                       "the engine) per replica that KEDA aims for.", minimum=1,
+                                                       maximum=100000, default=32),
+                   "coldStartTimeoutSeconds": integer("How long the interceptor holds a request while no engine is "
+                                                      "ready (scale from zero: pod start plus model load).",
+                                                      minimum=10, maximum=7200, default=900),
+                   "scalerAddress": string("host:port of the add-on's external scaler that KEDA asks.",
+                                           default="keda-add-ons-http-external-scaler.keda:9090", maxLength=253,
+                                           pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?:[0-9]{1,5}$"),
+               }, defaulted=True)
+
+
 def autoscaling_schema() -> dict:
-    return obj("Queue-depth autoscaling: adds replicas while requests wait in the engines' queues "
-               "(the kubellm_num_requests_waiting metric).", {
-                   "enabled": boolean("Create a KEDA ScaledObject or an HPA; spec.replicas is then managed by "
-                                      "the autoscaler through the scale subresource.", default=False),
-                   "mode": string("keda: a KEDA ScaledObject with a Prometheus trigger (can scale to zero). "
-                                  "hpa: an autoscaling/v2 HPA reading the Pods metric through "
-                                  "prometheus-adapter.", enum=["keda", "hpa"], default="keda"),
-                   "minReplicas": integer("Fewest replicas; 0 (scale to zero) needs mode keda. At zero no engine "
-                                          "reports a queue, so demand alone does not bring one back: scale up with "
-                                          "`kubectl scale md NAME --replicas=1` (KEDA keeps it while requests wait) "
-                                          "or put a request-queueing gateway in front.", minimum=0,
+    return obj("Autoscaling on demand: queue depth (keda, hpa) or in-flight requests through the KEDA HTTP add-on "
+               "(keda-http, which can also scale from zero).", {
+                   "enabled": boolean("Create the autoscaler (a KEDA ScaledObject, plus an InterceptorRoute for "
+                                      "keda-http, or an HPA); spec.replicas is then managed by the autoscaler "
+                                      "through the scale subresource.", default=False),
+                   "mode": string("keda: a KEDA ScaledObject with a Prometheus trigger on the engines' queue depth. "
+                                  "hpa: an autoscaling/v2 HPA reading the same Pods metric through "
+                                  "prometheus-adapter. keda-http: the KEDA HTTP add-on (an InterceptorRoute and a "
+                                  "ScaledObject with its external-push trigger); the only mode that scales from "
+                                  "zero.", enum=list(AUTOSCALING_MODES), default="keda"),
+                   "minReplicas": integer("Fewest replicas; 0 (scale to zero) needs mode keda-http: with no engine "
+                                          "running, only the interceptor sees (and holds) new requests.", minimum=0,
                                           maximum=1000, default=1),
                    "maxReplicas": integer("Most replicas.", minimum=1, maximum=1000, default=4),
-                   "targetPendingRequests": integer("Waiting requests per replica the autoscaler aims for.",
-                                                    minimum=1, maximum=100000, default=8),
+                   "targetPendingRequests": integer("Waiting requests per replica the autoscaler aims for "
+                                                    "(modes keda and hpa).", minimum=1, maximum=100000, default=8),
                    "prometheusAddress": string("Prometheus base URL KEDA queries (mode keda).",
                                                default="http://prometheus-operated.monitoring.svc:9090",
                                                pattern=r"^https?://[^\s/]+(/.*)?$", maxLength=512),
                    "scaleDownDelaySeconds": integer("How long the load must stay low before replicas are "
                                                     "removed (scale-down stabilization window).", minimum=0,
                                                     maximum=3600, default=300),
-               }, default={}, rules=(
+                   "http": http_autoscaling_schema(),
+               }, defaulted=True, rules=(
                    rule("self.minReplicas <= self.maxReplicas",
                         "autoscaling.minReplicas must not exceed autoscaling.maxReplicas", ".minReplicas"),
-                   rule("self.mode == 'keda' || self.minReplicas >= 1",
-                        "minReplicas 0 (scale to zero) needs mode keda; an HPA cannot scale to zero",
-                        ".minReplicas"),
+                   rule("self.mode == 'keda-http' || self.minReplicas >= 1",
+                        "minReplicas 0 (scale to zero) needs mode keda-http: with no engine running nothing else "
+                        "reports demand or holds the first request", ".minReplicas"),
                ))
+
+
+def routing_schema() -> dict:
+    return obj("Load- and prefix-aware routing across replicas through the Gateway API Inference Extension.", {
+        "inferencePool": obj("An InferencePool of the engine pods; its endpoint picker chooses a replica per "
+                             "request by queue depth, KV-cache use and prefix affinity.", {
+            "enabled": boolean("Create the InferencePool.", default=False),
+            "endpointPicker": obj("The endpoint picker (EPP) Service serving this pool, deployed beside it "
+                                  "(e.g. with the extension's inferencepool chart, --pool-name NAME).", {
+                "name": string("Name of the picker's Service in the ModelDeployment's namespace.",
+                               pattern=DNS_LABEL_PATTERN, maxLength=63),
+                "port": integer("The picker's ext-proc gRPC port on that Service.", minimum=1, maximum=65535,
+                                default=9002),
+                "failureMode": string("What the gateway does when the picker does not answer: FailClose "
+                                      "rejects the request, FailOpen sends it to any pod of the pool.",
+                                      enum=["FailClose", "FailOpen"], default="FailClose"),
+            }, required=("name",)),
+        }, defaulted=True, rules=(
+            rule("!self.enabled || has(self.endpointPicker)",
+                 "inferencePool.enabled needs endpointPicker (the Service of the picker deployed for this pool)",
+                 ".endpointPicker"),
+        )),
+        "httpRoute": obj("An HTTPRoute from Gateways to the InferencePool; omit it to attach the pool yourself.", {
+            "parentRefs": array("Gateways the route attaches to.", obj("A Gateway (or a listener of one).", {
+                "name": string("Gateway name.", pattern=DNS_SUBDOMAIN_PATTERN, maxLength=253),
+                "namespace": string("Gateway namespace; the ModelDeployment's by default.", pattern=DNS_LABEL_PATTERN,
+                                    maxLength=63),
+                "sectionName": string("Listener name inside the Gateway.", pattern=DNS_SUBDOMAIN_PATTERN,
+                                      maxLength=253),
+            }, required=("name",)), minItems=1, maxItems=32),
+            "hostnames": array("Host names the route matches; all of the Gateway's when empty.",
+                               string("A host name; *.example.com matches subdomains.", maxLength=253,
+                                      pattern=HOSTNAME_PATTERN), maxItems=16),
+        }, required=("parentRefs",)),
+    }, defaulted=True, rules=(
+        rule("!has(self.httpRoute) || self.inferencePool.enabled",
+             "routing.httpRoute sends traffic to the InferencePool: set routing.inferencePool.enabled", ".httpRoute"),
+    ))
 
 
 def service_schema() -> dict:
@@ -263,7 +336,7 @@ def service_schema() -> dict:
         "type": string("Service type.", enum=["ClusterIP", "NodePort", "LoadBalancer"], default="ClusterIP"),
         "port": integer("Port of the Service and of the engine container.", minimum=1, maximum=65535,
                         default=8000),
-    }, default={})
+    }, defaulted=True)
 
 
 def rollout_schema() -> dict:
@@ -271,10 +344,12 @@ def rollout_schema() -> dict:
         "strategy": string("RollingUpdate replaces pods one at a time; Recreate stops all old pods first "
                            "(needed when GPUs cannot hold two copies).", enum=["RollingUpdate", "Recreate"],
                            default="RollingUpdate"),
-        "maxSurge": int_or_string("Extra pods during a rolling update. 0 by default: a surge pod on a full "
-                                  "GPU node stays Pending.", default=0),
-        "maxUnavailable": int_or_string("Pods that may be unavailable during a rolling update.", default=1),
-    }, default={}, rules=(
+        "maxSurge": int_or_string("Extra pods during a rolling update, a number or a percentage. 0 by default: "
+                                  "a surge pod on a full GPU node stays Pending.", default=0,
+                                  pattern=PERCENT_PATTERN, maxLength=8),
+        "maxUnavailable": int_or_string("Pods that may be unavailable during a rolling update, a number or a "
+                                        "percentage.", default=1, pattern=PERCENT_PATTERN, maxLength=8),
+    }, defaulted=True, rules=(
         rule("self.strategy != 'RollingUpdate' || !(string(self.maxSurge) in ['0', '0%'] "
              "&& string(self.maxUnavailable) in ['0', '0%'])",
              "maxSurge and maxUnavailable cannot both be 0", ".maxUnavailable"),
@@ -292,6 +367,7 @@ def spec_schema() -> dict:
         "autoscaling": autoscaling_schema(),
         "service": service_schema(),
         "rollout": rollout_schema(),
+        "routing": routing_schema(),
     }, required=("model",), rules=(
         rule("self.resources.gpus == 0 ? self.engine.tensorParallelSize == 1 "
              ": self.resources.gpus % self.engine.tensorParallelSize == 0",
@@ -299,6 +375,9 @@ def spec_schema() -> dict:
              ".resources.gpus"),
         rule("!has(self.cache.existingClaim) || self.model.source.startsWith('hf://')",
              "cache.existingClaim only applies to hf:// sources", ".cache.existingClaim"),
+        rule("!(self.autoscaling.enabled && self.autoscaling.mode == 'keda-http' && self.routing.inferencePool.enabled)",
+             "autoscaling mode keda-http sends requests through the HTTP add-on's interceptor to the Service, "
+             "past the InferencePool; with routing use mode keda or hpa", ".routing.inferencePool.enabled"),
     ))
 
 
@@ -327,7 +406,7 @@ def status_schema() -> dict:
         "selector": string("Label selector of the engine pods (scale subresource, for HPAs)."),
         "endpoint": string("In-cluster OpenAI base URL."),
         "observedGeneration": integer("metadata.generation the status describes.", minimum=0),
-        "conditions": array("ModelCached, Available, Progressing and Autoscaling.", condition_schema(),
+        "conditions": array("ModelCached, Available, Progressing, Autoscaling and Routing.", condition_schema(),
                             **{"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]}),
     })
 

@@ -59,10 +59,21 @@ KINDS: dict[str, Kind] = {
     "PodDisruptionBudget": Kind("policy/v1", "poddisruptionbudgets"),
     "HorizontalPodAutoscaler": Kind("autoscaling/v2", "horizontalpodautoscalers"),
     "ScaledObject": Kind("keda.sh/v1alpha1", "scaledobjects"),
+    "InterceptorRoute": Kind("http.keda.sh/v1beta1", "interceptorroutes"),
+    "InferencePool": Kind("inference.networking.k8s.io/v1", "inferencepools"),
+    "HTTPRoute": Kind("gateway.networking.k8s.io/v1", "httproutes"),
     "StorageClass": Kind("storage.k8s.io/v1", "storageclasses", namespaced=False),
 }
 # The kinds a ModelDeployment owns (the rest of KINDS are only read): watched, and granted full verbs.
 CHILD_KINDS = tuple(name for name in KINDS if name not in {crd.KIND, "Secret", "StorageClass"})
+# Children whose API comes from an add-on the cluster may lack, with what to install for them.
+ADD_ON_KINDS = {
+    "ScaledObject": "KEDA",
+    "InterceptorRoute": "the KEDA HTTP add-on",
+    "HorizontalPodAutoscaler": "the autoscaling/v2 API",
+    "InferencePool": "the Gateway API Inference Extension",
+    "HTTPRoute": "the Gateway API",
+}
 
 
 class ApiError(Exception):

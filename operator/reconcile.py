@@ -18,14 +18,16 @@ from decimal import Decimal
 from kubernetes.utils import parse_quantity
 
 from model_operator import crd, resources, status as statuses
-from model_operator.kube import AlreadyExists, ApiError, Client
+from model_operator.kube import ADD_ON_KINDS, AlreadyExists, ApiError, Client
 from model_operator.resources import Target
 
 # Jobs' templates and PVCs' specs are (nearly) immutable: created once, never patched.
 CREATE_ONLY_KINDS = {"Job", "PersistentVolumeClaim"}
 # Children the spec can stop asking for; the cache PVC is never deleted automatically (it holds data).
-PRUNABLE_KINDS = ("Job", "ScaledObject", "HorizontalPodAutoscaler", "PodDisruptionBudget")
-AUTOSCALER_KINDS = {"ScaledObject", "HorizontalPodAutoscaler"}
+PRUNABLE_KINDS = ("Job", "InterceptorRoute", "ScaledObject", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+                  "InferencePool", "HTTPRoute")
+AUTOSCALER_KINDS = {"InterceptorRoute", "ScaledObject", "HorizontalPodAutoscaler"}
+UNAVAILABLE_REASONS = {"autoscaling": "AutoscalerUnavailable", "routing": "RoutingUnavailable"}  # Event reasons
 # Objects inside a child that the builders own entirely (merge patches would otherwise keep stale keys).
 REPLACED_WHOLE = {"Deployment": (("spec", "strategy"),)}
 
@@ -142,7 +144,7 @@ class Reconciler:
 
     def apply(self, body: dict, target: Target) -> statuses.Observed:
         desired = resources.children(target, self.default_image)
-        job, deployment, autoscaling_problem = None, None, None
+        job, deployment, problems = None, None, {"autoscaling": None, "routing": None}
         for child in desired:  # in dependency order: the cache volume, its Job, then the engines
             if child["kind"] == "Deployment" and not statuses.model_cached(target, job):
                 # The engines keep serving the previous revision until the new one is on the volume.
@@ -151,18 +153,21 @@ class Reconciler:
             try:
                 current = self.ensure(body, child)
             except ApiError as error:
-                if child["kind"] not in AUTOSCALER_KINDS or error.status != 404:
+                if child["kind"] not in ADD_ON_KINDS or error.status != 404:
                     raise
-                autoscaling_problem = (f"cannot create the {child['kind']} ({error.message}); "
-                                       f"is {'KEDA' if child['kind'] == 'ScaledObject' else 'the HPA API'} installed?")
-                self.post_event(body, "Warning", "AutoscalerUnavailable", autoscaling_problem)
+                # The engines serve through their Service regardless; the condition says what is missing.
+                area = "autoscaling" if child["kind"] in AUTOSCALER_KINDS else "routing"
+                problems[area] = (f"cannot create the {child['kind']} ({error.message}); "
+                                  f"is {ADD_ON_KINDS[child['kind']]} installed?")
+                self.post_event(body, "Warning", UNAVAILABLE_REASONS[area], problems[area])
                 continue
             if child["kind"] == "Job":
                 job = current
             elif child["kind"] == "Deployment":
                 deployment = current
         self.prune(body, target, desired)
-        return statuses.Observed(job, deployment, autoscaling_problem=autoscaling_problem)
+        return statuses.Observed(job, deployment, autoscaling_problem=problems["autoscaling"],
+                                 routing_problem=problems["routing"])
 
     def ensure(self, body: dict, child: dict) -> dict:
         """Create the child, or patch it back to the desired state; returns what the server holds."""

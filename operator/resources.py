@@ -328,17 +328,51 @@ def scale_down_behavior(target: Target) -> dict:
 
 
 def autoscaler_mode(target: Target) -> str | None:
-    """keda, hpa, or None when autoscaling is off."""
+    """keda, hpa, keda-http, or None when autoscaling is off."""
     autoscaling = target.spec["autoscaling"]
     return autoscaling["mode"] if autoscaling["enabled"] else None
 
 
-def scaled_object(target: Target) -> dict | None:
-    if autoscaler_mode(target) != "keda":
+def interceptor_hosts(target: Target) -> list[str]:
+    """Host headers the KEDA HTTP add-on's interceptor routes to this model."""
+    return target.spec["autoscaling"]["http"].get("hosts") or [f"{target.name}.{target.namespace}.svc"]
+
+
+def interceptor_route(target: Target) -> dict | None:
+    """Mode keda-http: the HTTP add-on's interceptor forwards matching requests to the engine Service,
+    holding them while no engine is ready, and counts them for the add-on's scaler."""
+    if autoscaler_mode(target) != "keda-http":
         return None
+    http = target.spec["autoscaling"]["http"]
+    return {
+        "apiVersion": "http.keda.sh/v1beta1", "kind": "InterceptorRoute",
+        "metadata": metadata(target, target.name, COMPONENT_ENGINE),
+        "spec": {
+            "target": {"service": target.name, "portName": "http"},
+            "rules": [{"hosts": interceptor_hosts(target)}],
+            "scalingMetric": {"concurrency": {"targetValue": http["targetConcurrentRequests"]}},
+            # Long enough for a pod to start and load the model; the response itself may then stream on.
+            "timeouts": {"readiness": f"{http['coldStartTimeoutSeconds']}s"},
+        },
+    }
+
+
+def scaling_triggers(target: Target) -> list[dict]:
+    """keda: the engines' queue depth from Prometheus. keda-http: the add-on's scaler, which counts the
+    requests the interceptor holds or forwards, so demand is seen even with zero engines."""
     autoscaling = target.spec["autoscaling"]
+    if autoscaling["mode"] == "keda-http":
+        return [{"type": "external-push", "name": "in-flight-requests",
+                 "metadata": {"scalerAddress": autoscaling["http"]["scalerAddress"], "interceptorRoute": target.name}}]
     trigger_metadata = {"serverAddress": autoscaling["prometheusAddress"], "query": waiting_requests_query(target),
                         "threshold": str(autoscaling["targetPendingRequests"]), "activationThreshold": "0"}
+    return [{"type": "prometheus", "name": "waiting-requests", "metadata": trigger_metadata}]
+
+
+def scaled_object(target: Target) -> dict | None:
+    if autoscaler_mode(target) not in ("keda", "keda-http"):
+        return None
+    autoscaling = target.spec["autoscaling"]
     return {
         "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject",
         "metadata": metadata(target, target.name, COMPONENT_ENGINE),
@@ -347,7 +381,7 @@ def scaled_object(target: Target) -> dict | None:
             "minReplicaCount": autoscaling["minReplicas"], "maxReplicaCount": autoscaling["maxReplicas"],
             "cooldownPeriod": autoscaling["scaleDownDelaySeconds"],
             "advanced": {"horizontalPodAutoscalerConfig": {"behavior": scale_down_behavior(target)}},
-            "triggers": [{"type": "prometheus", "name": "waiting-requests", "metadata": trigger_metadata}],
+            "triggers": scaling_triggers(target),
         },
     }
 
@@ -387,6 +421,41 @@ def pod_disruption_budget(target: Target) -> dict | None:
     }
 
 
+def inference_pool(target: Target) -> dict | None:
+    """The engine pods as a Gateway API Inference Extension pool, routed by the named endpoint picker."""
+    pool = target.spec["routing"]["inferencePool"]
+    if not pool["enabled"]:
+        return None
+    picker = pool["endpointPicker"]
+    return {
+        "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+        "metadata": metadata(target, target.name, COMPONENT_ENGINE),
+        "spec": {
+            "selector": {"matchLabels": engine_selector(target)},
+            "targetPorts": [{"number": target.port}],
+            "endpointPickerRef": {"name": picker["name"], "port": {"number": picker["port"]},
+                                  "failureMode": picker["failureMode"]},
+        },
+    }
+
+
+def http_route(target: Target) -> dict | None:
+    """Every path on the given Gateways to the InferencePool (the picker then chooses the pod)."""
+    route = target.spec["routing"].get("httpRoute")
+    if route is None:
+        return None
+    spec = {
+        "parentRefs": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", **ref} for ref in route["parentRefs"]],
+        "rules": [{"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                   "backendRefs": [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                                    "name": target.name}]}],
+    }
+    if route.get("hostnames"):
+        spec["hostnames"] = list(route["hostnames"])
+    return {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": metadata(target, target.name, COMPONENT_ENGINE), "spec": spec}
+
+
 def engine_image(target: Target, default_image: str) -> str:
     return target.spec["engine"].get("image") or default_image
 
@@ -394,6 +463,8 @@ def engine_image(target: Target, default_image: str) -> str:
 def children(target: Target, default_image: str) -> list[dict]:
     """Every object the ModelDeployment should own, in the order they are needed."""
     image = engine_image(target, default_image)
+    # The InterceptorRoute goes first: KEDA asks the add-on's scaler about it when the ScaledObject appears.
     built = [cache_pvc(target), fetch_job(target, image), engine_deployment(target, image), service(target),
-             scaled_object(target), horizontal_pod_autoscaler(target), pod_disruption_budget(target)]
+             interceptor_route(target), scaled_object(target), horizontal_pod_autoscaler(target),
+             pod_disruption_budget(target), inference_pool(target), http_route(target)]
     return [child for child in built if child is not None]

@@ -14,22 +14,10 @@ import os
 from dataclasses import dataclass
 
 from model_operator import crd
+from model_operator.defaulting import apply_schema_defaults
 
 DEFAULT_ENGINE_IMAGE = "ghcr.io/kubellm/kubellm-engine:0.1.0"
 ENGINE_IMAGE_ENV = "KUBELLM_DEFAULT_ENGINE_IMAGE"
-
-
-def apply_schema_defaults(schema: dict, value: object) -> object:
-    """Structural defaulting as the API server does it: absent fields with a `default` get it, recursively."""
-    if isinstance(value, dict) and "properties" in schema:
-        for field, field_schema in schema["properties"].items():
-            if field not in value and "default" in field_schema:
-                value[field] = copy.deepcopy(field_schema["default"])
-            if field in value:
-                value[field] = apply_schema_defaults(field_schema, value[field])
-    elif isinstance(value, list) and "items" in schema:
-        return [apply_schema_defaults(schema["items"], item) for item in value]
-    return value
 
 
 @functools.cache

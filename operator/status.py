@@ -21,7 +21,8 @@ class Observed:
     job: dict | None
     deployment: dict | None
     failure: str | None = None  # a spec that cannot work, or a child the API server rejected
-    autoscaling_problem: str | None = None
+    autoscaling_problem: str | None = None  # an autoscaler child the cluster cannot take (add-on missing)
+    routing_problem: str | None = None  # likewise for the InferencePool / HTTPRoute
 
     @property
     def deployment_status(self) -> dict:
@@ -108,9 +109,22 @@ def autoscaling_condition(target: Target, observed: Observed) -> dict:
         return condition("Autoscaling", False, "Disabled", f"fixed at spec.replicas={target.spec['replicas']}")
     if observed.autoscaling_problem:
         return condition("Autoscaling", False, "AutoscalerUnavailable", observed.autoscaling_problem)
-    return condition("Autoscaling", True, autoscaling["mode"].upper(),
-                     f"{autoscaling['minReplicas']}-{autoscaling['maxReplicas']} replicas, aiming at "
-                     f"{autoscaling['targetPendingRequests']} waiting requests per replica")
+    aim = (f"{autoscaling['http']['targetConcurrentRequests']} in-flight requests"
+           if autoscaling["mode"] == "keda-http" else f"{autoscaling['targetPendingRequests']} waiting requests")
+    return condition("Autoscaling", True, autoscaling["mode"].upper().replace("-", ""),
+                     f"{autoscaling['minReplicas']}-{autoscaling['maxReplicas']} replicas, aiming at {aim} per replica")
+
+
+def routing_condition(target: Target, observed: Observed) -> dict:
+    routing = target.spec["routing"]
+    if not routing["inferencePool"]["enabled"]:
+        return condition("Routing", False, "Disabled", "clients reach the replicas through the Service")
+    if observed.routing_problem:
+        return condition("Routing", False, "RoutingUnavailable", observed.routing_problem)
+    picker = routing["inferencePool"]["endpointPicker"]["name"]
+    attached = "an HTTPRoute attaches it to its Gateways" if "httpRoute" in routing else "attach it with an HTTPRoute"
+    return condition("Routing", True, "InferencePool",
+                     f"InferencePool {target.name} routes through endpoint picker {picker}; {attached}")
 
 
 def conditions(target: Target, observed: Observed, current_phase: str, message: str) -> list[dict]:
@@ -123,7 +137,8 @@ def conditions(target: Target, observed: Observed, current_phase: str, message: 
         progressing = condition("Progressing", False, "Failed", message)
     else:
         progressing = condition("Progressing", True, current_phase, message)
-    return [model_cached_condition(target, observed), available, progressing, autoscaling_condition(target, observed)]
+    return [model_cached_condition(target, observed), available, progressing, autoscaling_condition(target, observed),
+            routing_condition(target, observed)]
 
 
 def with_transition_times(new: list[dict], old: list[dict], now: str) -> list[dict]:

@@ -2,7 +2,8 @@
 
 import pytest
 
-from engine.block_manager import BlockManager, hash_block
+from engine.block_manager import FREED_BLOCK, BlockManager, hash_block
+from engine.core_messages import EngineCoreRequest
 from engine.sampling import SamplingParams
 from engine.sequence import Request, Sequence
 
@@ -10,7 +11,7 @@ BLOCK = 4
 
 
 def make_seq(tokens: list[int], n: int = 1) -> Sequence:
-    request = Request("r", None, tokens, SamplingParams(n=n), arrival_time=0.0, max_tokens=16)
+    request = Request(EngineCoreRequest("r", tokens, SamplingParams(n=n), arrival_time=0.0, max_tokens=16))
     return request.seqs[0]
 
 
@@ -117,3 +118,58 @@ def test_no_leak_after_many_sequences(caching):
         manager.free(seq)
     assert manager.num_free_blocks == 20
     assert all(count == 0 for count in manager.ref_counts)
+
+
+# Sliding window: blocks wholly outside every layer's window are released ----------------------
+
+
+def test_blocks_wholly_outside_the_window_are_released_as_the_sequence_grows():
+    manager = BlockManager(num_blocks=10, block_size=BLOCK, enable_prefix_caching=False)
+    seq = make_seq(list(range(20)))
+    compute_all(manager, seq)  # positions 0..19 in 5 blocks; the next query (20) sees 13..20
+    table = list(seq.block_table)
+    assert manager.free_blocks_outside_window(seq, window=8) == 3
+    assert seq.block_table == [FREED_BLOCK] * 3 + table[3:]
+    assert manager.num_free_blocks == 10 - 2
+    assert all(manager.ref_counts[block] == 0 for block in table[:3])
+    assert manager.free_blocks_outside_window(seq, window=8) == 0  # nothing more until it grows
+    seq.token_ids += [20, 21, 22, 23]
+    assert manager.allocate(seq, 4)  # the new block lands at index 5: positions keep their block index
+    assert len(seq.block_table) == 6 and seq.block_table[5] in table[:3]  # a released block, reused
+    seq.num_computed_tokens = 24
+    assert manager.free_blocks_outside_window(seq, window=8) == 1  # 24 - 8 + 1 = 17: block 3 is dead
+    manager.free(seq)
+    assert manager.num_free_blocks == 10 and all(count == 0 for count in manager.ref_counts)
+
+
+def test_window_longer_than_the_context_releases_nothing():
+    manager = BlockManager(num_blocks=8, block_size=BLOCK, enable_prefix_caching=False)
+    seq = make_seq(list(range(12)))
+    compute_all(manager, seq)
+    assert manager.free_blocks_outside_window(seq, window=13) == 0
+    assert manager.free_blocks_outside_window(seq, window=9) == 1  # the next query (12) sees 4..12
+
+
+def test_a_block_shared_with_another_sequence_stays_allocated_for_it():
+    manager = BlockManager(num_blocks=16, block_size=BLOCK, enable_prefix_caching=True)
+    first = make_seq(list(range(12)) + [50])
+    compute_all(manager, first)
+    second = make_seq(list(range(12)) + [60])
+    hits = manager.find_cached_prefix(second)
+    assert manager.allocate(second, 1, hits)
+    free_before = manager.num_free_blocks
+    assert manager.free_blocks_outside_window(first, window=4) == 2  # next query 13 sees 10..13: blocks 0, 1 dead
+    assert manager.num_free_blocks == free_before  # second still holds them
+    assert [manager.ref_counts[block] for block in hits] == [1, 1, 2]
+    manager.free(first)
+    manager.free(second)
+    assert manager.num_free_blocks == 16 and all(count == 0 for count in manager.ref_counts)
+
+
+def test_released_cached_blocks_still_serve_prefix_hits():
+    manager = BlockManager(num_blocks=16, block_size=BLOCK, enable_prefix_caching=True)
+    long_running = make_seq(list(range(16)) + [7])
+    compute_all(manager, long_running)
+    assert manager.free_blocks_outside_window(long_running, window=4) == 3
+    newcomer = make_seq(list(range(16)) + [8])
+    assert len(manager.find_cached_prefix(newcomer)) == 4

@@ -22,6 +22,7 @@ from model_operator import __main__ as operator_main
 from model_operator import crd, resources, spec
 from model_operator.rbac import RBAC_RULES
 from operator_fixtures.schema import admission_errors
+from operator_fixtures.third_party import validation_errors
 
 KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]
 PROMETHEUS_OPERATOR = ("monitoring.coreos.com/v1",)
@@ -40,6 +41,7 @@ OPTIONS = {
     "service-account-annotations": {"serviceAccount": {"annotations": {"example.com/role": "kubellm"}}},
     "no-rbac": {"rbac": {"create": False}},
     "debug-logs": {"logLevel": "DEBUG"},
+    "health-endpoint": {"health": {"address": "::", "port": 9808}},
     "scheduling": {"nodeSelector": {"kubernetes.io/os": "linux"},
                    "tolerations": [{"key": "system", "operator": "Exists", "effect": "NoSchedule"}],
                    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
@@ -70,6 +72,8 @@ BAD_VALUES = {
     "service-account-name-not-dns": {"serviceAccount": {"name": "Operator SA"}},
     "rbac-create-string": {"rbac": {"create": "yes"}},
     "log-level": {"logLevel": "verbose"},
+    "health-port": {"health": {"port": 70000}},
+    "health-address": {"health": {"address": "0.0.0.0:8080/x"}},
     "resource-quantity": {"resources": {"requests": {"memory": "lots"}}},
     "resource-field": {"resources": {"request": {"memory": "1Gi"}}},
     "interval": {"monitoring": {"podMonitor": {"interval": "fast"}}},
@@ -112,7 +116,7 @@ def test_every_rendered_object_is_valid_for_every_kubernetes_version(rendered):
         if document["kind"] == crd.KIND:
             assert admission_errors(document) == [], (option, document["metadata"]["name"])
         elif document["kind"] == "PodMonitor":
-            assert_pod_monitor_is_well_formed(document)
+            assert validation_errors(document) == [], option
         else:
             for version in KUBERNETES_VERSIONS:
                 validate_once(json.dumps(document, sort_keys=True), version)
@@ -152,14 +156,17 @@ def test_operator_pod_is_locked_down():
     assert container["livenessProbe"]["httpGet"]["port"] in {port["name"] for port in container["ports"]}
 
 
-def test_operator_reads_every_setting_the_chart_passes():
-    container = operator_container(render_objects(OPTIONS["debug-logs"]))
-    settings = env_of(container)
-    assert set(settings) == {operator_main.WATCH_NAMESPACES_ENV, spec.ENGINE_IMAGE_ENV, operator_main.LOG_LEVEL_ENV,
-                             operator_main.HEALTH_PORT_ENV}
-    assert settings[operator_main.LOG_LEVEL_ENV] == "DEBUG"
+@pytest.mark.parametrize("option", ["defaults", "debug-logs", "health-endpoint"])
+def test_operator_reads_every_setting_the_chart_passes(option):
+    container = operator_container(render_objects(OPTIONS[option]))
+    environ = env_of(container)
+    assert set(environ) == {operator_main.WATCH_NAMESPACES_ENV, spec.ENGINE_IMAGE_ENV, operator_main.LOG_LEVEL_ENV,
+                            operator_main.HEALTH_ADDRESS_ENV, operator_main.HEALTH_PORT_ENV}
+    settings = operator_main.parse_settings([], environ)  # what the operator makes of them
+    assert settings.log_level == (OPTIONS[option].get("logLevel") or "INFO")
     (health,) = [port for port in container["ports"] if port["name"] == container["livenessProbe"]["httpGet"]["port"]]
-    assert int(settings[operator_main.HEALTH_PORT_ENV]) == health["containerPort"]
+    assert settings.health_port == health["containerPort"]
+    assert settings.health_address == OPTIONS[option].get("health", {}).get("address", "0.0.0.0")
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
 
 
@@ -198,12 +205,11 @@ def test_models_catalog_renders_model_deployments():
 # --- PodMonitor ---------------------------------------------------------------------------------
 
 
-def assert_pod_monitor_is_well_formed(document: dict) -> None:
-    """PodMonitor is a Prometheus Operator CRD (no bundled schema): check the fields it requires."""
-    assert document["apiVersion"] == "monitoring.coreos.com/v1"
-    assert set(document["spec"]) == {"namespaceSelector", "selector", "podMetricsEndpoints"}
-    for endpoint in document["spec"]["podMetricsEndpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval"} and endpoint["path"].startswith("/")
+def test_pod_monitor_check_is_strict():
+    """The PodMonitor is checked against prometheus-operator's CRD; a misspelled field fails."""
+    (monitor,) = by_kind(render_objects(api_versions=PROMETHEUS_OPERATOR), "PodMonitor")
+    monitor["spec"]["podMetricsEndpoints"][0]["scrapeInterval"] = "15s"
+    assert any("scrapeInterval" in error for error in validation_errors(monitor))
 
 
 def engine_pod_template(namespace: str = "team-a") -> dict:
@@ -325,3 +331,17 @@ def test_models_outside_the_watched_namespaces_are_refused():
     with pytest.raises(helm_python.HelmRenderError, match="watchNamespaces does not include"):
         render_objects(values)
     assert by_kind(render_objects(values | {"watchNamespaces": ["team-a", DEFAULT_NAMESPACE]}), crd.KIND)
+
+
+def test_notes_report_which_add_ons_the_cluster_serves():
+    """Every add-on API the operator may write to is looked up (the chart installs none of their CRDs)."""
+    from model_operator.kube import ADD_ON_KINDS, KINDS
+
+    add_on_apis = {KINDS[kind].api_version for kind in ADD_ON_KINDS if kind != "HorizontalPodAutoscaler"}
+    notes_without = render_templates()["kubellm/templates/NOTES.txt"]
+    assert notes_without.count(" missing  (") == len(add_on_apis) + 1  # and the Prometheus Operator
+    served = tuple(sorted(add_on_apis)) + PROMETHEUS_OPERATOR
+    notes_with = render_templates(api_versions=served)["kubellm/templates/NOTES.txt"]
+    assert notes_with.count(" found    (") == len(served) and " missing " not in notes_with
+    templates = (CHART_DIR / "templates" / "NOTES.txt").read_text()
+    assert all(f'"{api}"' in templates for api in served)

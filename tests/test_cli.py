@@ -18,7 +18,7 @@ SERVE_FLAGS = [
     "--host", "--port", "--served-model-name", "--api-key", "--api-key-file", "--dtype", "--device",
     "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--gpu-memory-utilization",
     "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-pending-requests", "--shutdown-timeout",
-    "--log-level", "--tensor-parallel-size", "--enforce-eager", "--num-kv-blocks", "--seed",
+    "--log-level", "--tensor-parallel-size", "--enforce-eager", "--num-kv-blocks", "--seed", "--quantization",
 ]
 
 
@@ -62,13 +62,14 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         str(tmp_path), "--dtype", "bf16", "--device", "cpu", "--max-model-len", "1024", "--max-num-seqs", "7",
         "--max-num-batched-tokens", "512", "--block-size", "32", "--num-kv-blocks", "99",
         "--gpu-memory-utilization", "0.5", "--no-enable-prefix-caching", "--tensor-parallel-size", "2",
-        "--enforce-eager", "--seed", "5",
+        "--enforce-eager", "--seed", "5", "--quantization", "fp8",
     )
     config = engine_config_from_args(args, str(tmp_path), "served")
     assert dataclasses.asdict(config) == dataclasses.asdict(EngineConfig(
         model=str(tmp_path), dtype="bfloat16", device="cpu", max_model_len=1024, max_num_seqs=7,
         max_num_batched_tokens=512, block_size=32, num_kv_blocks=99, gpu_memory_utilization=0.5,
         enable_prefix_caching=False, tensor_parallel_size=2, enforce_eager=True, seed=5, served_model_name="served",
+        quantization="fp8",
     ))
     assert serve_args("--enable-prefix-caching").enable_prefix_caching is True
 
@@ -80,6 +81,7 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         (["--port", "70000"], "--port"),
         (["--log-level", "loud"], "--log-level"),
         (["--dtype", "int3"], "--dtype"),
+        (["--quantization", "bitsandbytes"], "--quantization"),
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
         (["--max-pending-requests", "0"], "--max-pending-requests"),
         (["--max-num-seqs", "many"], "--max-num-seqs"),
@@ -118,9 +120,13 @@ def test_api_key_sources_in_order(tmp_path, monkeypatch):
 
 
 def test_no_model_means_the_built_in_model(tmp_path):
-    from engine.testing import DEFAULT_SERVED_NAME, default_model_path
+    from engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
 
-    assert resolve_model(serve_args()) == (str(default_model_path()), DEFAULT_SERVED_NAME)
+    assert resolve_model(serve_args()) == (str(builtin_model_path()), BUILTIN_MODEL_NAME)
+    assert builtin_model_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf_file = tmp_path / "m.gguf"
+    gguf_file.write_bytes(b"")
+    assert resolve_model(serve_args(str(gguf_file))) == (str(gguf_file), str(gguf_file))
     assert resolve_model(serve_args(str(tmp_path))) == (str(tmp_path), str(tmp_path))
     assert resolve_model(serve_args(str(tmp_path), "--served-model-name", "x")) == (str(tmp_path), "x")
 

@@ -30,10 +30,21 @@ FULL = {
                   "affinity": {"nodeAffinity": {}}, "priorityClassName": "inference"},
     "cache": {"size": "100Gi", "storageClassName": "fast", "accessMode": "ReadWriteMany"},
     "replicas": 2,
-    "autoscaling": {"enabled": True, "mode": "keda", "minReplicas": 0, "maxReplicas": 8,
-                    "targetPendingRequests": 4, "prometheusAddress": "http://prom:9090", "scaleDownDelaySeconds": 60},
+    "autoscaling": {"enabled": True, "mode": "keda-http", "minReplicas": 0, "maxReplicas": 8,
+                    "targetPendingRequests": 4, "prometheusAddress": "http://prom:9090", "scaleDownDelaySeconds": 60,
+                    "http": {"hosts": ["llama.example.com", "*.llm.example.com"], "targetConcurrentRequests": 16,
+                             "coldStartTimeoutSeconds": 1200, "scalerAddress": "http-scaler.keda-system:9090"}},
     "service": {"type": "LoadBalancer", "port": 8080},
     "rollout": {"strategy": "Recreate"},
+}
+ROUTED = {
+    "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"},
+    "replicas": 3,
+    "autoscaling": {"enabled": True, "mode": "keda", "minReplicas": 2, "maxReplicas": 6},
+    "routing": {"inferencePool": {"enabled": True, "endpointPicker": {"name": "qwen-epp", "port": 9002,
+                                                                      "failureMode": "FailOpen"}},
+                "httpRoute": {"parentRefs": [{"name": "inference-gateway", "namespace": "infra", "sectionName": "http"}],
+                              "hostnames": ["llm.example.com"]}},
 }
 
 
@@ -97,7 +108,7 @@ def test_defaults_are_valid_and_filled():
     assert admission_errors(document(filled)) == []
 
 
-@pytest.mark.parametrize("model_spec", [MINIMAL, FULL], ids=["minimal", "full"])
+@pytest.mark.parametrize("model_spec", [MINIMAL, FULL, ROUTED], ids=["minimal", "full", "routed"])
 def test_valid_specs_are_admitted(model_spec):
     assert admission_errors(document(model_spec)) == []
 
@@ -110,12 +121,43 @@ def test_valid_specs_are_admitted(model_spec):
     ("resources.gpus", 3, "multiple of engine.tensorParallelSize"),
     ("resources.gpus", 0, "multiple of engine.tensorParallelSize"),
     ("autoscaling.minReplicas", 9, "must not exceed"),
-    ("autoscaling.mode", "hpa", "needs mode keda"),
+    ("autoscaling.mode", "hpa", "needs mode keda-http"),
+    ("autoscaling.mode", "keda", "needs mode keda-http"),
     ("cache.accessMode", "ReadOnlyMany", "cannot be ReadOnlyMany"),
 ])
 def test_cross_field_rules_reject(path, value, fragment):
     failures = cel_failures(document(with_change(FULL, path, value)))
     assert any(fragment in failure for failure in failures), failures
+
+
+@pytest.mark.parametrize("path,value,fragment", [
+    ("routing.inferencePool.endpointPicker", None, "needs endpointPicker"),
+    ("routing.inferencePool.enabled", False, "set routing.inferencePool.enabled"),
+    ("autoscaling.mode", "keda-http", "past the InferencePool"),
+])
+def test_routing_rules_reject(path, value, fragment):
+    changed = with_change(ROUTED, path, value)
+    if value is None:
+        *parents, leaf = path.split(".")
+        node = changed
+        for key in parents:
+            node = node[key]
+        del node[leaf]
+    failures = cel_failures(document(changed))
+    assert any(fragment in failure for failure in failures), failures
+
+
+@pytest.mark.parametrize("path,value", [
+    ("routing.httpRoute.parentRefs", []),
+    ("routing.httpRoute.hostnames", ["Not A Host"]),
+    ("routing.inferencePool.endpointPicker.failureMode", "Retry"),
+    ("routing.inferencePool.endpointPicker.port", 0),
+    ("autoscaling.http.hosts", ["http://x"]),
+    ("autoscaling.http.scalerAddress", "scaler"),
+    ("autoscaling.http.coldStartTimeoutSeconds", 1),
+])
+def test_schema_rejects_bad_routing_and_http_fields(path, value):
+    assert schema_errors(document(with_change(ROUTED, path, value)))
 
 
 def test_token_secret_only_with_hub_sources():

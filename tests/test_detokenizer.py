@@ -3,9 +3,8 @@
 import pytest
 from transformers import AutoTokenizer
 
-from engine.detokenizer import INCOMPLETE_CHAR, Detokenizer, find_stop_string
+from engine.detokenizer import INCOMPLETE_CHAR, Detokenizer, TextState, find_stop_string
 from engine.sampling import SamplingParams
-from engine.sequence import Request, Sequence
 
 TEXT = " Grüße aus München! こんにちは世界 🙂🚀 你好 — naïve ≤∞ done."
 
@@ -16,13 +15,13 @@ def tokenizer(tiny_model_folder):
 
 
 def stream(detokenizer: Detokenizer, prompt: list[int], output: list[int], params: SamplingParams):
-    """Feed output tokens one by one as the engine does; return the sequence and every delta."""
-    seq = Request("r", None, prompt, params, 0.0, max_tokens=len(output)).seqs[0]
+    """Feed output tokens one by one as the front end does; return the text state and every delta."""
+    state = TextState.after_prompt(params, prompt)
     deltas = []
     for token in output:
-        seq.append_token(token, None)
-        deltas.append(detokenizer.decode_new_tokens(seq))
-    return seq, deltas
+        state.tokens.append(token)
+        deltas.append(detokenizer.decode_new_tokens(state))
+    return state, deltas
 
 
 def test_streamed_text_equals_decoding_everything_and_never_shows_half_a_character(tokenizer):
@@ -61,10 +60,8 @@ def test_special_tokens_are_skipped_unless_asked(tokenizer):
     assert seq.output_text == " hi<|eot_id|>"
 
 
-def output_with_text(text: str, new: int, params: SamplingParams) -> Sequence:
-    seq = Request("r", None, [1], params, 0.0, max_tokens=10).seqs[0]
-    seq.output_text = text
-    return seq
+def output_with_text(text: str, params: SamplingParams) -> TextState:
+    return TextState(params, [1], output_text=text)
 
 
 @pytest.mark.parametrize(
@@ -78,13 +75,13 @@ def output_with_text(text: str, new: int, params: SamplingParams) -> Sequence:
     ],
 )
 def test_stop_strings(text, new, stop, include, expected_text, expected_stop):
-    seq = output_with_text(text, new, SamplingParams(stop=stop, include_stop_str_in_output=include))
+    seq = output_with_text(text, SamplingParams(stop=stop, include_stop_str_in_output=include))
     assert find_stop_string(seq, new) == expected_stop
     assert seq.output_text == expected_text
 
 
 def test_text_that_could_start_a_stop_string_is_held_back_while_running():
-    seq = output_with_text("Hello wor", 3, SamplingParams(stop=["world!"]))
+    seq = output_with_text("Hello wor", SamplingParams(stop=["world!"]))
     assert seq.visible_text == "Hell"  # "o wor" could still become "world!"
-    seq.finish("length")
+    seq.finished = True
     assert seq.visible_text == "Hello wor"

@@ -79,6 +79,40 @@ def test_chunked_prefill_with_a_small_token_budget(model_path, prompts, alone):
     assert_no_leak(llm)
 
 
+def test_overlap_scheduling_on_and_off_give_identical_outputs(model_path, prompts, alone):
+    """The extra step scheduled before a sequence's last token is known never shows: greedy,
+    seeded, penalties, stop tokens and strings, min_tokens, n > 1 and preemption, with and without."""
+    mixed = [
+        GREEDY,
+        SamplingParams(temperature=1.0, top_p=0.9, top_k=20, seed=7, max_tokens=NEW_TOKENS, n=2),
+        SamplingParams(temperature=0.8, seed=3, repetition_penalty=1.3, presence_penalty=0.5, max_tokens=12),
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, stop_token_ids=[17, 42, 99], min_tokens=3),
+        SamplingParams(temperature=1.0, seed=11, max_tokens=NEW_TOKENS, stop=["a", "e"], logprobs=2),
+    ]
+    requests = [{"prompt_token_ids": p} for p in prompts[:20]]
+    params = [mixed[i % len(mixed)] for i in range(len(requests))]
+
+    def outputs(overlap: bool, num_kv_blocks: int) -> tuple[list, list, int]:
+        llm = LLM(model=model_path, device="cpu", num_kv_blocks=num_kv_blocks, overlap_scheduling=overlap)
+        results = llm.generate(requests, params, use_tqdm=False)
+        assert_no_leak(llm)
+        tokens = [[(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in r.outputs] for r in results]
+        logprobs = [o.logprobs for r in results for o in r.outputs]
+        return tokens, logprobs, llm.get_stats().num_preemptions
+
+    reference, reference_logprobs, _ = outputs(overlap=False, num_kv_blocks=2048)
+    for num_kv_blocks in (2048, 24):  # the second preempts
+        tokens, logprobs, preemptions = outputs(overlap=True, num_kv_blocks=num_kv_blocks)
+        assert tokens == reference
+        assert preemptions > 0 or num_kv_blocks == 2048
+        for ours, theirs in zip(logprobs, reference_logprobs):  # recompute may round differently
+            assert ours is None and theirs is None or [list(e) for e in ours] == [list(e) for e in theirs]
+            assert ours is None or all(e == pytest.approx(f, abs=1e-4) for e, f in zip(ours, theirs))
+    assert {c[2] for r in reference for c in r} == {"stop", "length"}
+    greedy_rows = [r[0][0] for r, p in zip(reference, params) if p is GREEDY]
+    assert greedy_rows == [alone[i] for i, p in enumerate(params) if p is GREEDY]
+
+
 @pytest.fixture(scope="module")
 def llm(model_path):
     return LLM(model=model_path, device="cpu", num_kv_blocks=256, max_model_len=512)
@@ -106,12 +140,12 @@ def test_n_completions_share_the_prompt_blocks(model_path, prompts):
     while engine.has_unfinished_requests():
         for output in engine.step():
             final = output
-        max_sharing = max(max_sharing, max(engine.block_manager.ref_counts))
+        max_sharing = max(max_sharing, max(engine.core.block_manager.ref_counts))
     assert max_sharing == 3
     assert [c.index for c in final.outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == NEW_TOKENS for c in final.outputs)
     assert len({tuple(c.token_ids) for c in final.outputs}) == 3
-    assert engine.block_manager.num_free_blocks == 64
+    assert engine.core.block_manager.num_free_blocks == 64
 
 
 def test_greedy_n_gives_identical_completions(llm, prompts):
@@ -169,7 +203,7 @@ def test_abort_frees_blocks_of_running_and_waiting_requests(model_path, prompts)
     while engine.has_unfinished_requests():
         finished |= {o.request_id for o in engine.step() if o.finished}
     assert finished == {"r1", "r2", "r3", "r4", "r7"}
-    assert engine.block_manager.num_free_blocks == 40
+    assert engine.core.block_manager.num_free_blocks == 40
 
 
 def test_bad_requests_are_rejected_and_others_go_on(model_path, prompts):
@@ -195,7 +229,7 @@ def test_bad_requests_are_rejected_and_others_go_on(model_path, prompts):
         outputs += engine.step()
     assert outputs[-1].request_id == "good" and outputs[-1].finished
     assert len(outputs[-1].outputs[0].token_ids) == NEW_TOKENS
-    assert engine.block_manager.num_free_blocks == 8
+    assert engine.core.block_manager.num_free_blocks == 8
 
 
 def test_one_bad_prompt_fails_generate_and_leaves_the_engine_clean(llm, prompts):

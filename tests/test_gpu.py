@@ -49,6 +49,33 @@ def test_greedy_fp32_equals_transformers(tiny_folder, enforce_eager):
         assert tokens == expected[0, len(prompt):].tolist()
 
 
+def test_overlap_scheduling_gives_the_same_tokens_on_the_gpu(tiny_folder):
+    """Greedy, seeded, penalised and stopped requests with CUDA graphs, preemption included."""
+    from engine import LLM, SamplingParams
+
+    mixed = [
+        SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=1.0, top_p=0.9, seed=7, max_tokens=20, n=2, ignore_eos=True),
+        SamplingParams(temperature=0.7, seed=3, repetition_penalty=1.2, frequency_penalty=0.3, max_tokens=15),
+        SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[17, 42, 99], min_tokens=2, logprobs=3),
+    ]
+    prompts = [{"prompt_token_ids": list(range(3 + i, 40 + 7 * i))} for i in range(24)]
+    params = [mixed[i % len(mixed)] for i in range(len(prompts))]
+
+    def run(overlap: bool, num_kv_blocks: int | None) -> list:
+        llm = LLM(model=str(tiny_folder), device="cuda", dtype="float32", gpu_memory_utilization=0.3,
+                  overlap_scheduling=overlap, num_kv_blocks=num_kv_blocks, max_num_seqs=16)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        stats = llm.get_stats()
+        assert stats.num_blocks_free == stats.num_blocks_total
+        return [[(o.token_ids, o.finish_reason) for o in r.outputs] for r in outputs], stats.num_preemptions
+
+    reference, _ = run(overlap=False, num_kv_blocks=None)
+    assert run(overlap=True, num_kv_blocks=None)[0] == reference
+    preempted, preemptions = run(overlap=True, num_kv_blocks=24)
+    assert preempted == reference and preemptions > 0
+
+
 def test_teacher_forced_bf16_agrees_with_transformers(tmp_path):
     from benchmarks.gpu_correctness import compare
     from benchmarks.workloads import model_folder

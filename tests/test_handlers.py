@@ -117,7 +117,8 @@ async def test_create_builds_children_and_follows_job_and_deployment_status(clus
         assert deployment["metadata"]["ownerReferences"][0]["kind"] == crd.KIND
         status = await phase_becomes(cluster, "Loading")
         assert {c["type"]: c["status"] for c in status["conditions"]} == {
-            "ModelCached": "True", "Available": "False", "Progressing": "True", "Autoscaling": "False"}
+            "ModelCached": "True", "Available": "False", "Progressing": "True", "Autoscaling": "False",
+            "Routing": "False"}
 
         await api(cluster, "PATCH", "Deployment", NAME, {"status": {"replicas": 1, "readyReplicas": 1,
                                                                     "updatedReplicas": 1}}, "status")
@@ -235,6 +236,58 @@ async def test_autoscaling_children_follow_the_spec(cluster):
         assert events(cluster, "Deleted")
 
 
+@pytest.mark.asyncio
+async def test_scale_from_zero_and_routing_children_follow_the_spec(cluster):
+    """keda-http: InterceptorRoute + ScaledObject; then routing: InferencePool + HTTPRoute; each pruned when dropped."""
+    from_zero = {**SPEC, "autoscaling": {"enabled": True, "mode": "keda-http", "minReplicas": 0, "maxReplicas": 2}}
+    async with operator_thread():
+        await create_model_deployment(cluster, from_zero)
+        route = await eventually(lambda: stored(cluster, "InterceptorRoute", NAME), "the InterceptorRoute")
+        scaled = await eventually(lambda: stored(cluster, "ScaledObject", NAME), "the ScaledObject")
+        assert route["spec"]["target"]["service"] == NAME
+        assert scaled["spec"]["triggers"][0]["metadata"]["interceptorRoute"] == NAME
+        assert route["metadata"]["ownerReferences"][0]["uid"] == f"uid-{NAME}"
+        conditions = await eventually(lambda: md_status(cluster).get("conditions"), "conditions")
+        assert {c["type"]: c["reason"] for c in conditions}["Autoscaling"] == "KEDAHTTP"
+
+        routed = {"autoscaling": {"mode": "keda", "minReplicas": 1},
+                  "routing": {"inferencePool": {"enabled": True, "endpointPicker": {"name": "qwen-epp"}},
+                              "httpRoute": {"parentRefs": [{"name": "gw"}]}}}
+        await api(cluster, "PATCH", crd.KIND, NAME, {"spec": routed})
+        pool = await eventually(lambda: stored(cluster, "InferencePool", NAME), "the InferencePool")
+        http_route = await eventually(lambda: stored(cluster, "HTTPRoute", NAME), "the HTTPRoute")
+        assert pool["spec"]["endpointPickerRef"]["name"] == "qwen-epp"
+        assert http_route["spec"]["rules"][0]["backendRefs"][0]["name"] == NAME
+        await eventually(lambda: stored(cluster, "InterceptorRoute", NAME) is None, "the InterceptorRoute pruned")
+        await eventually(lambda: stored(cluster, "ScaledObject", NAME)["spec"]["triggers"][0]["type"] == "prometheus",
+                         "the ScaledObject patched to the Prometheus trigger")
+        conditions = await eventually(
+            lambda: {c["type"]: c for c in md_status(cluster).get("conditions", [])}.get("Routing", {}).get(
+                "status") == "True" and md_status(cluster)["conditions"], "Routing condition")
+        assert "qwen-epp" in {c["type"]: c for c in conditions}["Routing"]["message"]
+
+        await api(cluster, "PATCH", crd.KIND, NAME, {"spec": {"routing": {
+            "inferencePool": {"enabled": False, "endpointPicker": None}, "httpRoute": None}}})
+        await eventually(lambda: stored(cluster, "HTTPRoute", NAME) is None, "the HTTPRoute pruned")
+        await eventually(lambda: stored(cluster, "InferencePool", NAME) is None, "the InferencePool pruned")
+
+
+@pytest.mark.asyncio
+async def test_a_missing_add_on_is_reported_not_fatal(cluster):
+    """Without the Inference Extension's CRDs the engines still serve; the Routing condition says what to install."""
+    # Not discovered (kopf does not watch it), and a create answers 404 as a server without the CRD does.
+    del cluster.resources[f"{KINDS['InferencePool'].api_version}/{KINDS['InferencePool'].plural}"]
+    cluster[kmock.method.POST, kmock.resource("inference.networking.k8s.io", "v1", "inferencepools")] << 404
+    pooled = {**SPEC, "routing": {"inferencePool": {"enabled": True, "endpointPicker": {"name": "qwen-epp"}}}}
+    async with operator_thread():
+        await create_model_deployment(cluster, pooled)
+        await eventually(lambda: stored(cluster, "Service", NAME), "the Service")
+        routing = await eventually(lambda: {c["type"]: c for c in md_status(cluster).get("conditions", [])}.get(
+            "Routing"), "the Routing condition")
+        assert routing["status"] == "False" and "Gateway API Inference Extension" in routing["message"]
+        assert events(cluster, "RoutingUnavailable")
+
+
 # --- the pure parts ---------------------------------------------------------------------------------------------------
 
 
@@ -330,11 +383,12 @@ def test_watched_namespaces_from_the_environment():
 
 @pytest.mark.asyncio
 async def test_entry_point_serves_liveness_and_stops_on_sigterm(cluster, tmp_path, unused_tcp_port):
-    """`python -m model_operator`, configured from the environment as the chart configures it."""
+    """`python -m model_operator`, configured from the environment as the chart configures it, and a flag."""
     env = {**os.environ, "KUBELLM_HEALTH_PORT": str(unused_tcp_port), "KUBELLM_LOG_LEVEL": "WARNING"}
     env.pop(entry_point.WATCH_NAMESPACES_ENV, None)  # all namespaces (kmock cannot list namespaces)
     # Not from the repo root: its operator/ folder would shadow the standard library's `operator`.
-    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "model_operator", cwd=tmp_path, env=env,
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "model_operator",
+                                                   "--health-address", "127.0.0.1", cwd=tmp_path, env=env,
                                                    stderr=asyncio.subprocess.PIPE)
     try:
         async def healthy() -> bool:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kernels
+from engine.block_manager import FREED_BLOCK
 from kernels import reference
 from kernels.attention import LaunchConfig
 from kernels.random_inputs import PagedProblem, make_paged_problem
@@ -31,15 +32,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     assert error < TOLERANCE[dtype], f"relative error {error:.2e} over {TOLERANCE[dtype]:.0e}"
 
 
-def fp32_reference_decode(p: PagedProblem) -> torch.Tensor:
+def fp32_reference_decode(p: PagedProblem, sliding_window: int | None = None) -> torch.Tensor:
     return reference.paged_decode_attention(
-        p.q.float(), p.k_cache.float(), p.v_cache.float(), p.block_tables, p.seq_lens, p.scale)
+        p.q.float(), p.k_cache.float(), p.v_cache.float(), p.block_tables, p.seq_lens, p.scale, sliding_window)
 
 
-def fp32_reference_prefill(p: PagedProblem) -> torch.Tensor:
+def fp32_reference_prefill(p: PagedProblem, sliding_window: int | None = None) -> torch.Tensor:
     return reference.paged_prefill_attention(
         p.q.float(), p.k_cache.float(), p.v_cache.float(), p.block_tables, p.query_start_loc,
-        p.seq_lens, p.scale)
+        p.seq_lens, p.scale, sliding_window)
 
 
 def small_shapes() -> list:
@@ -108,6 +109,48 @@ def test_prefill_reads_queries_from_a_strided_view():
     out = kernels.paged_prefill_attention(q_view, p.k_cache, p.v_cache, p.block_tables,
                                           p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
     assert_close(out, fp32_reference_prefill(p), torch.float32)
+
+
+def release_blocks_outside_windows(p: PagedProblem, window: int) -> int:
+    """Every block wholly before a sequence's first query's window, as the block manager leaves it:
+    its table entry FREED_BLOCK and (as if handed to another sequence) its contents NaN."""
+    block_size = p.k_cache.shape[1]
+    query_lens = (p.query_start_loc[1:] - p.query_start_loc[:-1]).tolist()
+    released = 0
+    for b, (seq_len, q_len) in enumerate(zip(p.seq_lens.tolist(), query_lens)):
+        first_needed = max(0, seq_len - q_len - window + 1)
+        for index in range(first_needed // block_size):
+            block = int(p.block_tables[b, index])
+            p.k_cache[block] = float("nan")
+            p.v_cache[block] = float("nan")
+            p.block_tables[b, index] = FREED_BLOCK
+            released += 1
+    return released
+
+
+@pytest.mark.parametrize(("window", "dtype"), [(1, torch.float32), (5, torch.float16), (40, torch.float32)])
+def test_sliding_window_prefill_matches_reference_and_skips_blocks_outside(window, dtype):
+    # Whole prompts, chunks behind a long cached context, and decode rows, all longer than the window.
+    seq_lens, query_lens = [70, 90, 33, 64, 1], [70, 20, 1, 17, 1]
+    p = make_paged_problem(seq_lens, query_lens, 8, 2, 64, 16, dtype, DEVICE)
+    full_attention = fp32_reference_prefill(p)
+    assert release_blocks_outside_windows(p, window) > 0
+    out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc,
+                                          p.seq_lens, p.scale, p.max_query_len, sliding_window=window)
+    expected = fp32_reference_prefill(p, window)
+    assert torch.isfinite(expected).all()
+    assert_close(out, expected, dtype)
+    assert not torch.allclose(expected, full_attention, atol=1e-3)  # the window matters
+
+
+@pytest.mark.parametrize(("window", "num_splits"), [(1, 1), (7, 3), (32, 0)])
+def test_sliding_window_decode_matches_reference_and_skips_blocks_outside(window, num_splits):
+    p = make_paged_problem([1, 9, 40, 100], [1] * 4, 4, 2, 64, 16, torch.float32, DEVICE)
+    assert release_blocks_outside_windows(p, window) > 0
+    config = LaunchConfig(block_n=16, num_warps=1, num_stages=1, num_splits=num_splits)
+    out = kernels.paged_decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens, p.scale,
+                                         config=config, sliding_window=window)
+    assert_close(out, fp32_reference_decode(p, window), torch.float32)
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])

@@ -23,11 +23,14 @@ from engine.testing import make_model_folder
 BLOCK_SIZE = 16
 NUM_BLOCKS = 8
 TOLERANCE = 1e-4
+FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral", "gemma3"]
 
 
-@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
-def models(request, tiny_model_folder):
-    folder = tiny_model_folder(request.param)
+@pytest.fixture(scope="module", params=[*FAMILIES, "mistral:tiny-sliding-window"])
+def models(request, tiny_model_folder, tmp_path_factory):
+    """family, or family:size for a shape other than tiny."""
+    family, _, size = request.param.partition(":")
+    folder = make_model_folder(tmp_path_factory.mktemp(size), family, size) if size else tiny_model_folder(family)
     ours = load_model(folder, load_model_config(folder), dtype="float32", device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return ours, theirs
@@ -106,7 +109,7 @@ def test_prefill_then_decode_matches_transformers(models, prompt_len):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU for the Triton path")
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_triton_path_on_cuda_matches_transformers(tmp_path, family):
     folder = make_model_folder(tmp_path, family=family, seed=4)
     ours = load_model(folder, load_model_config(folder), dtype="float32", device="cuda")

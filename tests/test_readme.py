@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import gen_reference
+from engine.builtin_model import BUILTIN_MODEL_NAME
 from engine.cli import build_parser
 from helm_render import CHART_DIR, ROOT, render_objects
 from model_operator import crd
@@ -121,7 +122,7 @@ def free_port() -> int:
 def shell_commands(prefix: str) -> list[str]:
     """The README's indented shell commands for the built-in model that start with `prefix`."""
     commands = re.findall(rf"^    ({re.escape(prefix)}.*?)(?<!\\)$", README.replace("\\\n      ", " "), re.MULTILINE)
-    return [command for command in commands if "kubellm-default" in command]
+    return [command for command in commands if BUILTIN_MODEL_NAME in command]
 
 
 @pytest.fixture(scope="module")
@@ -133,10 +134,10 @@ def quickstart_server(tmp_path_factory):
         server = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "kubellm"), "serve", "--port", port],
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # the built-in model's tokenizer and weights are read from its GGUF file
         while not ready(port):
             assert server.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "kubellm serve did not become ready in 120 s"
+            assert time.monotonic() < deadline, "kubellm serve did not become ready in 300 s"
             time.sleep(0.5)
         yield port
     finally:
@@ -165,10 +166,29 @@ def test_quickstart_curl_commands_work(quickstart_server):
 
 def test_quickstart_openai_sdk_example_works(quickstart_server, capsys):
     exec(compile(code_blocks("python")[0].replace(README_PORT, quickstart_server), "README.md", "exec"), {})
-    assert "CompletionUsage(completion_tokens=32" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("The capital of France is Paris.\n")  # the answer the README shows
+    assert "CompletionUsage(completion_tokens=32" in out
 
 
 
+def test_kubectl_get_md_output_matches_the_crd_and_the_operator():
+    """The install section's `kubectl get md` table: the CRD's printer columns, filled as the operator fills them."""
+    from model_operator import resources, status
+
+    (table,) = [block for block in code_blocks("text") if block.startswith("NAME ")]
+    header, row = [line.split() for line in table.strip().splitlines()]
+    assert header == ["NAME"] + [column["name"].upper() for column in crd.printer_columns()]
+    example = yaml.safe_load((ROOT / "manifests" / "examples" / "tiny-cpu.yaml").read_text())
+    example["metadata"].update(namespace="default", uid="u-1", generation=1)
+    target = resources.Target.from_body(example)
+    ready_deployment = {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1, "availableReplicas": 1,
+                                   "observedGeneration": 1}}
+    stored = status.compute(target, status.Observed({"status": {"succeeded": 1}}, ready_deployment), 1, {}, "now")
+    shown = {"NAME": example["metadata"]["name"], "MODEL": example["spec"]["model"]["source"],
+             "PHASE": stored["phase"], "READY": str(stored["readyReplicas"]), "REPLICAS": str(stored["replicas"]),
+             "ENDPOINT": stored["endpoint"]}
+    assert dict(zip(header, row)) == {**shown, "AGE": row[-1]}
 def test_compatibility_table_names_every_refused_field_and_every_route():
     from engine.server.responses_api import UNSUPPORTED_RESPONSES_FIELDS
 

@@ -6,7 +6,6 @@ import copy
 import pathlib
 
 import jsonschema
-import kubernetes_validate
 import pytest
 import yaml
 from kubernetes_validate.utils import schema_contents
@@ -14,6 +13,7 @@ from referencing import Registry, Resource
 
 from model_operator import crd, resources, spec
 from operator_fixtures.schema import admission_errors
+from operator_fixtures.third_party import emitted_object_errors, validation_errors
 
 KUBERNETES_VERSIONS = [f"1.{minor}" for minor in range(29, 38)]
 EXAMPLES = sorted((pathlib.Path(__file__).resolve().parent.parent / "manifests" / "examples").glob("*.yaml"))
@@ -44,8 +44,20 @@ SPECS = {
         "priorityClassName": "high"}},
     "cpu-only": {"model": HUB, "resources": {"gpus": 0, "cpu": "4", "memory": "8Gi"}},
     "replicated": {"model": HUB, "replicas": 3, "service": {"type": "LoadBalancer", "port": 9000}},
-    "keda": {"model": HUB, "autoscaling": {"enabled": True, "minReplicas": 0, "maxReplicas": 5,
+    "keda": {"model": HUB, "autoscaling": {"enabled": True, "minReplicas": 1, "maxReplicas": 5,
                                            "targetPendingRequests": 3, "scaleDownDelaySeconds": 600}},
+    "keda-http": {"model": HUB, "autoscaling": {"enabled": True, "mode": "keda-http", "minReplicas": 0,
+                                                "maxReplicas": 3, "http": {"targetConcurrentRequests": 12,
+                                                                           "coldStartTimeoutSeconds": 1200}}},
+    "keda-http-hosts": {"model": HUB, "autoscaling": {"enabled": True, "mode": "keda-http", "minReplicas": 0,
+                                                      "http": {"hosts": ["qwen.example.com", "*.llm.example.com"],
+                                                               "scalerAddress": "scaler.keda-system:9090"}}},
+    "routed": {"model": HUB, "replicas": 2, "routing": {
+        "inferencePool": {"enabled": True, "endpointPicker": {"name": "qwen-epp"}},
+        "httpRoute": {"parentRefs": [{"name": "gw", "namespace": "infra", "sectionName": "https"}, {"name": "local"}],
+                      "hostnames": ["qwen.example.com"]}}},
+    "pool-only": {"model": HUB, "service": {"port": 9000}, "routing": {"inferencePool": {
+        "enabled": True, "endpointPicker": {"name": "qwen-epp", "port": 9102, "failureMode": "FailOpen"}}}},
     "hpa": {"model": HUB, "replicas": 2, "autoscaling": {"enabled": True, "mode": "hpa", "minReplicas": 2,
                                                          "maxReplicas": 6}},
     "recreate": {"model": HUB, "rollout": {"strategy": "Recreate"}},
@@ -80,11 +92,9 @@ def test_test_specs_are_admitted_by_the_crd(name):
 
 
 def assert_valid_kubernetes(children: dict[str, dict], versions: list[str]) -> None:
+    """Built-in kinds against every version's OpenAPI schema; KEDA's and other projects' kinds against their CRDs."""
     for obj in children.values():
-        if obj["kind"] == "ScaledObject":
-            continue  # a KEDA custom resource: checked in test_keda_scaled_object
-        for version in versions:
-            kubernetes_validate.validate(obj, version, strict=True)
+        assert emitted_object_errors(obj, versions) == [], obj["kind"]
 
 
 @pytest.mark.parametrize("name", SPECS)
@@ -275,7 +285,7 @@ def test_keda_scaled_object():
     assert scaled["apiVersion"] == "keda.sh/v1alpha1"
     assert scaled["spec"]["scaleTargetRef"] == {"apiVersion": "kubellm.io/v1alpha1", "kind": "ModelDeployment",
                                                 "name": "qwen"}
-    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 5)
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (1, 5)
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "prometheus"
     assert trigger["metadata"] == {
@@ -294,6 +304,17 @@ def test_keda_scaled_object():
         jsonschema.Draft202012Validator(schema, registry=registry).validate({"scaleDown": {"window": 1}})
 
 
+def test_scaled_object_is_valid_for_kedas_crd_and_the_check_is_strict():
+    scaled = build(SPECS["keda"])["ScaledObject"]
+    assert validation_errors(scaled) == []
+    misspelled = copy.deepcopy(scaled)
+    misspelled["spec"]["minReplicas"] = misspelled["spec"].pop("minReplicaCount")
+    assert any("minReplicas" in error for error in validation_errors(misspelled))
+    inverted = copy.deepcopy(scaled)
+    inverted["spec"]["minReplicaCount"] = 9
+    assert any("less than or equal to maxReplicaCount" in error for error in validation_errors(inverted))
+
+
 def test_hpa_scales_the_model_deployment_on_waiting_requests():
     hpa = build(SPECS["hpa"])["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "ModelDeployment"
@@ -304,7 +325,7 @@ def test_hpa_scales_the_model_deployment_on_waiting_requests():
 
 
 @pytest.mark.parametrize("name,expected", [("default", False), ("replicated", True), ("keda", True),
-                                           ("hpa", True)])
+                                           ("hpa", True), ("keda-http", True)])
 def test_pod_disruption_budget_only_when_several_replicas_may_run(name, expected):
     children = build(SPECS[name])
     assert ("PodDisruptionBudget" in children) is expected
@@ -316,3 +337,73 @@ def test_builders_do_not_modify_their_input():
     model_spec = copy.deepcopy(SPECS["engine-options"])
     build(model_spec)
     assert model_spec == SPECS["engine-options"]
+
+
+# --- scale from zero (KEDA HTTP add-on) and routing (Gateway API Inference Extension) -------------------------
+
+
+def test_keda_http_interceptor_route_and_scaled_object():
+    children = build(SPECS["keda-http"])
+    route, scaled = children["InterceptorRoute"], children["ScaledObject"]
+    assert list(children).index("InterceptorRoute") < list(children).index("ScaledObject")  # KEDA asks about it
+    assert route["apiVersion"] == "http.keda.sh/v1beta1"
+    assert route["spec"]["target"] == {"service": children["Service"]["metadata"]["name"], "portName": "http"}
+    assert "http" in {port["name"] for port in children["Service"]["spec"]["ports"]}
+    assert route["spec"]["rules"] == [{"hosts": ["qwen.serving.svc"]}]
+    assert route["spec"]["scalingMetric"] == {"concurrency": {"targetValue": 12}}
+    assert route["spec"]["timeouts"] == {"readiness": "1200s"}
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == (0, 3)
+    assert scaled["spec"]["triggers"] == [{"type": "external-push", "name": "in-flight-requests", "metadata": {
+        "scalerAddress": "keda-add-ons-http-external-scaler.keda:9090", "interceptorRoute": route["metadata"]["name"]}}]
+    assert scaled["spec"]["scaleTargetRef"]["kind"] == crd.KIND
+
+
+def test_keda_http_hosts_and_scaler_address():
+    children = build(SPECS["keda-http-hosts"])
+    assert children["InterceptorRoute"]["spec"]["rules"] == [{"hosts": ["qwen.example.com", "*.llm.example.com"]}]
+    assert children["ScaledObject"]["spec"]["triggers"][0]["metadata"]["scalerAddress"] == "scaler.keda-system:9090"
+
+
+def test_inference_pool_selects_the_engine_pods_on_their_port():
+    children = build(SPECS["pool-only"])
+    pool, template = children["InferencePool"], children["Deployment"]["spec"]["template"]
+    assert pool["apiVersion"] == "inference.networking.k8s.io/v1"
+    assert pool["spec"]["selector"]["matchLabels"].items() <= template["metadata"]["labels"].items()
+    assert pool["spec"]["selector"]["matchLabels"] == children["Service"]["spec"]["selector"]
+    (engine,) = template["spec"]["containers"]
+    assert pool["spec"]["targetPorts"] == [{"number": engine["ports"][0]["containerPort"]}] == [{"number": 9000}]
+    assert pool["spec"]["endpointPickerRef"] == {"name": "qwen-epp", "port": {"number": 9102},
+                                                 "failureMode": "FailOpen"}
+    assert "HTTPRoute" not in children
+
+
+def test_http_route_sends_everything_to_the_pool():
+    children = build(SPECS["routed"])
+    route, pool = children["HTTPRoute"], children["InferencePool"]
+    assert route["spec"]["parentRefs"] == [
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw", "namespace": "infra",
+         "sectionName": "https"},
+        {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "local"}]
+    assert route["spec"]["hostnames"] == ["qwen.example.com"]
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"group": "inference.networking.k8s.io", "kind": "InferencePool",
+                                    "name": pool["metadata"]["name"]}]
+    assert pool["spec"]["endpointPickerRef"] == {"name": "qwen-epp", "port": {"number": 9002},
+                                                 "failureMode": "FailClose"}
+
+
+@pytest.mark.parametrize("kind,change,fragment", [
+    ("InterceptorRoute", lambda o: o["spec"]["target"].update(port=8000), "exactly one of 'port' or 'portName'"),
+    ("InterceptorRoute", lambda o: o["spec"]["scalingMetric"].update(concurrency={}), "targetValue"),
+    ("InferencePool", lambda o: o["spec"]["endpointPickerRef"].pop("port"), "port is required"),
+    ("InferencePool", lambda o: o["spec"].update(targetPorts=[{"number": 1}, {"number": 1}]), "must be unique"),
+    ("HTTPRoute", lambda o: o["spec"]["rules"][0]["backendRefs"][0].update(group="", kind="Service"),
+     "Must have port"),
+    ("HTTPRoute", lambda o: o["spec"]["rules"][0].update(timeout="1s"), "timeout"),
+])
+def test_third_party_checks_run_the_crds_rules_and_are_strict(kind, change, fragment):
+    """Broken copies of emitted objects fail the real CRDs: their CEL rules, required fields, unknown fields."""
+    children = build(SPECS["keda-http"] if kind == "InterceptorRoute" else SPECS["routed"])
+    broken = copy.deepcopy(children[kind])
+    change(broken)
+    assert any(fragment in error for error in validation_errors(broken)), validation_errors(broken)

@@ -1,35 +1,61 @@
 """Sampler on random logits: greedy, filters, seeds, penalties (vs transformers' processors), logprobs."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+from engine.core_messages import EngineCoreRequest
 from engine.layers.sampler import Sampler
+from engine.model_runner import InFlightStep
 from engine.sampling import SamplingParams
+from engine.sampling_batch import SamplingState, sampling_row
+from engine.scheduler import SampledTokens
 from engine.sequence import Request, Sequence
 
 VOCAB = 50
 EOS = 7
+CPU = torch.device("cpu")
 
 
 def make_seq(params: SamplingParams, prompt=(1, 2, 3), output=(), index=0) -> Sequence:
-    request = Request("r", None, list(prompt), params, 0.0, max_tokens=100)
-    seq = request.seqs[index]
-    for token in output:
-        seq.append_token(token, None)
+    """A sequence as the sampler sees it: outputs known, the token being sampled a placeholder."""
+    seq = Request(EngineCoreRequest("r", list(prompt), params, 0.0, max_tokens=100)).seqs[index]
+    seq.token_ids.extend(output)
+    seq.num_placeholders = 1
     return seq
 
 
 def make_sampler(seed=0) -> Sampler:
-    return Sampler([EOS], seed=seed, device=torch.device("cpu"))
+    return Sampler(seed=seed, device=CPU)
+
+
+def prepare(seqs: list[Sequence]):
+    """What the runner does for a step: rows in the sampling state, then the step's SamplingBatch."""
+    state = SamplingState(len(seqs), VOCAB, (EOS,), CPU)
+    for row, seq in enumerate(seqs):
+        state.add_row(row, seq)
+    params = torch.tensor([sampling_row(seq.params) for seq in seqs], dtype=torch.float32)
+    return state, state.batch(seqs, params, np.arange(len(seqs)))
+
+
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
+    state, batch = prepare(seqs)
+    output = sampler(logits, batch, state.penalties)
+    return InFlightStep(output, [seq.params.logprobs for seq in seqs], CPU).result()
+
+
+def tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
+    return sample(sampler, logits, seqs).token_ids.tolist()
 
 
 def random_logits(rows: int, seed=0) -> torch.Tensor:
     return torch.randn(rows, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
 
 
-def tokens(sampled) -> list[int]:
-    return [s.token_id for s in sampled]
+def penalized_logits(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    state, batch = prepare(seqs)
+    return make_sampler()._apply_penalties(logits, batch, state.penalties)
 
 
 def test_greedy_and_filters_that_leave_one_token_pick_the_argmax():
@@ -40,7 +66,7 @@ def test_greedy_and_filters_that_leave_one_token_pick_the_argmax():
         make_seq(SamplingParams(temperature=1.5, top_p=1e-6)),
         make_seq(SamplingParams(temperature=1.0, min_p=1.0)),
     ]
-    assert tokens(make_sampler()(logits, seqs)) == logits.argmax(dim=-1).tolist()
+    assert tokens(make_sampler(), logits, seqs) == logits.argmax(dim=-1).tolist()
 
 
 def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
@@ -51,14 +77,14 @@ def test_top_k_and_top_p_only_ever_pick_allowed_tokens():
     nucleus_size = int((probs[order].cumsum(0) < 0.6).sum()) + 1
     nucleus = set(order[:nucleus_size].tolist())
     sampler = make_sampler()
-    assert set(tokens(sampler(logits, [make_seq(SamplingParams(top_k=5))] * 200))) <= top5
-    assert set(tokens(sampler(logits, [make_seq(SamplingParams(top_p=0.6))] * 200))) <= nucleus
+    assert set(tokens(sampler, logits, [make_seq(SamplingParams(top_k=5))] * 200)) <= top5
+    assert set(tokens(sampler, logits, [make_seq(SamplingParams(top_p=0.6))] * 200)) <= nucleus
 
 
 def test_sampling_follows_the_softmax_distribution():
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(4000, 1)
     params = SamplingParams(temperature=2.0)
-    counts = torch.bincount(torch.tensor(tokens(make_sampler()(logits, [make_seq(params)] * 4000))), minlength=4)
+    counts = torch.bincount(torch.tensor(tokens(make_sampler(), logits, [make_seq(params)] * 4000)), minlength=4)
     expected = torch.softmax(logits[0] / 2.0, -1)
     assert torch.allclose(counts / 4000, expected, atol=0.03)
 
@@ -70,15 +96,15 @@ def test_a_seeded_sequence_draws_the_same_tokens_whatever_the_batch():
     alone_tokens, batched_tokens = [], []
     for step in range(20):
         logits = random_logits(1, seed=step)
-        alone_tokens += tokens(sampler_alone(logits, [alone]))
+        alone_tokens += tokens(sampler_alone, logits, [alone])
         others = [make_seq(SamplingParams(temperature=1.0)) for _ in range(step % 4)]
         batch = others + [batched]
         batch_logits = torch.cat([random_logits(len(others), seed=100 + step), logits])
-        batched_tokens.append(tokens(sampler_batched(batch_logits, batch))[-1])
+        batched_tokens.append(tokens(sampler_batched, batch_logits, batch)[-1])
     assert alone_tokens == batched_tokens
     assert len(set(alone_tokens)) > 3  # really sampled, not greedy
     other_seed = make_seq(SamplingParams(temperature=1.0, seed=99))
-    assert [tokens(make_sampler()(random_logits(1, seed=s), [other_seed]))[0] for s in range(20)] != alone_tokens
+    assert [tokens(make_sampler(), random_logits(1, seed=s), [other_seed])[0] for s in range(20)] != alone_tokens
 
 
 def test_n_completions_of_a_seeded_request_differ():
@@ -86,7 +112,7 @@ def test_n_completions_of_a_seeded_request_differ():
     first, second = make_seq(params, index=0), make_seq(params, index=1)
     logits = torch.zeros(2, VOCAB)  # uniform: equal draws would be a coincidence
     sampler = make_sampler()
-    draws = [tuple(tokens(sampler(logits, [first, second]))) for _ in range(10)]
+    draws = [tuple(tokens(sampler, logits, [first, second])) for _ in range(10)]
     assert any(a != b for a, b in draws)
 
 
@@ -94,7 +120,7 @@ def test_repetition_penalty_matches_transformers():
     logits = random_logits(2)
     prompt, output = (1, 2, 3, 10), (10, 11, 12)
     seqs = [make_seq(SamplingParams(repetition_penalty=1.3), prompt, output), make_seq(SamplingParams(), prompt, output)]
-    ours = make_sampler()._apply_penalties(logits, seqs)
+    ours = penalized_logits(logits, seqs)
     input_ids = torch.tensor([list(prompt + output)])
     theirs = RepetitionPenaltyLogitsProcessor(1.3)(input_ids, logits[:1].clone())
     torch.testing.assert_close(ours[:1], theirs)
@@ -105,7 +131,7 @@ def test_presence_and_frequency_penalties_follow_openai():
     logits = random_logits(1)
     params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
     seq = make_seq(params, prompt=(4, 5), output=(10, 10, 10, 11))
-    ours = make_sampler()._apply_penalties(logits, [seq])
+    ours = penalized_logits(logits, [seq])
     expected = logits.clone()
     expected[0, 10] -= 0.5 + 3 * 0.25
     expected[0, 11] -= 0.5 + 0.25
@@ -118,7 +144,7 @@ def test_min_tokens_masks_eos_and_stop_ids(stop_id):
     logits[:, stop_id] = 10.0
     waiting = make_seq(SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[9]), output=(20, 21))
     done = make_seq(SamplingParams(temperature=0.0, min_tokens=2, stop_token_ids=[9]), output=(20, 21))
-    chosen = tokens(make_sampler()(logits, [waiting, done]))
+    chosen = tokens(make_sampler(), logits, [waiting, done])
     assert chosen[0] != stop_id and chosen[1] == stop_id
 
 
@@ -129,15 +155,16 @@ def test_logprobs_are_the_raw_log_softmax_with_the_chosen_token_first():
         make_seq(SamplingParams(temperature=0.0)),
         make_seq(SamplingParams(temperature=1.0, logprobs=0, seed=1)),
     ]
-    sampled = make_sampler()(logits, seqs)
+    sampled = sample(make_sampler(), logits, seqs)
+    chosen, logprobs = sampled.token_ids.tolist(), sampled.logprobs
     expected = torch.log_softmax(logits, -1)
-    first = sampled[0].logprobs
-    assert next(iter(first)) == sampled[0].token_id
+    first = logprobs[0]
+    assert next(iter(first)) == chosen[0]
     top3 = expected[0].topk(3)
     for token_id, value in zip(top3.indices.tolist(), top3.values.tolist()):
         assert first[token_id] == pytest.approx(value, abs=1e-6)
     assert len(first) in (3, 4)  # top 3, plus the chosen token when it is not among them
-    assert sampled[1].logprobs is None
-    third = sampled[2].logprobs
-    assert list(third) == [sampled[2].token_id]
-    assert third[sampled[2].token_id] == pytest.approx(expected[2, sampled[2].token_id].item(), abs=1e-6)
+    assert logprobs[1] is None
+    third = logprobs[2]
+    assert list(third) == [chosen[2]]
+    assert third[chosen[2]] == pytest.approx(expected[2, chosen[2]].item(), abs=1e-6)

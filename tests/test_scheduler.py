@@ -1,35 +1,32 @@
 """Scheduler without a model: budgets, chunked prefill, preemption order, n > 1 sharing, no leaks."""
 
+import numpy as np
+
 from engine.block_manager import BlockManager
+from engine.core_messages import EngineCoreRequest
 from engine.sampling import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
+from engine.scheduler import SampledTokens, ScheduledBatch, Scheduler
 from engine.sequence import Request, SequenceStatus
 
 BLOCK = 4
 
 
 def make_scheduler(num_blocks=64, max_num_seqs=8, budget=64, caching=True) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, BLOCK, caching), max_num_seqs, budget)
+    return Scheduler(BlockManager(num_blocks, BLOCK, caching), max_num_seqs, budget, max_model_len=1000)
 
 
 def add(scheduler: Scheduler, rid: str, prompt_len: int, n: int = 1, max_tokens: int = 8, first: int = 0) -> Request:
     tokens = [first + i for i in range(prompt_len)]
-    request = Request(rid, None, tokens, SamplingParams(n=n, max_tokens=max_tokens), 0.0, max_tokens)
+    request = Request(EngineCoreRequest(rid, tokens, SamplingParams(n=n, max_tokens=max_tokens), 0.0, max_tokens))
     scheduler.add_request(request)
     return request
 
 
 def run_step(scheduler: Scheduler) -> ScheduledBatch:
-    """The engine's bookkeeping after the model ran: tokens computed, one token sampled per finisher."""
+    """One step without a model: each sampling sequence gets token 1000 + its output index."""
     batch = scheduler.schedule()
-    for seq, num_new, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
-        seq.num_computed_tokens += num_new
-        scheduler.block_manager.cache_computed_blocks(seq)
-        if samples:
-            seq.append_token(1000 + seq.num_output_tokens, None)
-            if seq.num_output_tokens >= seq.request.max_tokens:
-                seq.finish("length")
-                scheduler.finish(seq)
+    sampled = [1000 + seq.num_output_tokens - 1 for seq in batch.sampling_seqs]
+    scheduler.update(batch, SampledTokens(np.array(sampled, dtype=np.int64)))
     return batch
 
 

@@ -280,3 +280,18 @@ def test_metrics_after_traffic(server, client):
     assert value("kubellm_time_to_first_token_seconds_count") >= successes
     assert value("kubellm_inter_token_latency_seconds_count") >= 8 * 3
     assert value("kubellm_request_queue_time_seconds_count") >= successes
+
+
+def test_endpoint_picker_reads_the_vllm_names(server):
+    """The Gateway API Inference Extension's picker scrapes vLLM's names; they parse and equal kubellm's gauges."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from engine.server.metrics import VLLM_ALIASES
+
+    families = {family.name: family for family in text_string_to_metric_families(
+        httpx.get(f"{server.url}/metrics").text)}
+    for own, alias in VLLM_ALIASES.items():
+        assert families[alias].type == "gauge"
+        samples = [(sample.labels, sample.value) for sample in families[alias].samples]
+        assert samples == [(sample.labels, sample.value) for sample in families[own].samples]  # one scrape
+        assert [labels for labels, _ in samples] == [{"model_name": SERVED_NAME}]

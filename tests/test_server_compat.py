@@ -261,9 +261,9 @@ def test_generation_config_sources(tmp_path):
         load_sampling_defaults(str(model), str(other))
 
 
-# --- structured outputs: checked at request time, refused until the sampler applies them ----------
+# --- structured outputs: an invalid constraint is a 400 at request time, a valid one is applied ----------
 
-SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+SCHEMA = {"type": "object", "properties": {"a": {"enum": [1, 2]}}, "required": ["a"], "additionalProperties": False}
 
 
 @pytest.mark.parametrize(("path", "body", "param", "fragment"), [
@@ -275,12 +275,6 @@ SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required"
     ("/v1/completions", {"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
     ("/v1/completions", {"guided_regex": "a+", "structured_outputs": {"json_object": True}}, "structured_outputs",
      "only one"),
-    # Valid constraints: named in the 400 until the engine applies them, never ignored with a 200.
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {"name": "x",
-                                                                                         "schema": SCHEMA}}},
-     "response_format", "not supported yet"),
-    ("/v1/completions", {"structured_outputs": {"choice": ["yes", "no"]}}, "structured_outputs", "not supported yet"),
 ])
 def test_structured_output_requests_are_400_naming_the_field(server, path, body, param, fragment):
     request = {"messages": CHAT} if path.endswith("chat/completions") else {"prompt": "hi"}
@@ -288,6 +282,18 @@ def test_structured_output_requests_are_400_naming_the_field(server, path, body,
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and fragment in error["message"]
+
+
+def test_valid_constraints_shape_the_output(client):
+    response = client.chat.completions.create(
+        model=SERVED_NAME, messages=CHAT, max_tokens=40, temperature=1.0, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}},
+    )
+    assert json.loads(response.choices[0].message.content)["a"] in (1, 2)
+    assert response.choices[0].finish_reason == "stop"
+    completion = client.completions.create(model=SERVED_NAME, prompt="hi", max_tokens=8, n=3, temperature=1.0,
+                                           extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert {choice.text for choice in completion.choices} <= {"yes", "no"}
 
 
 def test_response_format_text_is_plain_generation(client):

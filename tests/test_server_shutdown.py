@@ -4,7 +4,8 @@ What rolling updates rely on: /ready turns 503 at once, new requests get 503
 (the socket stays open while draining), a request still running at
 --shutdown-timeout ends with finish_reason "abort" and [DONE], and the process
 exits 0. (That requests finishing within the timeout are left alone is checked
-without a subprocess in test_async_engine.py.)
+without a subprocess in test_async_engine.py.) With tensor parallelism the
+workers leave with it.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -38,13 +40,14 @@ def kubellm() -> str:
     return str(script) if script.exists() else "kubellm"
 
 
-@pytest.fixture
-def serve_process():
+@contextmanager
+def serving(*extra_args: str):
+    """`kubellm serve` of the default model on a free port, once /ready answers 200."""
     port = free_port()
     process = subprocess.Popen(
         [kubellm(), "serve", str(default_model_path()), "--port", str(port), "--served-model-name", "m",
          "--max-model-len", "4096", "--num-kv-blocks", "300", "--device", "cpu",
-         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT)],
+         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT), *extra_args],
         stderr=subprocess.PIPE, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -63,6 +66,12 @@ def serve_process():
         if process.poll() is None:
             process.kill()
         process.wait(30)
+
+
+@pytest.fixture
+def serve_process():
+    with serving() as running:
+        yield running
 
 
 def stream_events(url: str, body: dict, first_event: threading.Event, events: list) -> None:
@@ -100,3 +109,34 @@ def test_sigterm_drains_then_exits_zero(serve_process):
     assert finish_reasons.count("abort") == 1 and all(r is None for r in finish_reasons[:-1])
     log = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     assert any(entry.get("finish_reasons") == ["abort"] for entry in log)
+
+
+def _children(pid: int) -> set[int]:
+    """Child processes of `pid`, whichever of its threads started them."""
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children.update(int(child) for child in (task / "children").read_text().split())
+    return children
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(),
+                    reason="needs /proc/PID/task/TID/children")
+def test_sigterm_stops_a_tensor_parallel_server_and_its_workers():
+    with serving("--tensor-parallel-size", "2") as (process, url):
+        children = _children(process.pid)  # the worker, and multiprocessing's resource tracker
+        assert children
+        body = {"model": "m", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0, process.stderr.read()
+    deadline = time.monotonic() + 30  # orphans are reaped by whoever adopts them
+    while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_running(pid) for pid in children)

@@ -16,10 +16,10 @@ import torch
 from transformers import AutoTokenizer
 
 from engine.errors import InvalidRequestError
+from engine.sampling import StructuredOutputSpec
 from engine.structured_output import (
     GrammarCompiler,
     RequestGrammar,
-    StructuredOutputSpec,
     allocate_bitmask,
     apply_bitmask,
     fill_bitmask,
@@ -117,3 +117,43 @@ def test_a_batch_masks_only_its_constrained_rows(family):
     allowed = torch.isfinite(logits[1]).nonzero().flatten().tolist()
     assert 0 < len(allowed) < 10
     assert not set(allowed) & set(stop_ids)  # nothing generated yet: the output cannot end
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model_folder):
+    from engine import LLM
+
+    return LLM(model=str(tiny_model_folder("llama")), device="cpu", num_kv_blocks=256, max_model_len=512)
+
+
+def constrained(llm, spec: StructuredOutputSpec, n: int = 4, **params) -> list:
+    from engine import SamplingParams
+
+    sampling = SamplingParams(temperature=1.0, seed=5, n=n, max_tokens=60, structured_output=spec, **params)
+    unconstrained = SamplingParams(temperature=1.0, seed=6, max_tokens=8)
+    outputs = llm.generate(["Answer:", "Another prompt, unconstrained"], [sampling, unconstrained], use_tqdm=False)
+    return outputs[0].outputs
+
+
+def test_the_engine_samples_only_what_the_grammar_allows(llm):
+    choices = ("yes", "no", "maybe not")
+    for completion in constrained(llm, StructuredOutputSpec("choice", choices)):
+        assert completion.text in choices and completion.finish_reason == "stop"
+    for completion in constrained(llm, StructuredOutputSpec("regex", r"[0-9]{3}-[a-z]{2}")):
+        assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", completion.text), completion.text
+    for completion in constrained(llm, StructuredOutputSpec.json_schema(SCHEMA, "response_format"), n=2):
+        value = json.loads(completion.text)
+        assert value["answer"] in ("yes", "no") and value["count"] in (1, 2, 3)
+    stats = llm.get_stats()
+    assert stats.num_blocks_free == stats.num_blocks_total
+
+
+def test_structured_outputs_are_the_same_whatever_the_batch(llm):
+    from engine import SamplingParams
+
+    spec = StructuredOutputSpec("regex", r"[a-z]{2,6}( [a-z]{2,6}){2}")
+    params = SamplingParams(temperature=1.0, seed=9, max_tokens=40, structured_output=spec)
+    alone = llm.generate("x", params, use_tqdm=False)[0].outputs[0].text
+    others = [SamplingParams(temperature=0.8, seed=i, max_tokens=12) for i in range(5)]
+    batch = llm.generate(["a", "b", "x", "c", "d", "e"], others[:2] + [params] + others[2:], use_tqdm=False)
+    assert batch[2].outputs[0].text == alone and re.fullmatch(r"[a-z]{2,6}( [a-z]{2,6}){2}", alone)

@@ -1,10 +1,11 @@
 """Tensor parallelism on CPU with gloo.
 
-First the plumbing on its own (process launch, supervision, step broadcast),
-with a probe runner in place of a ModelRunner: every rank returns a digest of
-the step inputs it received, gathered to rank 0. Then the whole engine: tp=2
-gives the same greedy tokens as tp=1 (fp32) through batching, chunked prefill,
-preemption and prefix caching, and a killed worker fails the engine cleanly.
+First the plumbing on its own (process launch, supervision, step broadcast,
+shutting down), with a probe runner in place of a ModelRunner: every rank
+returns a digest of the step inputs it received, gathered to rank 0. Then the
+whole engine: tp=2 gives the same greedy tokens as tp=1 (fp32) through
+batching, chunked prefill, preemption and prefix caching, a killed worker fails
+the engine cleanly, and an LLM going out of scope stops its workers.
 """
 
 from __future__ import annotations
@@ -14,6 +15,10 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +30,8 @@ from safetensors.torch import save_file
 
 from engine import LLM, EngineConfig, LLMEngine, SamplingParams
 from engine.async_engine import AsyncLLMEngine
-from engine.distributed import Executor, check_tensor_parallel
+from engine.distributed import Executor, check_tensor_parallel, parallel_state
+from engine.distributed import executor as executor_module
 from engine.errors import ConfigError, EngineDeadError
 from engine.layers.embedding import ParallelLMHead
 from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -33,11 +39,12 @@ from engine.layers.weights import CheckpointSlice
 from engine.model_config import load_model_config
 from engine.testing.factory import write_random_weights
 
-PROBE_FIELDS = ("ids", "table", "mask", "weights", "count", "flag", "absent", "crash_rank")
+PROBE_FIELDS = ("ids", "table", "mask", "weights", "count", "flag", "absent", "crash_rank", "stall_rank")
 
 
 class ProbeRunner:
-    """execute_model: each rank's digest of its fields, all-gathered; `crash_rank` exits that rank mid-step."""
+    """execute_model: each rank's digest of its fields, all-gathered; `crash_rank` exits that rank
+    mid-step, `stall_rank` never finishes its step."""
 
     def __init__(self, config: SimpleNamespace):
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -49,6 +56,8 @@ class ProbeRunner:
         digest = _digest_step(fields)
         if fields["crash_rank"] == self.rank:
             os._exit(3)
+        if fields["stall_rank"] == self.rank:
+            threading.Event().wait()
         if not dist.is_initialized():
             return [digest]
         gathered = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
@@ -79,7 +88,7 @@ def _digest(value: object) -> torch.Tensor:
     return torch.tensor([float(value), float(isinstance(value, bool))], dtype=torch.float64)
 
 
-def _probe_step(seed: int, crash_rank: int = -1) -> dict:
+def _probe_step(seed: int, crash_rank: int = -1, stall_rank: int = -1) -> dict:
     generator = torch.Generator().manual_seed(seed)
     num_tokens = seed % 5  # 0 gives empty tensors
     return {
@@ -91,6 +100,7 @@ def _probe_step(seed: int, crash_rank: int = -1) -> dict:
         "flag": seed % 2 == 0,
         "absent": None,
         "crash_rank": crash_rank,
+        "stall_rank": stall_rank,
     }
 
 
@@ -132,6 +142,75 @@ def test_a_worker_dying_inside_a_collective_fails_the_step_instead_of_hanging(pr
 def test_a_worker_failing_at_start_up_is_reported_with_its_error():
     with pytest.raises(EngineDeadError, match="rank 1 cannot load its shard"):
         Executor(_config(2), FailsOnRankOne, PROBE_FIELDS)
+    assert not dist.is_initialized()
+
+
+# Shutting down -----------------------------------------------------------------------------
+
+
+def test_leaving_releases_the_captures_once_before_destroying_the_groups():
+    parallel_state.init_distributed(0, 1, parallel_state.create_store(1), "cpu")
+    released = []
+    parallel_state.release_before_teardown(lambda: released.append(dist.is_initialized()))
+    assert parallel_state.destroy_distributed(coordinated=True)
+    assert released == [True] and not dist.is_initialized()
+
+
+def test_a_stuck_teardown_stage_is_left_behind_at_its_deadline(monkeypatch):
+    monkeypatch.setattr(parallel_state, "TEARDOWN_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(parallel_state, "ABORT_TIMEOUT_S", 0.2)
+    parallel_state.init_distributed(0, 1, parallel_state.create_store(1), "cpu")
+    stuck = threading.Event()
+    parallel_state.release_before_teardown(stuck.wait)
+    try:
+        assert parallel_state.destroy_distributed(coordinated=True) is False
+        assert not dist.is_initialized()  # aborted instead: another engine can start
+    finally:
+        stuck.set()
+
+
+@pytest.mark.slow
+def test_the_executor_starts_and_stops_three_times_in_one_process():
+    for ending in ("shutdown", "garbage collected", "worker killed"):
+        probe = Executor(_config(2), ProbeRunner, PROBE_FIELDS)
+        assert len(probe.execute(_probe_step(1))) == 2
+        pids = probe.worker_pids
+        if ending == "shutdown":
+            probe.shutdown()
+            with pytest.raises(EngineDeadError, match="shut down"):
+                probe.execute(_probe_step(2))
+        elif ending == "garbage collected":
+            del probe
+        else:
+            os.kill(pids[1], signal.SIGKILL)
+            with pytest.raises(EngineDeadError, match="rank 1"):
+                probe.execute(_probe_step(2))
+            probe.shutdown()
+        _assert_gone(pids)
+        assert not dist.is_initialized()
+
+
+def test_shutdown_stops_the_ranks_when_a_step_never_finishes(monkeypatch):
+    monkeypatch.setattr(executor_module, "STEP_WAIT_S", 0.5)
+    probe = Executor(_config(2), ProbeRunner, PROBE_FIELDS)
+    pids = probe.worker_pids
+    failures = []
+
+    def stalled_step() -> None:
+        try:
+            probe.execute(_probe_step(1, stall_rank=1))
+        except EngineDeadError as error:
+            failures.append(error)
+
+    step = threading.Thread(target=stalled_step)
+    step.start()
+    while probe._ranks.step_lock.acquire(blocking=False):  # until the step holds the channel
+        probe._ranks.step_lock.release()
+        time.sleep(0.01)
+    probe.shutdown()
+    step.join(60)
+    assert failures and not step.is_alive()
+    _assert_gone(pids)
     assert not dist.is_initialized()
 
 
@@ -257,7 +336,11 @@ def llama_with_4_kv_heads(tiny_model_folder, tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama with 4 KV heads"])
+@pytest.mark.parametrize("model", [
+    "llama", "qwen2", "llama with 4 KV heads",
+    # Experts split by their intermediate dimension; Gemma 3's local/global layers (~2 min each on 2 cores).
+    pytest.param("qwen3_moe", marks=pytest.mark.slow), pytest.param("gemma3", marks=pytest.mark.slow),
+])
 def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, llama_with_4_kv_heads, prompts, model):
     path = str(llama_with_4_kv_heads if model == "llama with 4 KV heads" else tiny_model_folder(model))
     expected = _generate(LLM(model=path, **ENGINE_ARGS), prompts)
@@ -268,7 +351,7 @@ def test_tp2_generates_the_same_greedy_tokens_as_tp1(tiny_model_folder, llama_wi
         stats = llm.get_stats()
         assert stats.num_preemptions > 0 and stats.num_chunked_prefills > 0 and stats.prefix_cache_hits > 0
         kv_heads = llm.llm_engine.model_config.num_key_value_heads
-        assert llm.llm_engine.model_runner.kv_cache.shape[-2] == kv_heads // 2  # this rank's share only
+        assert llm.llm_engine.core.model_runner.kv_cache.shape[-2] == kv_heads // 2  # this rank's share only
     finally:
         llm.llm_engine.shutdown()
     assert not dist.is_initialized()
@@ -280,7 +363,7 @@ def test_a_worker_killed_mid_run_fails_the_engine_cleanly(tiny_model_folder, pro
     for i, prompt in enumerate(prompts[:4]):
         engine.add_request(str(i), prompt, GREEDY)
     engine.step()
-    pids = engine.executor.worker_pids
+    pids = engine.core.executor.worker_pids
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(EngineDeadError, match="rank 1"):
         while engine.has_unfinished_requests():
@@ -292,6 +375,37 @@ def test_a_worker_killed_mid_run_fails_the_engine_cleanly(tiny_model_folder, pro
     assert not dist.is_initialized()
 
 
+def test_an_llm_going_out_of_scope_stops_its_workers(tiny_model_folder, prompts):
+    def generate_once() -> dict[int, int]:
+        llm = LLM(model=str(tiny_model_folder("llama")), tensor_parallel_size=2, **ENGINE_ARGS)
+        _generate(llm, prompts[:2])
+        return llm.llm_engine.core.executor.worker_pids
+
+    pids = generate_once()
+    _assert_gone(pids)
+    assert not dist.is_initialized()
+
+
+SCRIPT_THAT_NEVER_SHUTS_DOWN = """
+import sys
+from engine import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], tensor_parallel_size=2, device="cpu", num_kv_blocks=24, block_size=8)
+llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2), use_tqdm=False)
+print(*llm.llm_engine.core.executor.worker_pids.values(), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_that_never_shuts_down_its_llm_still_exits(tiny_model_folder):
+    """The interpreter's exit stops the workers (before multiprocessing's own exit handler)."""
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT_THAT_NEVER_SHUTS_DOWN, str(tiny_model_folder("llama"))],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    _assert_gone({rank: int(pid) for rank, pid in enumerate(done.stdout.split(), start=1)})
+
+
 @pytest.mark.asyncio
 async def test_a_worker_dying_while_the_server_idles_fails_health(tiny_model_folder):
     """/health reads AsyncLLMEngine.is_alive; the idle step loop notices the death by itself."""
@@ -299,7 +413,7 @@ async def test_a_worker_dying_while_the_server_idles_fails_health(tiny_model_fol
     front = AsyncLLMEngine(lambda: LLMEngine(config))
     front.start()
     await front.wait_until_loaded()
-    pids = front.engine.executor.worker_pids
+    pids = front.engine.core.executor.worker_pids
     os.kill(pids[1], signal.SIGKILL)
     while front.is_alive:
         await asyncio.sleep(0.05)

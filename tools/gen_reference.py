@@ -2,6 +2,7 @@
 
 Tables live between marker comments in README.md:
   - `kubellm` command-line flags, read from engine.cli.build_parser();
+  - `kubellm-operator` flags and their environment variables, from model_operator.__main__.build_parser();
   - the Prometheus metrics, read from the server's metrics registry;
   - ModelDeployment spec fields, read from the CRD schema in operator/crd.py.
 tests/test_readme.py fails when README.md differs from what this writes.
@@ -60,6 +61,12 @@ def flag_description(action: argparse.Action) -> str:
     return text
 
 
+def flag_table(parser: argparse.ArgumentParser) -> list[str]:
+    return ["| Flag | Description |", "|---|---|"] + [
+        f"| `{flag_usage(action)}` | {cell(flag_description(action))} |"
+        for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+
+
 def cli_reference() -> str:
     from engine.cli import build_parser
 
@@ -67,11 +74,16 @@ def cli_reference() -> str:
     summaries = command_summaries(parser)
     lines = []
     for name, command in subcommands(parser).items():
-        lines += [f"#### `kubellm {name}`", "", cell(summaries[name]), "", "| Flag | Description |", "|---|---|"]
-        lines += [f"| `{flag_usage(action)}` | {cell(flag_description(action))} |"
-                  for action in command._actions if not isinstance(action, argparse._HelpAction)]
-        lines.append("")
+        lines += [f"#### `kubellm {name}`", "", cell(summaries[name]), ""] + flag_table(command) + [""]
     return "\n".join(lines).rstrip("\n")
+
+
+def operator_reference() -> str:
+    """The operator's flags as an empty environment leaves them (the chart sets the variables)."""
+    from model_operator.__main__ import build_parser
+
+    parser = build_parser({})
+    return "\n".join([cell(parser.description), ""] + flag_table(parser))
 
 
 # --- metrics -------------------------------------------------------------------------------------
@@ -120,7 +132,8 @@ def constraints(schema: dict) -> str:
 
 
 def default_of(schema: dict) -> str:
-    if "default" not in schema or schema["default"] == {}:
+    """Objects' defaults are their fields' defaults, shown on the fields' own rows."""
+    if "default" not in schema or schema.get("type") == "object":
         return ""
     return f"`{json.dumps(schema['default'])}`"
 
@@ -162,8 +175,8 @@ def walk(schema: dict):
 
 # --- README --------------------------------------------------------------------------------------
 
-SECTIONS = {"cli-reference": cli_reference, "metrics-reference": metrics_reference,
-            "crd-reference": crd_reference}
+SECTIONS = {"cli-reference": cli_reference, "operator-reference": operator_reference,
+            "metrics-reference": metrics_reference, "crd-reference": crd_reference}
 
 
 def replace_section(text: str, name: str, body: str) -> str:

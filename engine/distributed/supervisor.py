@@ -2,8 +2,9 @@
 
 A watcher thread waits on every worker's process sentinel and message pipe.
 The first unexpected exit marks the whole group dead, kills the other workers
-and calls `on_death` (which aborts collectives that would otherwise wait for
-the dead rank), so the engine fails at once with the reason instead of hanging.
+and calls `on_death` (which starts aborting collectives that would otherwise
+wait for the dead rank; it must not block, since this thread also reaps the
+workers), so the engine fails at once with the reason instead of hanging.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from typing import Any
 
 from engine.distributed.worker import FAILED, STARTED, RunnerFactory, run_worker
 
-# A worker asked to shut down that has not exited by then is killed.
-SHUTDOWN_GRACE_S = 10.0
+# A worker asked to shut down that has not exited by then is killed (its own teardown is
+# bounded too, and it leaves the process groups alongside rank 0, before rank 0 waits here).
+SHUTDOWN_GRACE_S = 5.0
 
 
 class WorkerGroup:
@@ -30,7 +32,7 @@ class WorkerGroup:
         config: Any,
         make_runner: RunnerFactory,
         field_names: Sequence[str],
-        on_death: Callable[[str], None],
+        on_death: Callable[[str], None] | None,
     ):
         context = multiprocessing.get_context("spawn")
         self._on_death = on_death
@@ -74,11 +76,12 @@ class WorkerGroup:
         self._died.wait(timeout)
         return self.dead_reason
 
-    def shutdown(self) -> None:
-        """Waits for workers that were told to stop, then kills whatever is left."""
+    def shutdown(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Waits up to `grace_s` for workers that were told to stop, then kills whatever is left;
+        from now on their exits are expected, not deaths."""
         with self._lock:
             self._stopping = True
-        self._watcher.join(SHUTDOWN_GRACE_S)
+        self._watcher.join(grace_s)
         self.kill()
         self._watcher.join()
 
@@ -129,4 +132,5 @@ class WorkerGroup:
             self.dead_reason = reason
         self._died.set()
         self.kill()
-        self._on_death(reason)
+        if self._on_death is not None:
+            self._on_death(reason)

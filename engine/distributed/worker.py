@@ -1,9 +1,10 @@
 """The main function of a tensor-parallel worker process (ranks 1..N-1).
 
 A worker builds the same ModelRunner as rank 0 on its own slice of the model,
-then replays every step rank 0 sends until told to shut down. It reports a
-failure to the supervisor as text before exiting, and exits by itself when its
-parent dies, so no worker outlives the engine that started it.
+then replays every step rank 0 sends until told to shut down, when it leaves
+the process groups together with rank 0. It reports a failure to the
+supervisor as text before exiting, and exits by itself when its parent dies,
+so no worker outlives the engine that started it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import signal
+import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
@@ -42,6 +44,8 @@ RunnerFactory = Callable[[Any], StepRunner]
 
 STARTED = "started"
 FAILED = "failed"
+# Exit code of a worker whose teardown outlasted its deadline (it was left running in the background).
+TEARDOWN_FAILED = 2
 
 
 def run_worker(
@@ -53,8 +57,10 @@ def run_worker(
     field_names: Sequence[str],
     conn: multiprocessing.connection.Connection,
 ) -> None:
-    # Ctrl-C reaches the whole process group; rank 0 decides when workers stop.
+    # Ctrl-C and a SIGTERM sent to the whole process group (`timeout`, `kill -- -PGID`) reach
+    # the workers too; rank 0 decides when they stop, and they exit when it dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _exit_when_parent_dies()
     try:
         device = config.device
@@ -71,10 +77,18 @@ def run_worker(
             if command is Command.SHUTDOWN:
                 break
             runner.execute_model(fields)
-        parallel_state.destroy_distributed()
     except BaseException:
-        conn.send((FAILED, traceback.format_exc()))
-        raise
+        # Exit at once: rank 0 learns of a death from the exit, and a process that still holds
+        # NCCL communicators and CUDA graphs could hang in the interpreter's own teardown.
+        error = traceback.format_exc()
+        try:
+            conn.send((FAILED, error))
+        finally:
+            sys.stderr.write(error)
+            sys.stderr.flush()
+            os._exit(1)
+    if not parallel_state.destroy_distributed(coordinated=True):
+        os._exit(TEARDOWN_FAILED)
 
 
 def _exit_when_parent_dies() -> None:

@@ -1,4 +1,4 @@
-"""The gated MLP's activation on the fused gate/up projection."""
+"""The gated MLP's activation on the fused gate/up projection: SwiGLU (silu) or GeGLU (tanh-approximated gelu)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,15 @@ class SiluAndMul(nn.Module):
             return kernels.silu_and_mul(x)
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate) * up
+
+
+class GeluTanhAndMul(nn.Module):
+    """[..., 2 * d] (gate, up) -> gelu_tanh(gate) * up: [..., d] (Gemma's gelu_pytorch_tanh)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+
+
+# config.json's hidden_act / hidden_activation -> the gated activation
+GATED_ACTIVATIONS: dict[str, type[nn.Module]] = {"silu": SiluAndMul, "gelu_pytorch_tanh": GeluTanhAndMul}

@@ -3,6 +3,9 @@
 The runner allocates each layer's KV cache after a profiling pass and binds it
 to `Attention.k_cache` / `.v_cache`. Until then (the profiling pass itself)
 each sequence attends causally over its own new tokens only.
+
+A layer with a sliding window W lets the query at position p attend to
+positions p - W + 1 .. p only (Hugging Face's convention for Mistral and Gemma 3).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import nn
 
 import kernels
 from engine.attention_metadata import AttentionMetadata
-from kernels import reference
+from kernels import cpu_attention
 
 
 def paged_attention(
@@ -24,28 +27,34 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Store the step's K/V, then attend through the block tables.
 
     The one backend switch: Triton kernels on CUDA (`kernels` imports them only
-    when first used, so CPU never loads Triton), the torch reference elsewhere.
+    when first used, so CPU never loads Triton), batched torch SDPA elsewhere.
     """
-    backend = kernels if q.is_cuda else reference
+    backend = kernels if q.is_cuda else cpu_attention
     backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.decode_only:
-        return backend.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
-    # The Triton kernel sizes its grid by the longest query; the reference needs no hint.
+        return backend.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window
+        )
+    # The Triton kernel sizes its grid by the longest query; the CPU backend needs no hint.
     grid_hint = {"max_query_len": meta.max_query_len} if q.is_cuda else {}
     return backend.paged_prefill_attention(
-        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale, **grid_hint
+        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+        sliding_window=sliding_window, **grid_hint,
     )
 
 
 class Attention(nn.Module):
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = scale
+        self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
 
@@ -57,12 +66,19 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, num_heads * head_dim]
         if self.k_cache is None or self.v_cache is None:
-            return causal_attention_without_cache(q, k, v, meta.query_start_loc, self.scale).flatten(1)
-        return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale).flatten(1)
+            return causal_attention_without_cache(
+                q, k, v, meta.query_start_loc, self.scale, self.sliding_window
+            ).flatten(1)
+        return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window).flatten(1)
 
 
 def causal_attention_without_cache(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_start_loc: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Each packed sequence attends causally over its own tokens (the profiling pass: no cache yet)."""
     out = torch.empty_like(q)
@@ -73,5 +89,17 @@ def causal_attention_without_cache(
             continue
         qs, ks, vs = (t[lo:hi].transpose(0, 1) for t in (q, k, v))  # [heads, len, head_dim]
         ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
-        out[lo:hi] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1)
+        if sliding_window is None:
+            attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
+        else:
+            mask = sliding_window_mask(hi - lo, hi - lo, sliding_window, q.device)
+            attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        out[lo:hi] = attended.transpose(0, 1)
     return out
+
+
+def sliding_window_mask(num_queries: int, num_keys: int, window: int, device: torch.device) -> torch.Tensor:
+    """[num_queries, num_keys] bool, True where attended: the queries are the last num_queries positions."""
+    q_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    k_pos = torch.arange(num_keys, device=device)[None, :]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)

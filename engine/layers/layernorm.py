@@ -1,4 +1,4 @@
-"""RMSNorm, computed in float32 and cast back exactly as Hugging Face Llama does."""
+"""RMSNorm, computed in float32 and cast back exactly as Hugging Face Llama (and Gemma) do."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import kernels
 
 
 class RMSNorm(nn.Module):
+    fused_on_cuda = True  # the Triton kernel rounds exactly as _norm does
+
     def __init__(self, hidden_size: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -23,9 +25,22 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual) — the pre-norm block's add fused in."""
-        if x.is_cuda:  # one Triton launch instead of ~8 torch kernels, same rounding
+        if x.is_cuda and self.fused_on_cuda:  # one Triton launch instead of ~8 torch kernels, same rounding
             return kernels.rms_norm(x, self.weight, self.eps, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: the checkpoint stores w - 1, so it scales by (1 + w), and rounds once, after the scaling.
+
+    Computed in torch on every device: the Triton kernel rounds the Llama way.
+    """
+
+    fused_on_cuda = False
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).to(x.dtype)

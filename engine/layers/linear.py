@@ -5,20 +5,42 @@ produces its own heads / MLP columns); row-parallel layers split the input
 features and all-reduce the partial sums. With tp_size == 1 every forward is a
 single F.linear, exactly as fast as nn.Linear. Fused layers (QKV, gate/up) keep
 the checkpoint's separate tensors as shards of one parameter, named by shard_id.
+Each layer says which output rows a shard is (`output_rows`) and whether it
+splits its input; the one weight_loader slices any parameter, dense or
+quantized, from that and the parameter's ParamLayout.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from engine.layers.quantization import current_linear_method
+from engine.layers.quantization.base import DENSE, VECTOR, ParamLayout, add_param
 from engine.layers.tensor_parallel import all_reduce, divide, tp_rank_and_size
-from engine.layers.weights import check_shape
+from engine.layers.weights import ShapeMismatchError, check_shape
+
+
+@dataclass(frozen=True)
+class OutputRows:
+    """Which output features of one checkpoint tensor (of `total`) this rank reads, and where they go."""
+
+    src: int
+    dst: int
+    length: int
+    total: int
 
 
 class _ParallelLinear(nn.Module):
-    """This rank's (uninitialised) weight and bias; subclasses decide how checkpoint tensors are sliced."""
+    """This rank's (uninitialised) weight and bias; subclasses decide how checkpoint tensors are sliced.
+
+    The weight's parameters come from the quantization method in scope at
+    construction (dense by default); every parameter is sliced by one loader
+    that reads its ParamLayout, so quantized formats shard like dense weights.
+    """
 
     def __init__(
         self,
@@ -27,22 +49,68 @@ class _ParallelLinear(nn.Module):
         bias: bool,
         tp_rank: int,
         tp_size: int,
+        full_in: int | None = None,
     ):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank, tp_size
-        self.weight = nn.Parameter(torch.empty(local_out, local_in), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.quant_method = current_linear_method()
+        self.quant_method.create_weights(self, local_in, local_out, full_in or local_in)
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
         if bias:
-            self.bias = nn.Parameter(torch.empty(local_out), requires_grad=False)
+            add_param(self, "bias", (local_out,), torch.get_default_dtype(), VECTOR)
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def output_rows(self, shard_id: object) -> OutputRows:
         raise NotImplementedError
 
+    def input_sharded(self) -> bool:
+        return False
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+        layout: ParamLayout = getattr(param, "shard_layout", DENSE)
+        rows = self.output_rows(shard_id)
+        if layout.per_shard:
+            if math.prod(loaded.shape) != 1:
+                raise ShapeMismatchError((1,), tuple(loaded.shape))
+            param.data.narrow(0, rows.dst, rows.length).fill_(loaded[...].reshape(()).item())
+            return
+        expected = list(param.shape)
+        if layout.output_dim is not None:
+            expected[layout.output_dim] = _packed(rows.total, layout.output_pack)
+        split_input = layout.input_dim is not None and self.input_sharded()
+        if split_input:
+            expected[layout.input_dim] = param.shape[layout.input_dim] * self.tp_size
+        check_shape(loaded, tuple(expected))
+        tensor, target = loaded, param.data
+        if layout.output_dim is not None:
+            dim, pack = layout.output_dim, layout.output_pack
+            length = _packed(rows.length, pack)
+            target = target.narrow(dim, _packed(rows.dst, pack), length)
+            if rows.length != rows.total:  # else one read of the whole tensor (or of its input shard)
+                tensor = tensor.narrow(dim, _packed(rows.src, pack), length)
+        if split_input:
+            cols = param.shape[layout.input_dim]
+            tensor = tensor.narrow(layout.input_dim, self.tp_rank * cols, cols)
+        if not isinstance(tensor, torch.Tensor):
+            tensor = tensor[...]
+        store = getattr(param, "store", None)
+        if store is not None:
+            store(slice(rows.dst, rows.dst + rows.length), tensor)
+        else:
+            target.copy_(tensor)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.bias)
+
+
+def _packed(features: int, pack: int) -> int:
+    """Features -> elements along a packed axis; a shard must not split one element."""
+    if features % pack:
+        raise ValueError(f"{features} features do not split into whole packs of {pack} (quantized tensor-parallel shard)")
+    return features // pack
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -57,12 +125,12 @@ class ColumnParallelLinear(_ParallelLinear):
         tp_size: int | None = None,
     ):
         rank, size = tp_rank_and_size(tp_rank, tp_size)
+        self.output_size = output_size
         super().__init__(input_size, divide(output_size, size), bias, rank, size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        rows = param.shape[0]
-        check_shape(loaded, (rows * self.tp_size, *param.shape[1:]))
-        param.data.copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+    def output_rows(self, shard_id: object) -> OutputRows:
+        rows = self.output_size // self.tp_size
+        return OutputRows(src=self.tp_rank * rows, dst=0, length=rows, total=self.output_size)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -82,12 +150,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(input_size, sum(output_sizes), bias, tp_rank, tp_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def output_rows(self, shard_id: object) -> OutputRows:
         assert isinstance(shard_id, int), "gate_up shards are numbered"
-        check_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
-        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         rows = self.output_sizes[shard_id] // self.tp_size
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, self.tp_rank * rows, rows))
+        offset = sum(self.output_sizes[:shard_id]) // self.tp_size
+        return OutputRows(src=self.tp_rank * rows, dst=offset, length=rows, total=self.output_sizes[shard_id])
 
 
 class QKVParallelLinear(_ParallelLinear):
@@ -125,7 +192,7 @@ class QKVParallelLinear(_ParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
+    def output_rows(self, shard_id: object) -> OutputRows:
         if shard_id == "q":
             total_heads, offset, rows = self.total_num_heads, 0, self.q_size
             first_head = self.tp_rank * self.num_heads
@@ -135,8 +202,7 @@ class QKVParallelLinear(_ParallelLinear):
             first_head = self.tp_rank * self.total_num_kv_heads // self.tp_size
         else:
             raise ValueError(f"QKV shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
-        check_shape(loaded, (total_heads * self.head_dim, *param.shape[1:]))
-        param.data.narrow(0, offset, rows).copy_(loaded.narrow(0, first_head * self.head_dim, rows))
+        return OutputRows(src=first_head * self.head_dim, dst=offset, length=rows, total=total_heads * self.head_dim)
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -154,17 +220,15 @@ class RowParallelLinear(_ParallelLinear):
         tp_size: int | None = None,
     ):
         rank, size = tp_rank_and_size(tp_rank, tp_size)
-        super().__init__(divide(input_size, size), output_size, bias, rank, size)
+        self.output_size = output_size
+        super().__init__(divide(input_size, size), output_size, bias, rank, size, full_in=input_size)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object = None) -> None:
-        if param.dim() == 1:  # bias: replicated
-            check_shape(loaded, tuple(param.shape))
-            param.data.copy_(loaded[...])
-            return
-        cols = param.shape[1]
-        check_shape(loaded, (param.shape[0], cols * self.tp_size))
-        param.data.copy_(loaded.narrow(1, self.tp_rank * cols, cols))
+    def output_rows(self, shard_id: object) -> OutputRows:
+        return OutputRows(src=0, dst=0, length=self.output_size, total=self.output_size)
+
+    def input_sharded(self) -> bool:
+        return True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y) if self.tp_size > 1 else y

@@ -1,8 +1,13 @@
-"""The Llama decoder (also serving Mistral and Qwen2, whose differences ModelConfig resolves).
+"""The Llama decoder, also serving Mistral, Qwen2, Qwen3 and the MoE families Mixtral and Qwen3-MoE.
+
+ModelConfig resolves their differences: biases, per-head q/k RMSNorm (Qwen3),
+per-layer sliding windows (Mistral), and sparse expert MLPs in place of the
+dense one (Mixtral, Qwen3-MoE).
 
 Modules are named like the Hugging Face checkpoint's tensors, except the fused
 ones: q/k/v_proj -> qkv_proj and gate/up_proj -> gate_up_proj
-(`packed_modules_mapping` tells the loader).
+(`packed_modules_mapping` tells the loader), and the experts, stacked into
+two parameters per layer (`expert_projections`).
 """
 
 from __future__ import annotations
@@ -13,17 +18,18 @@ import torch
 from torch import nn
 
 from engine.attention_metadata import AttentionMetadata
-from engine.layers.activation import SiluAndMul
+from engine.layers.activation import GATED_ACTIVATIONS
 from engine.layers.attention import Attention
 from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from engine.layers.moe import MIXTRAL_EXPERT_PROJECTIONS, QWEN_EXPERT_PROJECTIONS, ExpertProjections, SparseMoeBlock
 from engine.layers.rotary_embedding import RotaryEmbedding, apply_rotary
 from engine.model_config import ModelConfig
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_index: int, norm_class: type[RMSNorm] = RMSNorm):
         super().__init__()
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
@@ -35,8 +41,14 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.o_proj_bias
         )
+        self.qk_norm = config.qk_norm  # Qwen3, Gemma 3: RMSNorm over each head's q and k before the rotary
+        if self.qk_norm:
+            self.q_norm = norm_class(config.head_dim, config.rms_norm_eps)
+            self.k_norm = norm_class(config.head_dim, config.rms_norm_eps)
         qkv = self.qkv_proj
-        self.attn = Attention(qkv.num_heads, qkv.num_kv_heads, config.head_dim, scale=config.head_dim**-0.5)
+        scale = config.attention_scale or config.head_dim**-0.5
+        self.attn = Attention(qkv.num_heads, qkv.num_kv_heads, config.head_dim, scale=scale,
+                              sliding_window=config.layer_windows[layer_index])
 
     def forward(
         self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
@@ -44,9 +56,12 @@ class LlamaAttention(nn.Module):
         qkv = self.qkv_proj(hidden)
         num_heads, num_kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
         qk_size = self.qkv_proj.q_size + self.qkv_proj.kv_size
+        qk = qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim)
+        if self.qk_norm:
+            q, k = qk.split([num_heads, num_kv_heads], dim=1)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=1)
         # q and k are rotated together: one set of elementwise kernels per layer instead of two.
-        qk = apply_rotary(qkv[:, :qk_size].view(-1, num_heads + num_kv_heads, head_dim), cos, sin)
-        q, k = qk.split([num_heads, num_kv_heads], dim=1)
+        q, k = apply_rotary(qk, cos, sin).split([num_heads, num_kv_heads], dim=1)
         v = qkv[:, qk_size:].view(-1, num_kv_heads, head_dim)
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -57,17 +72,38 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = SiluAndMul()
+        self.act_fn = GATED_ACTIVATIONS[config.hidden_act]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
+def enter_layer(
+    input_layernorm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed input, residual stream): the first layer starts the stream, later ones add the last output to it."""
+    if residual is None:
+        return input_layernorm(hidden), hidden
+    return input_layernorm(hidden, residual)
+
+
+# Where a family's checkpoint keeps a layer's MLP, when not under `mlp`.
+MLP_MODULE_NAME = {"MixtralForCausalLM": "block_sparse_moe"}
+
+
+def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
+    """The layer's experts when it is sparse, else the dense gated MLP."""
+    if config.moe is not None and config.moe.sparse_layers[layer_index]:
+        return SparseMoeBlock(config.moe, config.hidden_size)
+    return LlamaMLP(config)
+
+
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
-        self.self_attn = LlamaAttention(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, layer_index)
+        self.mlp_name = MLP_MODULE_NAME.get(config.architecture, "mlp")
+        self.add_module(self.mlp_name, make_mlp(config, layer_index))
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -79,20 +115,17 @@ class LlamaDecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = enter_layer(self.input_layernorm, hidden, residual)
         hidden = self.self_attn(hidden, cos, sin, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return getattr(self, self.mlp_name)(hidden), residual
 
 
 class LlamaModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.max_position_embeddings, config.rope)
 
@@ -114,11 +147,13 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0),
         "up_proj": ("gate_up_proj", 1),
     }
+    expert_projections: ExpertProjections = QWEN_EXPERT_PROJECTIONS
+    base_model_class: type[nn.Module] = LlamaModel
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config)
+        self.model = self.base_model_class(config)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -144,3 +179,9 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(layers)} attention layers")
         for attn, (k_cache, v_cache) in zip(layers, kv_caches):
             attn.k_cache, attn.v_cache = k_cache, v_cache
+
+
+class MixtralForCausalLM(LlamaForCausalLM):
+    """Mixtral names its expert projections w1 (gate), w3 (up) and w2 (down)."""
+
+    expert_projections = MIXTRAL_EXPERT_PROJECTIONS

@@ -1,4 +1,4 @@
-"""Build a model on its target device and fill it from safetensors, one tensor at a time.
+"""Build a model on its target device and fill it from safetensors or GGUF, one tensor at a time.
 
 Parameters are allocated once, on the target device, in the target dtype; each
 checkpoint tensor is read, copied (and cast) into its parameter slice, and
@@ -9,16 +9,26 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.gguf_metadata import is_gguf_file
+from engine.layers.moe import ExpertProjections, expert_checkpoint_names, expert_param_name
+from engine.layers.quantization import quantization_scope
+from engine.layers.quantization.config import (
+    check_no_ignored_linear_layers,
+    ignored_module_patterns,
+    linear_method_for,
+)
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
 from engine.model_config import DTYPES, ModelConfig, auto_dtype
+from engine.models.gguf_loader import gguf_checkpoint_tensors
 from engine.models.registry import MODEL_REGISTRY
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -40,17 +50,58 @@ def load_model(
     model_config: ModelConfig,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
+    quantization: str | None = None,
 ) -> nn.Module:
-    """The model of `model_config.architecture`, weights loaded, in eval mode, no gradients."""
-    folder = Path(model_path)
-    files = checkpoint_files(folder)
+    """The model of `model_config.architecture`, weights loaded, in eval mode, no gradients.
+
+    model_path: a Hugging Face folder of safetensors files, or one GGUF file (dequantized as it loads).
+    quantization: the `--quantization` flag (None: whatever config.json's quantization_config says).
+    """
+    source = Path(model_path)
+    if is_gguf_file(source):
+        tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointSlice]] = gguf_checkpoint_tensors(source, model_config)
+        quantization_config, config_file = None, str(source)
+    else:
+        tensors = _checkpoint_tensors(checkpoint_files(source))
+        quantization_config, config_file = read_quantization_config(source), str(source / "config.json")
     model_class = MODEL_REGISTRY.get(model_config.architecture)
     if model_class is None:
         raise UnsupportedModelError(f"no model class for architecture {model_config.architecture}")
-    with _default_dtype(resolve_dtype(dtype, model_config, device)), torch.device(device):
+    method = linear_method_for(quantization, quantization_config, config_file)
+    with _default_dtype(resolve_dtype(dtype, model_config, device)), torch.device(device), quantization_scope(method):
         model = model_class(model_config)
-    load_weights(model, files)
+    if method is not None:
+        check_no_ignored_linear_layers(ignored_module_patterns(quantization_config), _linear_checkpoint_names(model),
+                                       config_file)
+    load_weights(model, tensors, source)
+    finish_quantized_layers(model)
     return model.eval()
+
+
+def read_quantization_config(folder: Path) -> dict[str, Any] | None:
+    """config.json's quantization_config (the file itself was validated by load_model_config)."""
+    raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return raw.get("quantization_config") or raw.get("compression_config")
+
+
+def finish_quantized_layers(model: nn.Module) -> None:
+    """Convert every quantized layer's loaded checkpoint tensors to its kernel's layout."""
+    with torch.no_grad():
+        for module in model.modules():
+            method = getattr(module, "quant_method", None)
+            if method is not None:
+                method.process_weights_after_loading(module)
+
+
+def _linear_checkpoint_names(model: nn.Module) -> Iterator[str]:
+    """The checkpoint names of the model's linear layers (fused layers as their parts)."""
+    packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    for name, module in model.named_modules():
+        if getattr(module, "quant_method", None) is None:
+            continue
+        parts = [part for part, (fused, _) in packed.items() if name.endswith(f".{fused}")]
+        fused = name.rsplit(".", 1)[-1]
+        yield from ([name[: -len(fused)] + part for part in parts] if parts else [name])
 
 
 def checkpoint_files(folder: Path) -> list[Path]:
@@ -74,14 +125,17 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: nn.Module, files: list[Path]) -> None:
-    """Copy every checkpoint tensor into its parameter; fail naming any tensor that is missing or misshapen."""
+def load_weights(
+    model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointSlice]], source: Path
+) -> None:
+    """Copy every (file, name, tensor) into its parameter; fail naming any tensor that is missing or misshapen."""
     params = dict(model.named_parameters())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
+    experts: ExpertProjections = getattr(model, "expert_projections", {})
     loaded: set[str] = set()
     with torch.no_grad():
-        for file, name, tensor in _checkpoint_tensors(files):
-            param_name, shard_id = _param_name(name, packed)
+        for file, name, tensor in tensors:
+            param_name, shard_id = _param_name(name, packed, experts)
             param = params.get(param_name)
             if param is None:  # e.g. rotary_emb.inv_freq, or lm_head.weight of a tied model
                 continue
@@ -93,28 +147,38 @@ def load_weights(model: nn.Module, files: list[Path]) -> None:
                     f"{file}: tensor {name} has shape {list(error.got)}, the model expects {list(error.expected)}"
                 ) from None
             loaded.add(name)
-    missing = sorted(expected_checkpoint_names(params, packed) - loaded)
+    missing = sorted(expected_checkpoint_names(params, packed, experts) - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ModelLoadError(f"checkpoint in {files[0].parent} is missing {len(missing)} tensor(s): {shown}")
+        raise ModelLoadError(f"checkpoint {source} is missing {len(missing)} tensor(s): {shown}")
 
 
-def expected_checkpoint_names(params: dict[str, nn.Parameter], packed: dict[str, tuple[str, object]]) -> set[str]:
-    """The checkpoint tensor names a model needs: fused parameters expand to their parts."""
+def expected_checkpoint_names(
+    params: dict[str, nn.Parameter], packed: dict[str, tuple[str, object]], experts: ExpertProjections
+) -> set[str]:
+    """The checkpoint tensor names a model needs: fused and stacked-expert parameters expand to their parts."""
     parts_of: dict[str, list[str]] = {}
     for part, (fused, _) in packed.items():
         parts_of.setdefault(fused, []).append(part)
     names: set[str] = set()
-    for name in params:
+    for name, param in params.items():
+        expert_names = expert_checkpoint_names(name, param.shape[0], experts) if experts else None
         fused = next((f for f in parts_of if f".{f}." in name), None)
-        if fused is None:
+        if expert_names is not None:
+            names.update(expert_names)
+        elif fused is None:
             names.add(name)
         else:
             names.update(name.replace(f".{fused}.", f".{part}.") for part in parts_of[fused])
     return names
 
 
-def _param_name(checkpoint_name: str, packed: dict[str, tuple[str, object]]) -> tuple[str, object]:
+def _param_name(
+    checkpoint_name: str, packed: dict[str, tuple[str, object]], experts: ExpertProjections
+) -> tuple[str, object]:
+    expert = expert_param_name(checkpoint_name, experts) if experts else None
+    if expert is not None:
+        return expert
     for part, (fused, shard_id) in packed.items():
         if f".{part}." in checkpoint_name:
             return checkpoint_name.replace(f".{part}.", f".{fused}."), shard_id

@@ -16,7 +16,7 @@ from collections.abc import Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,7 +27,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from engine.async_engine import AsyncLLMEngine
 from engine.generation_defaults import SamplingDefaults
 from engine.server.chat import render_chat
-from engine.structured_output import GrammarCompiler
 from engine.server.errors import APIError, as_api_error, error_response, install_error_handlers
 from engine.server.generation import Generation
 from engine.server.metrics import ServerMetrics
@@ -37,6 +36,9 @@ from engine.server.responses import ChatFormat, CompletionFormat, ResponseFormat
 from engine.server.responses_api import ResponsesFormat, ResponsesRequest
 from engine.server.tokenizer_routes import add_tokenizer_routes
 from engine.server.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
+    from engine.structured_output import GrammarCompiler
 
 T = TypeVar("T")
 
@@ -78,7 +80,7 @@ class ServerState:
         self.draining = False
         self.started = int(time.time())
         self._prompt_checker: PromptChecker | None = None  # built once the model (and tokenizer) loaded
-        self._grammar_compiler: GrammarCompiler | None = None  # likewise
+        self._grammar_compiler: GrammarCompiler | None = None  # made on first use (it loads xgrammar)
 
     async def drain(self) -> None:
         """SIGTERM: stop taking requests, let in-flight ones finish up to the timeout, abort the rest."""
@@ -138,23 +140,21 @@ class ServerState:
         return self.engine.engine.tokenizer
 
     async def check_structured_output(self, body: CompletionRequest | ChatCompletionRequest) -> None:
-        """An invalid schema, regex or grammar is a 400 naming its field; so, for now, is a valid one.
+        """An invalid schema, regex or grammar is a 400 naming its field, before the request is queued.
 
         Compiling proves the constraint valid against this model's tokenizer (off
-        the event loop: a large schema takes a while). Applying it needs the
-        sampler to take the grammar's bitmask each step, which it does not yet:
-        until then a client asking for JSON must not get prose with a 200.
+        the event loop: a large schema takes a while); the engine core compiles it
+        again from xgrammar's cache and applies it while sampling.
         """
         spec = body.structured_output
-        if spec is None:
-            return
-        await asyncio.to_thread(self.grammar_compiler.compile, spec)
-        raise APIError(400, f"{spec.param} is not supported yet: the {spec.kind} constraint is valid, but the "
-                            "engine's sampler does not apply structured outputs yet", param=spec.param)
+        if spec is not None:
+            await asyncio.to_thread(self.grammar_compiler.compile, spec)
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
         if self._grammar_compiler is None:
+            from engine.structured_output import GrammarCompiler
+
             engine = self.engine.engine
             self._grammar_compiler = GrammarCompiler(self.tokenizer, engine.model_config.vocab_size,
                                                      engine.model_config.eos_token_ids)

@@ -31,6 +31,25 @@ _ENGINE_COUNTERS = (
 )
 
 
+# vLLM's names for three gauges, served beside kubellm's own: the Gateway API Inference Extension's
+# endpoint picker scrapes exactly these by default (its --total-queued-requests-metric,
+# --total-running-requests-metric and --kv-cache-usage-percentage-metric flags), so it routes to
+# kubellm engines with no extra configuration. Same values and labels as the kubellm_ gauge.
+VLLM_ALIASES = {
+    "kubellm_num_requests_waiting": "vllm:num_requests_waiting",
+    "kubellm_num_requests_running": "vllm:num_requests_running",
+    "kubellm_kv_cache_usage_ratio": "vllm:kv_cache_usage_perc",
+}
+
+
+def _alias(metric: Metric, name: str) -> Metric:
+    alias = GaugeMetricFamily(name, f"{metric.documentation} (vLLM's name for {metric.name}.)",
+                              labels=["model_name"])
+    for sample in metric.samples:
+        alias.add_metric([sample.labels["model_name"]], sample.value)
+    return alias
+
+
 class _EngineStatsCollector(Collector):
     """Gauges and counters read from the engine's latest stats when Prometheus scrapes."""
 
@@ -39,6 +58,12 @@ class _EngineStatsCollector(Collector):
         self.model_name = model_name
 
     def collect(self) -> Iterator[Metric]:
+        for metric in self._kubellm_metrics():
+            yield metric
+            if metric.name in VLLM_ALIASES:
+                yield _alias(metric, VLLM_ALIASES[metric.name])
+
+    def _kubellm_metrics(self) -> Iterator[Metric]:
         stats = self.engine.stats
 
         def stat(field: str) -> float:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from engine.errors import InvalidRequestError
 from engine.generation_defaults import SamplingDefaults
 from engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
-from engine.structured_output import StructuredOutputSpec
+from engine.sampling import StructuredOutputSpec
 
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 Prompt = str | list[int]
@@ -193,6 +193,7 @@ class _SamplingFields(BaseModel):
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
             max_tokens=max_tokens if max_tokens is not None else defaults.max_tokens,
+            structured_output=self.structured_output,
             **(defaults.sampling | given),
         )
 

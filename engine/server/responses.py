@@ -1,8 +1,8 @@
 """Engine outputs -> OpenAI response bodies and SSE streams, for completions and chat.
 
-The engine's outputs are cumulative; a stream sends what is new since the last
-chunk of each choice, one choice per chunk (as OpenAI and vLLM do: clients read
-choices[0]). The engine holds back text that might still become a stop string,
+The engine's outputs arrive as deltas (what each step added); a stream sends
+each as a chunk, one choice per chunk (as OpenAI and vLLM do: clients read
+choices[0]), and a whole response reads what Generation folded together. The engine holds back text that might still become a stop string,
 so the deltas never contain one. Choice index = prompt index * n + output
 index, as OpenAI numbers choices of multi-prompt requests.
 """
@@ -50,9 +50,8 @@ class ResponseOptions:
 
 @dataclass
 class _ChoiceState:
-    """How much of one choice's cumulative output a stream has already sent."""
+    """What a stream has sent of one choice (outputs arrive as deltas)."""
 
-    text_len: int = 0
     tokens_sent: int = 0
     text_offset: int = 0
     finished: bool = False
@@ -110,7 +109,7 @@ class ResponseFormat:
         states: dict[int, _ChoiceState] = {}
         try:
             async for prompt_index, output in generation.outputs():
-                finals[prompt_index] = output
+                finals[prompt_index] = total = generation.total(prompt_index)
                 for completion in output.outputs:
                     index = prompt_index * self.n + completion.index
                     if index not in states:
@@ -119,7 +118,7 @@ class ResponseFormat:
                             yield sse_event(opening)
                     choice = self._next_delta(prompt_index, completion, states)
                     if choice is not None:
-                        usage = self.usage([output], completion) if self.options.continuous_usage else None
+                        usage = self.usage([total], states[index].tokens_sent) if self.options.continuous_usage else None
                         yield sse_event(self._chunk([choice], usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent: the error travels as an event
             yield sse_error_event(exc)
@@ -137,15 +136,14 @@ class ResponseFormat:
             state = states[index] = _ChoiceState(text_offset=len(prefix))
         if state.finished:
             return None
-        text = prefix + output.text[state.text_len :]
-        state.text_len = len(output.text)
-        new_token_ids = output.token_ids[state.tokens_sent :]
-        entries = self._logprob_entries(output, state.tokens_sent)
+        text = prefix + output.text
+        new_token_ids = output.token_ids
+        entries = self._logprob_entries(output)
         logprobs = None
         if entries is not None:
             logprobs = self.logprobs_body(entries, state.text_offset)
             state.text_offset += sum(len(self.token_text(token_id)) for token_id, _ in entries)
-        state.tokens_sent = len(output.token_ids)
+        state.tokens_sent += len(new_token_ids)
         state.finished = output.finished
         if not (text or entries or output.finished or (self.options.return_token_ids and new_token_ids)):
             return None
@@ -156,11 +154,11 @@ class ResponseFormat:
             choice["token_ids"] = new_token_ids
         return choice
 
-    def usage(self, finals: list[RequestOutput], output: CompletionOutput | None = None) -> dict:
-        """The request's token counts; with `output`, those of that one choice so far (continuous usage)."""
+    def usage(self, finals: list[RequestOutput], choice_tokens: int | None = None) -> dict:
+        """The request's token counts; with `choice_tokens`, one choice's tokens so far (continuous usage)."""
         prompt_tokens, completion_tokens = token_counts(finals)
-        if output is not None:
-            completion_tokens = len(output.token_ids)
+        if choice_tokens is not None:
+            completion_tokens = choice_tokens
         return {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
@@ -174,10 +172,10 @@ class ResponseFormat:
         return {"id": self.id, "object": object_name, "created": self.created, "model": self.model_name,
                 "choices": choices, "usage": usage}
 
-    def _logprob_entries(self, output: CompletionOutput, start: int = 0) -> list[tuple[int, TokenLogprobs]] | None:
+    def _logprob_entries(self, output: CompletionOutput) -> list[tuple[int, TokenLogprobs]] | None:
         if self.top_logprobs is None or output.logprobs is None:
             return None
-        return list(zip(output.token_ids[start:], output.logprobs[start:]))
+        return list(zip(output.token_ids, output.logprobs))
 
     def token_text(self, token_id: int) -> str:
         """A token's text, decoded once per response: a stream needs it for the body and again for text_offset."""

@@ -236,13 +236,13 @@ class ResponsesFormat:
         yield self.event("response.in_progress", response=self.body([], None, None))
         items: list[dict] = []
         message: dict | None = None  # the open message item, while text streams into it
-        text, sent, final = "", 0, None
+        text, final = "", None
         tool_stream = ToolCallStream(self.tool_parser) if self.tool_parser is not None else None
         try:
             async for _, output in generation.outputs():
-                final = output
+                final = generation.total(0)
                 completion = output.outputs[0]
-                delta, sent = completion.text[sent:], len(completion.text)
+                delta = completion.text
                 content, calls = (delta, []) if tool_stream is None else tool_stream.feed(delta, completion.finished)
                 if content:
                     if message is None:

@@ -20,7 +20,10 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
+from engine.cache_dir import cache_dir
 from engine.model_config import DTYPES, ModelConfig, load_model_config
+from engine.models.llama import MLP_MODULE_NAME
+from engine.models.registry import MODEL_REGISTRY
 from engine.testing.safetensors_stream import write_safetensors
 from engine.testing.shapes import FAMILIES, shape_kwargs
 from engine.testing.tokenizer import CHAT_FORMATS, write_tokenizer
@@ -104,17 +107,16 @@ def default_model_path() -> Path:
     return target
 
 
-def cache_dir() -> Path:
-    """$KUBELLM_CACHE_DIR, else ~/.cache/kubellm."""
-    configured = os.environ.get("KUBELLM_CACHE_DIR")
-    return Path(configured) if configured else Path.home() / ".cache" / "kubellm"
-
-
 def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Hugging Face Llama/Mistral/Qwen2 checkpoint, in the order transformers saves them."""
-    hidden, inter = config.hidden_size, config.intermediate_size
+    """Every tensor of a Hugging Face checkpoint of a supported family, named as the published ones are.
+
+    Experts are stored one tensor per expert and projection, as Mixtral and
+    Qwen3-MoE checkpoints on the hub are.
+    """
+    hidden = config.hidden_size
     q_rows = config.num_attention_heads * config.head_dim
     kv_rows = config.num_key_value_heads * config.head_dim
+    is_gemma = config.local_rope is not None
     shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (config.vocab_size, hidden)}
     for i in range(config.num_hidden_layers):
         layer = f"model.layers.{i}."
@@ -126,22 +128,46 @@ def checkpoint_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes[layer + "self_attn.o_proj.weight"] = (hidden, q_rows)
         if config.o_proj_bias:
             shapes[layer + "self_attn.o_proj.bias"] = (hidden,)
+        if config.qk_norm:
+            shapes[layer + "self_attn.q_norm.weight"] = (config.head_dim,)
+            shapes[layer + "self_attn.k_norm.weight"] = (config.head_dim,)
         shapes[layer + "post_attention_layernorm.weight"] = (hidden,)
-        for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
-            shapes[f"{layer}mlp.{proj}.weight"] = shape
-            if config.mlp_bias:
-                shapes[f"{layer}mlp.{proj}.bias"] = shape[:1]
+        if is_gemma:
+            shapes[layer + "pre_feedforward_layernorm.weight"] = (hidden,)
+            shapes[layer + "post_feedforward_layernorm.weight"] = (hidden,)
+        shapes.update(_mlp_shapes(config, i, layer))
     shapes["model.norm.weight"] = (hidden,)
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, hidden)
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The float32 value of one tensor: a function of (seed, name, shape) only."""
+def _mlp_shapes(config: ModelConfig, index: int, layer: str) -> dict[str, tuple[int, ...]]:
+    """A layer's dense gated MLP, or its router and experts."""
+    hidden = config.hidden_size
+    mlp = f"{layer}{MLP_MODULE_NAME.get(config.architecture, 'mlp')}."
+    if config.moe is not None and config.moe.sparse_layers[index]:
+        inter = config.moe.intermediate_size
+        shapes: dict[str, tuple[int, ...]] = {mlp + "gate.weight": (config.moe.num_experts, hidden)}
+        projections = MODEL_REGISTRY[config.architecture].expert_projections
+        for expert in range(config.moe.num_experts):
+            for proj, (_, part) in projections.items():
+                shapes[f"{mlp}experts.{expert}.{proj}.weight"] = (hidden, inter) if part == 2 else (inter, hidden)
+        return shapes
+    inter = config.intermediate_size
+    shapes = {}
+    for proj, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+        shapes[f"{mlp}{proj}.weight"] = shape
+        if config.mlp_bias:
+            shapes[f"{mlp}{proj}.bias"] = shape[:1]
+    return shapes
+
+
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The float32 value of one tensor: a function of (seed, name, shape) and the device's generator only."""
     # torch's CPU generator keeps 32 bits of a seed, so seed and name are hashed into 32 bits together.
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    generator = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * noise
     if name.endswith(".bias"):

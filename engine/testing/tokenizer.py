@@ -39,6 +39,16 @@ _MISTRAL_TEMPLATE = (
 )
 
 
+_GEMMA_TEMPLATE = (
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{- '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<start_of_turn>model\n' }}{%- endif %}"
+)
+
+
 @dataclass(frozen=True)
 class ChatFormat:
     special_tokens: tuple[str, ...]
@@ -70,7 +80,16 @@ CHAT_FORMATS: dict[str, ChatFormat] = {
         stop_tokens=("</s>",),
         chat_template=_MISTRAL_TEMPLATE,
     ),
+    "gemma3": ChatFormat(
+        special_tokens=("<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        stop_tokens=("<eos>", "<end_of_turn>"),
+        chat_template=_GEMMA_TEMPLATE,
+    ),
 }
+# Families that share another's chat format (and so its trained tokenizer).
+CHAT_FORMATS.update(qwen3=CHAT_FORMATS["qwen2"], qwen3_moe=CHAT_FORMATS["qwen2"], mixtral=CHAT_FORMATS["mistral"])
 
 # Training text: enough English, code and other scripts for VOCAB_SIZE merges.
 _CORPUS = [
@@ -98,8 +117,7 @@ _CORPUS = [
 
 
 @functools.cache
-def _trained_tokenizer_json(family: str) -> str:
-    chat = CHAT_FORMATS[family]
+def _trained_tokenizer_json(chat: ChatFormat) -> str:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -119,10 +137,10 @@ def _trained_tokenizer_json(family: str) -> str:
 
 
 def trained_tokenizer(family: str) -> Tokenizer:
-    """The `tokenizers` tokenizer of `family` (llama, qwen2 or mistral)."""
+    """The `tokenizers` tokenizer of `family` (any key of CHAT_FORMATS)."""
     if family not in CHAT_FORMATS:
         raise ValueError(f"unknown model family {family!r}; choose from {', '.join(CHAT_FORMATS)}")
-    return Tokenizer.from_str(_trained_tokenizer_json(family))
+    return Tokenizer.from_str(_trained_tokenizer_json(CHAT_FORMATS[family]))
 
 
 def write_tokenizer(folder: Path, family: str) -> Tokenizer:

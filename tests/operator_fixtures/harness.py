@@ -20,7 +20,7 @@ import kopf
 import yaml
 
 from model_operator import crd
-from model_operator.kube import KINDS
+from model_operator.kube import ADD_ON_KINDS, KINDS
 
 NAMESPACE = "serving"
 WAIT_SECONDS = 15.0
@@ -31,8 +31,9 @@ def declare_resources(emulator: kmock.KubernetesEmulator) -> None:
     emulator.resources[f"{crd.API_VERSION}/{crd.PLURAL}"] = kmock.ResourceInfo(
         kind=crd.KIND, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "update", "delete"},
         subresources={"status", "scale"})
-    emulator.resources["keda.sh/v1alpha1/scaledobjects"] = kmock.ResourceInfo(
-        kind="ScaledObject", namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
+    for kind in ADD_ON_KINDS.keys() - {"HorizontalPodAutoscaler"}:  # the add-ons' custom resources
+        emulator.resources[f"{KINDS[kind].api_version}/{KINDS[kind].plural}"] = kmock.ResourceInfo(
+            kind=kind, namespaced=True, verbs={"get", "list", "watch", "create", "patch", "delete"})
 
 
 def write_kubeconfig(path, server_url: str) -> None:

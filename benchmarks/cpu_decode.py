@@ -1,0 +1,121 @@
+"""CPU decode speed on the built-in model: kubellm against transformers, same file, same machine.
+
+Both load the same GGUF file (SmolLM2-135M-Instruct Q4_1 by default), dequantized
+to float32, and decode greedily with EOS ignored, so both produce exactly
+`--new-tokens` tokens. Decode rate excludes the prefill: each run is timed once
+with 1 new token and once with N, and the rate is (N - 1) / (t_N - t_1).
+
+- kubellm, 1 stream and `--streams` concurrent streams (aggregate tokens/s);
+- transformers `generate`, 1 stream (its eager loop, the usual CPU baseline).
+
+The three take turns (see decode_rates), and the machine's load average is recorded.
+
+    python -m benchmarks.cpu_decode --out results/cpu_decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import environment, print_table, save_json
+from engine import LLM, SamplingParams
+from engine.builtin_model import builtin_model_path
+
+TEXT = (
+    "The history of the printing press begins in the fifteenth century, when movable type changed how "
+    "books were made, how ideas travelled between cities, and who could afford to read them. "
+)
+
+
+def prompt_ids(tokenizer, length: int, offset: int) -> list[int]:
+    """`length` tokens of English text, different per stream (offset) so no prefix is shared."""
+    ids = tokenizer(TEXT * (length // 10 + 2))["input_ids"]
+    return ids[offset: offset + length]
+
+
+def decode_rates(runs: dict[str, Callable[[int], None]], new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (decode tokens/s of one run, prefill seconds), from the best of `repeats` of t_N and t_1.
+
+    The systems take turns within each repeat, so a machine whose load drifts
+    (a shared CI runner) slows them alike instead of whichever ran last.
+    """
+    best: dict[str, list[float]] = {name: [float("inf"), float("inf")] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            for slot, tokens in enumerate((1, new_tokens)):
+                start = time.perf_counter()
+                run(tokens)
+                best[name][slot] = min(best[name][slot], time.perf_counter() - start)
+    return {name: ((new_tokens - 1) / (t_n - t_1), t_1) for name, (t_1, t_n) in best.items()}
+
+
+def kubellm_runner(llm: LLM, prompts: list[list[int]]) -> Callable[[int], None]:
+    def run(new_tokens: int) -> None:
+        params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
+
+    return run
+
+
+def transformers_runner(model, prompt: list[int]) -> Callable[[int], None]:
+    ids = torch.tensor([prompt])
+
+    def run(new_tokens: int) -> None:
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        assert out.shape[1] == len(prompt) + new_tokens
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args()
+    file = Path(args.model) if args.model else builtin_model_path()
+
+    llm = LLM(model=str(file), dtype="float32", device="cpu", max_model_len=args.prompt_len + args.new_tokens + 16,
+              max_num_seqs=args.streams, enable_prefix_caching=False)
+    tokenizer = llm.get_tokenizer()
+    prompts = [prompt_ids(tokenizer, args.prompt_len, 7 * i) for i in range(args.streams)]
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32).eval()
+    runs = {
+        "hf": transformers_runner(model, prompts[0]),
+        "single": kubellm_runner(llm, prompts[:1]),
+        "batched": kubellm_runner(llm, prompts),
+    }
+    for run in runs.values():  # warm-up
+        run(4)
+    rates = decode_rates(runs, args.new_tokens, args.repeats)
+    (reference, reference_prefill), (single, single_prefill), (batched, _) = rates["hf"], rates["single"], rates["batched"]
+    rows = [
+        {"system": "transformers generate", "streams": 1, "decode_tok_s": reference, "vs_hf_single": 1.0,
+         "prefill_s": reference_prefill},
+        {"system": "kubellm", "streams": 1, "decode_tok_s": single, "vs_hf_single": single / reference,
+         "prefill_s": single_prefill},
+        {"system": "kubellm", "streams": args.streams, "decode_tok_s": batched * args.streams,
+         "vs_hf_single": batched * args.streams / reference, "prefill_s": float("nan")},
+    ]
+    env = environment() | {"threads": torch.get_num_threads(), "model": file.name, "load_average": os.getloadavg()}
+    print(env)
+    print_table(rows, f"CPU decode, {args.prompt_len}-token prompts, {args.new_tokens} new tokens (aggregate tok/s)")
+    save_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The one-GPU runs behind benchmarks/RESULTS.md, by mode, any number of modes in one command.
+# "latency" and "throughput" run this tree and a baseline tree (an earlier commit, extracted into
+# $BASE) side by side on the same random-weight folders.
+#
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh tests latency   # GPU tests, decode latency
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh throughput      # offline "mixed"
+#   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
+#   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
+#
+# Every step runs on its own with a time limit, so one failure leaves the others' results.
+set -u
+export PYTHONUNBUFFERED=1
+[ $# -gt 0 ] || { echo "usage: $0 MODE... (tests, latency, throughput, serving)"; exit 2; }
+PY=${PYTHON:-python3}
+ROOT=${MODEL_ROOT:-/dev/shm/kubellm-models}
+mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
+BASE=$(realpath "${BASE:-.baseline}")
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name ($(date +%T)): $*"
+  local status=0
+  timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1 || status=$?
+  [ $status = 0 ] || echo "=== $name FAILED (exit $status)"
+}
+
+step write-8b 150 $PY -m benchmarks.gpu_random_model --model llama-3.1-8b --model-root "$ROOT"
+step write-0.5b 60 $PY -m benchmarks.gpu_random_model --model qwen2.5-0.5b --model-root "$ROOT"
+
+tree_dir() { [ "$1" = new ] && pwd || echo "$BASE"; }
+
+latency() {  # latency TREE...
+  for model in llama-3.1-8b qwen2.5-0.5b; do
+    batches=$([ $model = llama-3.1-8b ] && echo 1,128 || echo 32,128)
+    for tree in "$@"; do
+      step "latency-$model-$tree" 110 env -C "$(tree_dir $tree)" $PY -m benchmarks.latency --model $model \
+        --model-root "$ROOT" --batches $batches --new-tokens 128 --ttft-lens 1024 --out "$OUT/latency-$model-$tree.json"
+    done
+  done
+}
+
+throughput() {  # throughput TREE...
+  for model in llama-3.1-8b qwen2.5-0.5b; do
+    for tree in "$@"; do
+      step "throughput-$model-$tree" 120 env -C "$(tree_dir $tree)" $PY -m benchmarks.throughput --model $model \
+        --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-$model-$tree.json"
+    done
+  done
+}
+
+for mode in "$@"; do
+  case $mode in
+    tests) step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -x ;;
+    kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
+               tests/test_quant_kernels.py ;;
+    moe) step moe 120 $PY -m benchmarks.moe_gpu --out "$OUT/moe.json" ;;
+    quant) step quant-gemm 120 $PY -m benchmarks.quant_gpu --out "$OUT/quant-gemm.json"
+           step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
+             --model-root "$ROOT" --formats bf16,fp8-online,awq --batches 1,32 --out "$OUT/quant-decode.json" ;;
+    structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
+                  --batch 32 --out "$OUT/structured.json" ;;
+    latency) latency new base ;;
+    latency-base) latency base ;;
+    throughput) throughput new base ;;
+    serving) step serving-8b 300 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" --rates 16 \
+               --num-requests 256 --out "$OUT/serving-8b.json" ;;
+    *) echo "unknown mode $mode"; exit 2 ;;
+  esac
+done

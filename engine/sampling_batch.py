@@ -1,0 +1,114 @@
+"""From the core's sequences to the sampler's tensors (engine.layers.sampler.SamplingBatch).
+
+The per-row numbers (temperature, top-p, ...) are written once, when a
+sequence takes its row in the persistent batch (`sampling_row`); each step
+only gathers the sampling rows and decides on the host which of the
+sampler's optional passes the batch needs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.layers.sampler import PenaltyState, SamplingBatch
+from engine.sampling import SamplingParams
+from engine.sequence import Sequence
+
+
+def sampling_row(params: SamplingParams) -> tuple[float, ...]:
+    """One row of engine.layers.sampler.SAMPLING_COLUMNS; top_k 0 means no top-k filter."""
+    return (
+        1.0 if params.greedy else params.temperature,
+        params.top_p,
+        params.top_k if params.top_k > 0 else 0,
+        params.min_p,
+        params.repetition_penalty,
+        params.frequency_penalty,
+        params.presence_penalty,
+    )
+
+
+def has_penalties(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def banned_before_min_tokens(params: SamplingParams, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
+    """The token ids a sequence may not sample before min_tokens."""
+    eos = () if params.ignore_eos else eos_token_ids
+    return [t for t in (*eos, *params.stop_token_ids) if t < vocab_size]
+
+
+def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small tensor on the device, copied from page-locked memory so that the copy does not wait."""
+    host = torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
+class SamplingState:
+    """Rank 0's sampling state that outlives a step: seeded generators and penalty token counts.
+
+    Penalty counts live on the device in rows parallel to the persistent
+    batch's, allocated when the first request with a penalty arrives.
+    """
+
+    def __init__(self, num_rows: int, vocab_size: int, eos_token_ids: tuple[int, ...], device: torch.device):
+        self.num_rows = num_rows
+        self.vocab_size = vocab_size
+        self.eos_token_ids = eos_token_ids
+        self.device = device
+        self.penalties: PenaltyState | None = None
+
+    def add_row(self, row: int, seq: Sequence) -> None:
+        """seq took persistent row `row` (it joined, or came back after preemption)."""
+        params = seq.params
+        if params.seed is not None and not params.greedy and seq.generator is None:
+            # Each of the n completions gets its own stream (vLLM: seed + index).
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed + seq.index)
+        if has_penalties(params):
+            if self.penalties is None:
+                self.penalties = PenaltyState(self.num_rows, self.vocab_size, self.device)
+            self.penalties.reset_row(row, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids)
+
+    def batch(self, seqs: list[Sequence], params: torch.Tensor, rows: np.ndarray) -> SamplingBatch:
+        """seqs sample this step, in batch order, from persistent rows `rows`; params holds their
+        sampling rows (host; page-locked on CUDA)."""
+        device = self.device
+        greedy = [seq.params.greedy for seq in seqs]
+        penalized = [i for i, seq in enumerate(seqs) if has_penalties(seq.params)]
+        wanted = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
+        return SamplingBatch(
+            params=params.to(device, non_blocking=True),
+            greedy=None if all(greedy) else device_tensor(greedy, torch.bool, device),
+            any_top_k_top_p=any(seq.params.top_k > 0 or seq.params.top_p < 1.0 for seq in seqs),
+            any_min_p=any(seq.params.min_p > 0 for seq in seqs),
+            penalty_rows=device_tensor(penalized, torch.int64, device) if penalized else None,
+            penalty_slots=device_tensor(rows[penalized].tolist(), torch.int64, device) if penalized else None,
+            seeded=[(i, seq.generator) for i, seq in enumerate(seqs) if seq.generator is not None],
+            # The token being sampled is output number num_output_tokens - 1: its placeholder is counted.
+            banned=[
+                (i, banned_before_min_tokens(seq.params, self.eos_token_ids, self.vocab_size))
+                for i, seq in enumerate(seqs)
+                if seq.num_output_tokens - 1 < seq.params.min_tokens
+            ],
+            num_logprobs=max(wanted) if wanted else None,
+            allowed=self._grammar_bitmask(seqs),
+        )
+
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The tokens each row's grammar allows next (every token for rows without one).
+
+        A grammar that allows nothing (it cannot go on) gets its stop tokens, so the
+        sequence ends instead of sampling from an empty distribution.
+        """
+        grammars = [seq.grammar for seq in seqs]
+        if all(grammar is None for grammar in grammars):
+            return None
+        from engine.structured_output import allocate_bitmask, fill_bitmask  # xgrammar, loaded by the first grammar
+
+        bitmask = allocate_bitmask(len(seqs), self.vocab_size)
+        for row in fill_bitmask(grammars, bitmask):
+            bitmask[row] = 0
+            for token in self.eos_token_ids:
+                bitmask[row, token // 32] |= 1 << (token % 32)
+        return bitmask.to(self.device)

@@ -1,0 +1,82 @@
+"""One start-up log record saying what the server chose: model, dtype and why, context, cache, graphs, address.
+
+Read from a loaded LLMEngine and the settings the user asked for, so the
+record states what happened rather than what was requested.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.model_config import auto_dtype
+
+logger = logging.getLogger("kubellm.startup")
+
+
+@dataclass(frozen=True)
+class StartupReport:
+    model: str
+    served_model_name: str
+    architecture: str
+    dtype: str
+    dtype_reason: str
+    device: str
+    max_model_len: int
+    kv_blocks: int
+    kv_block_tokens: int
+    kv_cache_gib: float
+    cuda_graph_batch_sizes: tuple[int, ...]
+    address: str
+
+    def text(self) -> str:
+        graphs = ", ".join(map(str, self.cuda_graph_batch_sizes)) or "none (eager)"
+        return "\n".join([
+            f"kubellm serving {self.served_model_name!r} at {self.address}",
+            f"  model          {self.model} ({self.architecture})",
+            f"  dtype          {self.dtype} on {self.device} ({self.dtype_reason})",
+            f"  max_model_len  {self.max_model_len} tokens",
+            f"  KV cache       {self.kv_blocks} blocks x {self.kv_block_tokens} tokens = "
+            f"{self.kv_blocks * self.kv_block_tokens} tokens, {self.kv_cache_gib:.2f} GiB",
+            f"  CUDA graphs    {graphs}",
+        ])
+
+
+def dtype_reason(requested: str, checkpoint_dtype: torch.dtype, device: str) -> str:
+    """Why the serving dtype is what it is."""
+    if requested != "auto":
+        return "set by --dtype"
+    if torch.device(device).type == "cpu":
+        return "auto: float32 on CPU, where half precision is slow and inexact"
+    chosen = str(auto_dtype(checkpoint_dtype, device)).removeprefix("torch.")
+    return f"auto: the checkpoint's dtype on a GPU ({chosen}; bfloat16 for quantized GGUF weights)"
+
+
+def log_startup_report(engine: LLMEngine, requested: EngineConfig, address: str) -> None:
+    """The report as one log record: readable text, and each field as a key of the JSON line."""
+    report = startup_report(engine, requested, address)
+    logger.info(report.text(), extra=dataclasses.asdict(report))
+
+
+def startup_report(engine: LLMEngine, requested: EngineConfig, address: str) -> StartupReport:
+    config, runner = engine.config, engine.model_runner
+    graphs = runner.decode_graphs
+    return StartupReport(
+        model=config.model,
+        served_model_name=config.name,
+        architecture=engine.model_config.architecture,
+        dtype=config.dtype,
+        dtype_reason=dtype_reason(requested.dtype, engine.model_config.dtype, config.device),
+        device=config.device,
+        max_model_len=config.max_model_len,
+        kv_blocks=runner.num_kv_blocks,
+        kv_block_tokens=config.block_size,
+        kv_cache_gib=runner.num_kv_blocks * runner.bytes_per_block / 2**30,
+        cuda_graph_batch_sizes=tuple(graphs.batch_sizes) if graphs else (),
+        address=address,
+    )

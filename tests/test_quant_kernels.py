@@ -1,0 +1,189 @@
+"""The quantized GEMM kernels (kernels/w4a16.py, kernels/fp8.py) against kernels/quant_reference.py.
+
+On CPU they run under TRITON_INTERPRET=1 at small sizes in fp32/fp16; cases
+marked `gpu` run at Llama-3.1-8B sizes in bf16. Weights are random floats
+quantized by the reference quantizers, never zeros.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+from kernels import quant_reference as ref
+from kernels.w4a16 import W4A16Config
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+requires_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (realistic sizes, bf16)")
+FP8_TENSOR_CORES = CUDA and torch.cuda.get_device_capability() >= (8, 9)
+
+# ‖out − ref‖ / ‖ref‖ allowed per activation dtype; the reference runs in fp32 on the same quantized inputs.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    assert torch.isfinite(out).all(), "kernel output has NaN/inf"
+    return float((out.float() - expected.float()).norm() / expected.float().norm())
+
+
+def random(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=gen).to(dtype=dtype, device=DEVICE)
+
+
+# --- layout ------------------------------------------------------------------------------------------
+
+
+def test_pack_unpack_round_trip_along_either_dim():
+    q = torch.randint(0, 16, (24, 40), generator=torch.Generator().manual_seed(1))
+    for dim in (0, 1):
+        packed = ref.pack_int4(q, dim)
+        assert packed.dtype == torch.int32 and packed.shape[dim] == q.shape[dim] // 8
+        assert torch.equal(ref.unpack_int4(packed, dim), q)
+    assert int(ref.pack_int4(torch.full((8, 1), 15), 0)) == -1  # all bits set: two's complement
+
+
+def test_quantize_w4_is_close_to_the_float_weight():
+    weight = random(64, 256)
+    for group_size, zero_point in ((128, True), (128, False), (-1, True)):
+        qweight, scales, zeros = ref.quantize_w4(weight, group_size, zero_point)
+        groups = 256 // (256 if group_size == -1 else group_size)
+        assert qweight.shape == (32, 64) and scales.shape == (groups, 64)
+        assert (zeros is not None) == zero_point
+        dequantized = ref.dequantize_w4(qweight, scales, zeros, 256 if group_size == -1 else group_size)
+        assert relative_error(dequantized.t(), weight) < 0.12  # 4-bit round-to-nearest on Gaussian weights
+
+
+# --- W4A16 -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 5, 33])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("group_size,zero_point", [(32, True), (64, False), (-1, True)])
+def test_w4a16_matches_reference(m, dtype, group_size, zero_point):
+    k, n = 128, 96
+    qweight, scales, zeros = ref.quantize_w4(random(n, k, seed=m), group_size, zero_point)
+    scales = scales.to(dtype)
+    zeros = zeros.to(dtype) if zeros is not None else None
+    group = k if group_size == -1 else group_size
+    x = random(m, k, dtype=dtype, seed=m + 1)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert relative_error(out, ref.w4a16_matmul(x, qweight, scales, zeros, group)) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k):
+    # N not a multiple of the tile, K split into uneven parts: every boundary is masked.
+    k, n, m = 160, 72, 3
+    qweight, scales, zeros = ref.quantize_w4(random(n, k), 32, True)
+    x, bias = random(m, k, seed=2), random(n, seed=3)
+    config = W4A16Config(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1, split_k=split_k)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, 32, bias=bias, config=config)
+    expected = ref.w4a16_matmul(x, qweight, scales, zeros, 32, bias=bias)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
+def test_w4a16_with_g_idx_in_any_order():
+    # GPTQ act-order: each row's group comes from g_idx, not from its position.
+    k, n, group = 128, 64, 32
+    qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
+    g_idx = (torch.arange(k) // group)[torch.randperm(k, generator=torch.Generator().manual_seed(4))]
+    g_idx = g_idx.to(torch.int32).to(DEVICE)
+    x = random(7, k, seed=5)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, g_idx=g_idx)
+    expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, g_idx=g_idx)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    unordered = ref.w4a16_matmul(x, qweight, scales, zeros, group)
+    assert relative_error(unordered, expected) > 1e-2  # the test would notice g_idx being ignored
+
+
+def test_w4a16_rejects_a_weight_of_the_wrong_size():
+    qweight, scales, zeros = ref.quantize_w4(random(32, 64), 32, True)
+    with pytest.raises(ValueError, match="K=72"):
+        kernels.w4a16_matmul(random(2, 72), qweight, scales, zeros, 32)
+
+
+# --- FP8 ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_per_token_quantization_matches_reference(dtype):
+    x = random(6, 200, dtype=dtype) * torch.logspace(-3, 2, 6, device=DEVICE).to(dtype)[:, None]
+    x[2] = 0  # an all-zero row keeps a finite scale
+    q, scale = kernels.quantize_fp8_per_token(x)
+    q_ref, scale_ref = ref.quantize_fp8_per_token(x)
+    assert q.dtype == ref.FP8_DTYPE and scale.shape == (6, 1)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    assert torch.equal(q.float(), q_ref.float())  # exact: the kernel rounds to e4m3 itself
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16])
+def test_fp8_matmul_matches_reference(m, out_dtype):
+    k, n = 96, 80
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=6))
+    x_q, x_scale = ref.quantize_fp8_per_token(random(m, k, seed=7))
+    bias = random(n, seed=8).to(out_dtype)
+    out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias)
+    assert out.dtype == out_dtype and out.shape == (m, n)
+    expected = ref.fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias)
+    assert relative_error(out, expected) < TOLERANCE[out_dtype]
+
+
+def test_fp8_matmul_with_one_static_activation_scale():
+    k, n = 64, 48
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k))
+    x = random(4, k, seed=9)
+    scale = x.abs().max().float().reshape(1) / ref.FP8_MAX
+    x_q = ref.quantize_fp8_static(x, scale)
+    out = kernels.fp8_matmul(x_q, scale, weight, weight_scale, torch.float32)
+    expected = ref.fp8_matmul(x_q, scale, weight, weight_scale, torch.float32)
+    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    assert relative_error(out, x @ random(n, k).t()) < 0.06  # and it is still the float product
+
+
+# --- GPU, Llama-3.1-8B shapes, bf16 ------------------------------------------------------------------
+
+LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N): qkv, o, gate_up, down
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+@pytest.mark.parametrize("group_size", [128, -1])
+def test_w4a16_bf16_gpu(m, k, n, group_size):
+    qweight, scales, zeros = ref.quantize_w4(random(n, k, dtype=torch.bfloat16), group_size, True)
+    group = k if group_size == -1 else group_size
+    x = random(m, k, dtype=torch.bfloat16, seed=1)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group)
+    assert relative_error(out, ref.w4a16_matmul(x, qweight, scales, zeros, group)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("m", [1, 64, 256])
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+def test_fp8_bf16_gpu(m, k, n):
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, dtype=torch.bfloat16))
+    x = random(m, k, dtype=torch.bfloat16, seed=1)
+    x_q, x_scale = kernels.quantize_fp8_per_token(x)
+    q_ref, scale_ref = ref.quantize_fp8_per_token(x)
+    assert torch.equal(x_q.float(), q_ref.float())
+    out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
+    expected = ref.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
+    assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FP8_TENSOR_CORES, reason="needs FP8 tensor cores (compute capability 8.9+)")
+def test_fp8_triton_path_matches_scaled_mm_gpu():
+    # fp16 output is outside _scaled_mm's row-wise rules, so it takes the Triton kernel with native FP8 dots.
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(4096, 4096, dtype=torch.bfloat16))
+    x_q, x_scale = kernels.quantize_fp8_per_token(random(32, 4096, dtype=torch.bfloat16, seed=1))
+    triton_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.float16)
+    scaled_mm_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
+    assert relative_error(triton_out, scaled_mm_out) < TOLERANCE[torch.bfloat16]

@@ -1,0 +1,49 @@
+"""Start-up says what the engine chose, in one log record read from the loaded engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.server.logs import JsonFormatter
+from engine.startup_report import dtype_reason, log_startup_report, startup_report
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_folder):
+    return LLMEngine(EngineConfig(model=str(tiny_model_folder("llama")), device="cpu", num_kv_blocks=40,
+                                  max_model_len=512, served_model_name="tiny"))
+
+
+def test_report_reads_what_the_engine_chose(engine, tiny_model_folder):
+    requested = EngineConfig(model=str(tiny_model_folder("llama")))
+    report = startup_report(engine, requested, "http://127.0.0.1:8000")
+    assert report.served_model_name == "tiny" and report.architecture == "LlamaForCausalLM"
+    assert (report.dtype, report.device) == ("float32", "cpu")
+    assert report.dtype_reason.startswith("auto: float32 on CPU")
+    assert (report.max_model_len, report.kv_blocks, report.kv_block_tokens) == (512, 40, 16)
+    assert report.kv_cache_gib == pytest.approx(40 * engine.model_runner.bytes_per_block / 2**30)
+    assert report.cuda_graph_batch_sizes == ()
+    text = report.text()
+    assert "http://127.0.0.1:8000" in text and "40 blocks x 16 tokens = 640 tokens" in text
+    assert "none (eager)" in text
+
+
+def test_one_json_log_record_carries_every_field(engine, tiny_model_folder, caplog):
+    with caplog.at_level(logging.INFO, logger="kubellm.startup"):
+        log_startup_report(engine, EngineConfig(model="x", dtype="float32"), "http://0.0.0.0:9000")
+    (record,) = caplog.records
+    line = json.loads(JsonFormatter().format(record))
+    assert line["dtype_reason"] == "set by --dtype"
+    assert line["address"] == "http://0.0.0.0:9000" and line["kv_blocks"] == 40
+    assert line["message"].startswith("kubellm serving 'tiny' at http://0.0.0.0:9000\n")
+
+
+def test_dtype_reason_on_a_gpu_names_the_checkpoint_dtype():
+    import torch
+
+    assert dtype_reason("auto", torch.float16, "cuda:0").startswith("auto: the checkpoint's dtype on a GPU (float16")
