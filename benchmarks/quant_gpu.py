@@ -105,7 +105,7 @@ def decode_rows(model: str, formats: list[str], batches: list[int], root: Path, 
         config = EngineConfig(model=str(folder), dtype="bfloat16", seed=0, max_num_seqs=max(batches),
                               max_model_len=prompt_len + new_tokens + 8, quantization=quantization)
         engine = LLMEngine(config)
-        qkv = engine.model_runner.model.model.layers[0].self_attn.qkv_proj
+        qkv = engine.core.model_runner.model.model.layers[0].self_attn.qkv_proj
         stored = next(p.dtype for n, p in qkv.named_parameters() if n != "bias")
         if fmt != "bf16" and stored == torch.bfloat16:  # e.g. a runner that does not pass --quantization on
             print(f"{fmt}: the engine loaded bf16 weights; skipped", file=sys.stderr)

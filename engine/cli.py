@@ -191,12 +191,9 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     from engine.async_engine import AsyncLLMEngine
-    from engine.cpu_threads import configure_cpu_threads
-    from engine.llm_engine import LLMEngine
     from engine.server.app import ServerSettings, build_app
     from engine.server.logs import configure_logging
     from engine.server.runner import DrainingServer
-    from engine.startup_report import log_startup_report
 
     if args.enable_auto_tool_choice and not args.tool_call_parser:
         raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
@@ -209,15 +206,8 @@ def run_serve(args: argparse.Namespace) -> int:
                               sampling_defaults=generation_defaults.load_sampling_defaults(
                                   model, args.generation_config))
     configure_logging(args.log_level)
-    address = f"http://{args.host}:{args.port}"
-
-    def load_engine() -> LLMEngine:
-        configure_cpu_threads()
-        engine = LLMEngine(config)
-        log_startup_report(engine, config, address)
-        return engine
-
-    engine = AsyncLLMEngine(load_engine, max_pending_requests=args.max_pending_requests)
+    engine = AsyncLLMEngine(config, max_pending_requests=args.max_pending_requests, log_level=args.log_level,
+                            served_address=f"http://{args.host}:{args.port}")
     server = DrainingServer(build_app(engine, settings), host=args.host, port=args.port)
     server.run()
     return server.exit_code

@@ -47,6 +47,7 @@ class EngineCore:
             self.model_config.num_attention_heads,
             self.model_config.num_key_value_heads,
             self.model_config.intermediate_size,
+            self.model_config.moe.intermediate_size if self.model_config.moe is not None else None,
         )
         # Runs the model on every tensor-parallel rank; model_runner is this process's (rank 0's).
         self.executor = Executor(self.config, partial(ModelRunner, model_config=self.model_config), STEP_FIELDS)

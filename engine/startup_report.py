@@ -1,6 +1,6 @@
 """One start-up log record saying what the server chose: model, dtype and why, context, cache, graphs, address.
 
-Read from a loaded LLMEngine and the settings the user asked for, so the
+Read from a loaded EngineCore and the settings the user asked for, so the
 record states what happened rather than what was requested.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.engine_core import EngineCore
 from engine.model_config import auto_dtype
 
 logger = logging.getLogger("kubellm.startup")
@@ -32,12 +32,12 @@ class StartupReport:
     kv_block_tokens: int
     kv_cache_gib: float
     cuda_graph_batch_sizes: tuple[int, ...]
-    address: str
+    address: str | None  # None: the core runs without an HTTP server in front (offline)
 
     def text(self) -> str:
         graphs = ", ".join(map(str, self.cuda_graph_batch_sizes)) or "none (eager)"
         return "\n".join([
-            f"kubellm serving {self.served_model_name!r} at {self.address}",
+            f"kubellm serving {self.served_model_name!r} at {self.address or 'no address (offline)'}",
             f"  model          {self.model} ({self.architecture})",
             f"  dtype          {self.dtype} on {self.device} ({self.dtype_reason})",
             f"  max_model_len  {self.max_model_len} tokens",
@@ -57,13 +57,13 @@ def dtype_reason(requested: str, checkpoint_dtype: torch.dtype, device: str) -> 
     return f"auto: the checkpoint's dtype on a GPU ({chosen}; bfloat16 for quantized GGUF weights)"
 
 
-def log_startup_report(engine: LLMEngine, requested: EngineConfig, address: str) -> None:
+def log_startup_report(engine: EngineCore, requested: EngineConfig, address: str | None) -> None:
     """The report as one log record: readable text, and each field as a key of the JSON line."""
     report = startup_report(engine, requested, address)
     logger.info(report.text(), extra=dataclasses.asdict(report))
 
 
-def startup_report(engine: LLMEngine, requested: EngineConfig, address: str) -> StartupReport:
+def startup_report(engine: EngineCore, requested: EngineConfig, address: str | None) -> StartupReport:
     config, runner = engine.config, engine.model_runner
     graphs = runner.decode_graphs
     return StartupReport(

@@ -1,7 +1,8 @@
 """A real uvicorn serving a real engine on 127.0.0.1, for the server tests.
 
 Each test module starts one server (module-scoped fixture) on a free port, in a
-thread of the test process, so tests can also look at the engine directly.
+thread of the test process, so tests can also look at the engine directly. The
+engine core runs in its own process, as under `kubellm serve`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import openai
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
 from engine.llm import LLM
-from engine.llm_engine import LLMEngine
 from engine.server.app import ServerSettings, ServerState, build_app
 from engine.testing import default_model_path
 
@@ -82,7 +82,7 @@ def running_server(config: EngineConfig | None = None, api_key: str | None = Non
                    max_pending_requests: int | None = None, **settings_overrides):
     """`settings_overrides`: further ServerSettings fields (sampling_defaults, tool parser, ...)."""
     config = config or engine_config()
-    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=max_pending_requests)
+    engine = AsyncLLMEngine(config, max_pending_requests=max_pending_requests)
     settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0,
                               **settings_overrides)
     app = build_app(engine, settings)

@@ -8,15 +8,15 @@ import logging
 import pytest
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.engine_core import EngineCore
 from engine.server.logs import JsonFormatter
 from engine.startup_report import dtype_reason, log_startup_report, startup_report
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_model_folder):
-    return LLMEngine(EngineConfig(model=str(tiny_model_folder("llama")), device="cpu", num_kv_blocks=40,
-                                  max_model_len=512, served_model_name="tiny"))
+    return EngineCore(EngineConfig(model=str(tiny_model_folder("llama")), device="cpu", num_kv_blocks=40,
+                                   max_model_len=512, served_model_name="tiny"))
 
 
 def test_report_reads_what_the_engine_chose(engine, tiny_model_folder):

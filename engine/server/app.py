@@ -137,7 +137,7 @@ class ServerState:
 
     @property
     def tokenizer(self) -> Any:
-        return self.engine.engine.tokenizer
+        return self.engine.tokenizer
 
     async def check_structured_output(self, body: CompletionRequest | ChatCompletionRequest) -> None:
         """An invalid schema, regex or grammar is a 400 naming its field, before the request is queued.
@@ -155,9 +155,8 @@ class ServerState:
         if self._grammar_compiler is None:
             from engine.structured_output import GrammarCompiler
 
-            engine = self.engine.engine
-            self._grammar_compiler = GrammarCompiler(self.tokenizer, engine.model_config.vocab_size,
-                                                     engine.model_config.eos_token_ids)
+            limits = self.engine.limits
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, limits.vocab_size, limits.eos_token_ids)
         return self._grammar_compiler
 
     def chat_prompt(self, body: ChatCompletionRequest) -> tuple[str, ToolCallParser | None]:
@@ -184,8 +183,7 @@ class ServerState:
     @property
     def prompt_checker(self) -> PromptChecker:
         if self._prompt_checker is None:
-            engine = self.engine.engine
-            self._prompt_checker = PromptChecker(engine.tokenize, self.tokenizer, engine.config.max_model_len)
+            self._prompt_checker = PromptChecker(self.engine.tokenize, self.tokenizer, self.engine.limits.max_model_len)
         return self._prompt_checker
 
 
@@ -286,18 +284,18 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        """Liveness: the process runs and the step loop has not died (loading counts as alive)."""
+        """Liveness: the process runs and the engine core has not died (loading counts as alive)."""
         if not engine.is_alive:
-            return error_response(503, f"the engine step loop is dead: {engine.error}", code="engine_dead")
+            return error_response(503, f"the engine core is dead: {engine.error}", code="engine_dead")
         return JSONResponse({"status": "ok"})
 
     @app.get("/ready")
     async def ready() -> Response:
-        """Readiness: the model is loaded, the step loop runs and the server is not draining."""
+        """Readiness: the model is loaded, the engine core runs and the server is not draining."""
         if state.draining:
             return error_response(503, "the server is shutting down", code="draining")
         if not engine.is_ready:
-            reason = "the model is loading" if engine.is_alive else f"the engine step loop is dead: {engine.error}"
+            reason = "the model is loading" if engine.is_alive else f"the engine core is dead: {engine.error}"
             return error_response(503, reason, code="not_ready")
         return JSONResponse({"status": "ready"})
 
@@ -318,7 +316,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
             "owned_by": "kubellm",
         }
         if engine.is_loaded:
-            card["max_model_len"] = engine.engine.config.max_model_len
+            card["max_model_len"] = engine.limits.max_model_len
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions")

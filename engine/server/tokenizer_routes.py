@@ -33,7 +33,7 @@ def add_tokenizer_routes(app: FastAPI, state: ServerState) -> None:
         else:
             text = body.prompt
         token_ids = tokenizer(text, add_special_tokens=body.add_special_tokens)["input_ids"]
-        response: dict[str, Any] = {"count": len(token_ids), "max_model_len": state.engine.engine.config.max_model_len,
+        response: dict[str, Any] = {"count": len(token_ids), "max_model_len": state.engine.limits.max_model_len,
                                     "tokens": token_ids}
         if body.return_token_strs:
             response["token_strs"] = tokenizer.convert_ids_to_tokens(token_ids)
