@@ -27,9 +27,12 @@ class StructuredOutputSpec:
     kind: StructuredOutputKind
     value: str | tuple[str, ...] | None = None  # JSON schema text, regex, EBNF, the choices; None for json_object
     param: str = "structured_outputs"  # the request field it came from, for error messages
+    # JSON with fixed separators (", ", ": ") and no other whitespace. For output only programs read
+    # (forced tool calls): free whitespace lets a model ramble in blanks until max_tokens cuts it short.
+    compact: bool = False
 
     @classmethod
-    def json_schema(cls, schema: Any, param: str) -> StructuredOutputSpec:
+    def json_schema(cls, schema: Any, param: str, compact: bool = False) -> StructuredOutputSpec:
         """A schema given as an object or as JSON text."""
         if isinstance(schema, str):
             try:
@@ -38,7 +41,7 @@ class StructuredOutputSpec:
                 raise InvalidRequestError(f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from None
         if not isinstance(schema, (dict, bool)):
             raise InvalidRequestError(f"{param}: a JSON schema must be an object", param=param)
-        return cls("json", json.dumps(schema), param)
+        return cls("json", json.dumps(schema), param, compact)
 
 
 @dataclass

@@ -49,7 +49,7 @@ class GrammarCompiler:
     def compile(self, spec: StructuredOutputSpec) -> xgrammar.CompiledGrammar:
         try:
             if spec.kind == "json":
-                return self._compiler.compile_json_schema(spec.value, any_whitespace=True)
+                return self._compiler.compile_json_schema(spec.value, any_whitespace=not spec.compact)
             if spec.kind == "json_object":
                 return self._compiler.compile_builtin_json_grammar()
             if spec.kind == "regex":

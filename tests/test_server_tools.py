@@ -99,10 +99,42 @@ def test_tool_choice_none_leaves_the_reply_as_content(client):
     assert response.choices[0].message.content.startswith("<tool_call>")
 
 
+# Tools whose arguments are short enough for a random model to finish (enums): a forced call is
+# always valid, whatever the model, once the grammar is complete.
+CITY_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
+    "additionalProperties": False}}}
+FORCED = dict(model=SERVED_NAME, messages=QUESTION, tools=[CITY_TOOL, TIME_TOOL], max_tokens=150, temperature=1.0)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_tool_choice_required_always_gives_valid_calls(client, seed):
+    response = client.chat.completions.create(**FORCED, tool_choice="required", seed=seed)
+    choice = response.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.tool_calls
+    for call in choice.message.tool_calls:
+        arguments = json.loads(call.function.arguments)
+        assert (call.function.name, set(arguments)) in (("get_weather", {"city"}), ("get_time", {"zone"}))
+    single = client.chat.completions.create(**FORCED, tool_choice="required", seed=seed, parallel_tool_calls=False)
+    assert len(single.choices[0].message.tool_calls) == 1
+
+
+def test_named_tool_choice_streamed_and_not(client):
+    named = {"type": "function", "function": {"name": "get_time"}}
+    response = client.chat.completions.create(**FORCED, tool_choice=named, seed=4)
+    [call] = response.choices[0].message.tool_calls
+    assert call.function.name == "get_time" and json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+    assert response.choices[0].finish_reason == "stop"  # as OpenAI and vLLM report a named call
+    chunks = list(client.chat.completions.create(**FORCED, tool_choice=named, seed=4, stream=True))
+    [streamed] = [c for chunk in chunks for c in (chunk.choices[0].delta.tool_calls or [])]
+    assert (streamed.function.name, streamed.function.arguments) == (call.function.name, call.function.arguments)
+
+
 @pytest.mark.parametrize(("body", "message"), [
-    ({"tools": [WEATHER_TOOL], "tool_choice": "required"}, "not supported yet"),
-    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-     "not supported yet"),
     ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "not among"),
     ({"tool_choice": "auto"}, "requires tools"),
 ])
@@ -110,6 +142,13 @@ def test_tool_choice_errors(server, body, message):
     response = post(server, "/v1/chat/completions", {"messages": QUESTION, **body})
     assert response.status_code == 400 and response.json()["error"]["param"] == "tool_choice"
     assert message in response.json()["error"]["message"]
+
+
+def test_a_forced_call_and_another_constraint_is_400(server):
+    response = post(server, "/v1/chat/completions", {"messages": QUESTION, "tools": [WEATHER_TOOL],
+                                                     "tool_choice": "required",
+                                                     "response_format": {"type": "json_object"}})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
 
 
 def test_auto_tool_choice_needs_the_server_flags():

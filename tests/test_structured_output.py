@@ -68,6 +68,13 @@ def test_json_schema(family, seed):
     assert value["answer"] in ("yes", "no") and value["count"] in (1, 2, 3) and isinstance(value["ok"], bool)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_compact_json_schema_has_no_free_whitespace(family, seed):
+    text = walk(family, StructuredOutputSpec.json_schema(SCHEMA, "tool_choice", compact=True), seed)
+    assert text == json.dumps(json.loads(text))  # one line, json.dumps' separators only
+    assert set(json.loads(text)) == {"answer", "count", "ok"}
+
+
 def test_json_object(family):
     assert isinstance(json.loads(walk(family, StructuredOutputSpec("json_object"), seed=0, max_steps=2000)), dict)
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from engine.server.tool_parsers import TOOL_CALL_PARSERS, ToolCallStream
+from engine.server.tool_parsers import TOOL_CALL_PARSERS, NamedCallParser, RequiredCallsParser, ToolCallStream
 from engine.testing.tokenizer import trained_tokenizer
 
 WEATHER = {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}
@@ -78,3 +78,16 @@ def test_calls_are_sent_as_soon_as_they_are_complete():
 def test_mistral_call_ids_are_nine_alphanumerics():
     _, calls = TOOL_CALL_PARSERS["mistral"]().parse("[TOOL_CALLS]" + json.dumps([WEATHER]))
     assert len(calls[0].id) == 9 and calls[0].id.isalnum()
+
+
+def test_forced_calls_are_the_whole_output_and_arrive_at_the_end():
+    required = json.dumps([{"name": "get_weather", "parameters": WEATHER["arguments"]}, TIME])
+    for parser, text, expected in [(RequiredCallsParser(), required, [WEATHER, TIME]),
+                                   (NamedCallParser("get_weather"), json.dumps(WEATHER["arguments"]), [WEATHER])]:
+        assert as_dicts(parser.parse(text)[1]) == expected
+        stream = ToolCallStream(parser)
+        assert stream.feed(text[:10], final=False) == ("", [])
+        content, calls = stream.feed(text[10:], final=True)
+        assert content == "" and as_dicts(calls) == expected
+    cut_short = '[{"name": "get_weather", "param'
+    assert RequiredCallsParser().parse(cut_short) == (cut_short, [])

@@ -31,11 +31,11 @@ from engine.server.errors import APIError, as_api_error, error_response, install
 from engine.server.generation import Generation
 from engine.server.metrics import ServerMetrics
 from engine.server.prompts import PromptChecker
-from engine.server.protocol import ChatCompletionRequest, CompletionRequest
+from engine.server.protocol import ChatCompletionRequest, CompletionRequest, NamedToolChoice
 from engine.server.responses import ChatFormat, CompletionFormat, ResponseFormat, ResponseOptions
 from engine.server.responses_api import ResponsesFormat, ResponsesRequest
 from engine.server.tokenizer_routes import add_tokenizer_routes
-from engine.server.tool_parsers import TOOL_CALL_PARSERS, ToolCallParser
+from engine.server.tool_parsers import TOOL_CALL_PARSERS, NamedCallParser, RequiredCallsParser, ToolCallParser
 
 if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
     from engine.structured_output import GrammarCompiler
@@ -168,8 +168,13 @@ class ServerState:
 
     def tool_parser(self, body: ChatCompletionRequest) -> ToolCallParser | None:
         """The parser that reads tool calls out of this request's reply; None: the reply is all content."""
-        if body.effective_tool_choice != "auto":
+        choice = body.effective_tool_choice
+        if choice == "none":
             return None
+        if isinstance(choice, NamedToolChoice):
+            return NamedCallParser(choice.function.name)
+        if choice == "required":
+            return RequiredCallsParser()
         if not (self.settings.enable_auto_tool_choice and self.settings.tool_call_parser):
             raise APIError(400, '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser '
                                 "to be set", param="tool_choice")

@@ -17,6 +17,7 @@ from engine.errors import InvalidRequestError
 from engine.generation_defaults import SamplingDefaults
 from engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
 from engine.sampling import StructuredOutputSpec
+from engine.server.tool_parsers import forced_calls_schema
 
 Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 Prompt = str | list[int]
@@ -400,10 +401,20 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
             raise InvalidRequestError(f"tool_choice names the function {choice.function.name!r}, which is not "
                                       "among the tools", param="tool_choice")
-        if choice == "required" or isinstance(choice, NamedToolChoice):
-            raise InvalidRequestError(
-                "tool_choice 'required' or a named function is not supported yet: it needs structured outputs "
-                "in the sampler to force a valid call; use 'auto'", param="tool_choice")
+
+    @property
+    def structured_output(self) -> StructuredOutputSpec | None:
+        """A forced tool call (tool_choice required or named) is a JSON-schema constraint on the reply."""
+        stated = super().structured_output
+        choice = self.effective_tool_choice
+        if choice != "required" and not isinstance(choice, NamedToolChoice):
+            return stated
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if stated is not None:
+            raise InvalidRequestError(f"{stated.param} cannot be combined with a forced tool call (tool_choice "
+                                      f"{named or choice!r}): the call already constrains the reply", param=stated.param)
+        schema = forced_calls_schema(self.tool_definitions, named, parallel=self.parallel_tool_calls is not False)
+        return StructuredOutputSpec.json_schema(schema, "tool_choice", compact=True)
 
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

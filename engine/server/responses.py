@@ -280,7 +280,7 @@ class ChatFormat(ResponseFormat):
             "index": index,
             "message": message,
             "logprobs": self.logprobs_body(entries, 0) if entries is not None else None,
-            "finish_reason": "tool_calls" if calls else output.finish_reason,
+            "finish_reason": (self.tool_parser.finish_reason or output.finish_reason) if calls else output.finish_reason,
             "stop_reason": output.stop_reason,
         }
         if self.options.return_token_ids:
@@ -308,7 +308,7 @@ class ChatFormat(ResponseFormat):
             if calls:
                 delta["tool_calls"] = [call.as_openai(i) for i, call in enumerate(calls, start=first_call)]
             if output.finished and stream.calls_sent:
-                finish_reason = "tool_calls"
+                finish_reason = self.tool_parser.finish_reason or finish_reason
         if content:
             delta["content"] = content
         if not (delta or logprobs or output.finished):

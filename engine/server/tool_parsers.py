@@ -39,6 +39,7 @@ class ToolCallParser:
     name: ClassVar[str]
     start: ClassVar[str]  # text that starts the calls
     keeps_special_tokens: ClassVar[bool] = False  # the marker is a special token: decode with it
+    finish_reason: ClassVar[str | None] = "tool_calls"  # a reply's finish reason once it made calls (None: keep)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """(content, calls) of a whole output; text that does not parse as calls stays content."""
@@ -177,6 +178,69 @@ class MistralParser(_JSONCallsParser):
         if any(call is None for call in calls) or (final and rest.strip()):
             return None
         return calls
+
+
+class _WholeOutputParser(_JSONCallsParser):
+    """A forced call (tool_choice required or named): the grammar makes the whole output the call(s)."""
+
+    start = ""
+
+    def calls_start(self, text: str) -> int | None:
+        return 0
+
+    def content_end(self, text: str) -> int:
+        return 0
+
+
+class NamedCallParser(_WholeOutputParser):
+    """tool_choice naming a function: the output is that function's arguments object."""
+
+    name = "named"
+    finish_reason = None  # OpenAI and vLLM keep "stop" for a named call
+
+    def __init__(self, function_name: str):
+        self.function_name = function_name
+
+    def complete_calls(self, text: str, final: bool) -> list[ToolCall] | None:
+        if not final:
+            return []
+        values, rest = self.json_values(text)
+        if len(values) != 1 or not isinstance(values[0], dict) or rest.strip():
+            return None  # cut short (max_tokens): what was written stays content
+        return [ToolCall(self.function_name, json.dumps(values[0], ensure_ascii=False), self.new_id())]
+
+
+class RequiredCallsParser(_WholeOutputParser):
+    """tool_choice "required": the output is a JSON array of {"name", "parameters"} (forced_calls_schema)."""
+
+    name = "required"
+
+    def complete_calls(self, text: str, final: bool) -> list[ToolCall] | None:
+        if not final:
+            return []
+        values, rest = self.json_values(text)
+        if len(values) != 1 or not isinstance(values[0], list) or rest.strip():
+            return None
+        calls = [self.call_from_json(item) for item in values[0]]
+        return None if not calls or any(call is None for call in calls) else calls
+
+
+def forced_calls_schema(tools: list[dict], function_name: str | None, parallel: bool) -> dict:
+    """The JSON schema that makes every output a valid call: of `function_name`, or of any tool (required).
+
+    A named call is the function's arguments object; "required" is an array of
+    {"name", "parameters"} objects, one or more (exactly one without parallel calls).
+    """
+    parameters = {tool["function"]["name"]: tool["function"].get("parameters") or {"type": "object"}
+                  for tool in tools}
+    if function_name is not None:
+        return parameters[function_name]
+    call = {"anyOf": [
+        {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+         "required": ["name", "parameters"], "additionalProperties": False}
+        for name, schema in parameters.items()
+    ]}
+    return {"type": "array", "items": call, "minItems": 1, **({} if parallel else {"maxItems": 1})}
 
 
 TOOL_CALL_PARSERS: dict[str, type[ToolCallParser]] = {
