@@ -100,12 +100,13 @@ def parse_gguf_config(
         rope_dim = int(key("rope.dimension_count", head_dim))
         if rope_dim != head_dim:
             raise UnsupportedModelError(f"{file}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
+        num_layers = int(key("block_count"))
         return ModelConfig(
             path=file,
             architecture=architecture,
             model_type=arch,
             hidden_size=hidden_size,
-            num_hidden_layers=int(key("block_count")),
+            num_hidden_layers=num_layers,
             num_attention_heads=num_heads,
             num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
             head_dim=head_dim,
@@ -119,7 +120,7 @@ def parse_gguf_config(
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
             dtype=_checkpoint_dtype(meta),
             rope=_rope(meta, arch, file),
-            sliding_window=None,
+            layer_windows=(None,) * num_layers,  # the GGUF architectures read here attend globally
             bos_token_id=_optional_int(meta.get("tokenizer.ggml.bos_token_id")),
             eos_token_ids=_eos_ids(meta),
         )
