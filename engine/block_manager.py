@@ -142,8 +142,8 @@ class BlockManager:
         seq.num_cached_blocks = 0
 
     # Sliding-window attention ---------------------------------------------
-    # Not wired into the scheduler yet: after a step, call it for each running
-    # sequence (after cache_computed_blocks) when ModelConfig.kv_window is set.
+    # Scheduler.update calls this after each step when every layer has a window
+    # (ModelConfig.kv_window).
 
     def free_blocks_outside_window(self, seq: Sequence, window: int) -> int:
         """Release seq's blocks that no query to come can attend to; returns how many were released.

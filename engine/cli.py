@@ -15,12 +15,14 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+from engine import generation_defaults
 from engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
 from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
 from engine.gguf_metadata import is_gguf_file
 from engine.layers.quantization.names import QUANTIZATION_METHODS
+from engine.server.tool_parsers import TOOL_CALL_PARSERS
 from engine.server.app import kubellm_version
 
 API_KEY_ENV = "KUBELLM_API_KEY"
@@ -78,6 +80,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Seconds in-flight requests may take to finish after SIGTERM before they are "
                              "aborted (default: %(default)s).")
     server.add_argument("--log-level", choices=LOG_LEVELS, default="info", help="Log level (default: %(default)s).")
+    server.add_argument("--root-path", default="",
+                        help="Path prefix a proxy serves the API under, as FastAPI's root_path (default: none).")
+    server.add_argument("--generation-config", default=generation_defaults.AUTO, metavar="auto|vllm|FOLDER",
+                        help="Sampling defaults for requests that leave them unset: auto reads the model's "
+                             "generation_config.json (temperature, top_p, top_k, min_p, repetition_penalty, "
+                             "max_new_tokens), vllm uses none, a folder reads its generation_config.json "
+                             "(default: %(default)s).")
+
+    server.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="Read tool calls out of replies to requests with tools and tool_choice auto "
+                             "(needs --tool-call-parser).")
+    server.add_argument("--tool-call-parser", choices=sorted(TOOL_CALL_PARSERS),
+                        help="The model's tool-call format: hermes (Hermes, Qwen2.5, Qwen3), llama3_json "
+                             "(Llama 3.1-3.3), mistral.")
 
     engine = parser.add_argument_group("engine")
     engine.add_argument("--tokenizer", default=ENGINE_DEFAULTS["tokenizer"],
@@ -175,27 +191,23 @@ def resolve_model(args: argparse.Namespace) -> tuple[str, str]:
 
 def run_serve(args: argparse.Namespace) -> int:
     from engine.async_engine import AsyncLLMEngine
-    from engine.cpu_threads import configure_cpu_threads
-    from engine.llm_engine import LLMEngine
     from engine.server.app import ServerSettings, build_app
     from engine.server.logs import configure_logging
     from engine.server.runner import DrainingServer
-    from engine.startup_report import log_startup_report
 
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ConfigError("--enable-auto-tool-choice needs --tool-call-parser")
     model, served_model_name = resolve_model(args)
     config = engine_config_from_args(args, model, served_model_name)
     settings = ServerSettings(served_model_name=served_model_name, api_key=resolve_api_key(args),
-                              shutdown_timeout=args.shutdown_timeout)
+                              shutdown_timeout=args.shutdown_timeout, root_path=args.root_path,
+                              enable_auto_tool_choice=args.enable_auto_tool_choice,
+                              tool_call_parser=args.tool_call_parser,
+                              sampling_defaults=generation_defaults.load_sampling_defaults(
+                                  model, args.generation_config))
     configure_logging(args.log_level)
-    address = f"http://{args.host}:{args.port}"
-
-    def load_engine() -> LLMEngine:
-        configure_cpu_threads()
-        engine = LLMEngine(config)
-        log_startup_report(engine.core, config, address)
-        return engine
-
-    engine = AsyncLLMEngine(load_engine, max_pending_requests=args.max_pending_requests)
+    engine = AsyncLLMEngine(config, max_pending_requests=args.max_pending_requests, log_level=args.log_level,
+                            served_address=f"http://{args.host}:{args.port}")
     server = DrainingServer(build_app(engine, settings), host=args.host, port=args.port)
     server.run()
     return server.exit_code

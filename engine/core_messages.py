@@ -80,6 +80,15 @@ class EngineCoreOutputs:
     stats: EngineStats | None = None
 
 
+def max_live_blocks(num_tokens: int, block_size: int, kv_window: int | None, max_num_batched_tokens: int) -> int:
+    """KV blocks a sequence of num_tokens holds at once: all of them, or, when every layer has a
+    sliding window (blocks behind it are freed), the window, one step's chunk and a partial block."""
+    blocks = -(-num_tokens // block_size)
+    if kv_window is None:
+        return blocks
+    return min(blocks, -(-(kv_window + max_num_batched_tokens) // block_size) + 1)
+
+
 @dataclass(frozen=True)
 class CoreLimits:
     """What a front end needs to validate a request before the core sees it."""
@@ -89,9 +98,8 @@ class CoreLimits:
     block_size: int
     num_kv_blocks: int
     eos_token_ids: tuple[int, ...]
-
-    def blocks_needed(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
+    max_num_batched_tokens: int
+    kv_window: int | None = None  # every layer's sliding window: blocks behind it are freed as it moves
 
     def check_prompt(self, token_ids: list[int], params: SamplingParams) -> int:
         """Raises InvalidRequestError for a prompt the engine cannot serve; returns the resolved max_tokens."""
@@ -114,7 +122,8 @@ class CoreLimits:
                 f"({len(token_ids)} in the prompt, {params.max_tokens} in max_tokens)",
                 param="max_tokens",
             )
-        blocks = self.blocks_needed(max(total, len(token_ids) + 1))
+        num_tokens = max(total, len(token_ids) + 1)
+        blocks = max_live_blocks(num_tokens, self.block_size, self.kv_window, self.max_num_batched_tokens)
         if blocks > self.num_kv_blocks:
             raise InvalidRequestError(
                 f"the request needs {blocks} KV-cache blocks of {self.block_size} tokens but the "

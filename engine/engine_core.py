@@ -10,7 +10,9 @@ run while the GPU computes step n:
 
 A sequence that finishes in update(n) was already scheduled in step n+1; that
 token is dropped (Scheduler.update), so outputs are identical with overlap on
-or off. Front ends (engine.llm_engine in-process, engine.core_process across
+or off. While a request with a structured output runs, every step waits for
+its tokens: the grammar's next bitmask needs the token just sampled.
+Front ends (engine.llm_engine in-process, engine.core_process across
 processes) drive step() and turn deltas into text.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from functools import partial
+from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
@@ -28,6 +31,10 @@ from engine.model_config import load_model_config
 from engine.model_runner import STEP_FIELDS, InFlightStep, ModelRunner
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Request
+from engine.tokenizer_loader import load_tokenizer
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
+    from engine.structured_output import GrammarCompiler
 
 
 class EngineCore:
@@ -40,6 +47,7 @@ class EngineCore:
             self.model_config.num_attention_heads,
             self.model_config.num_key_value_heads,
             self.model_config.intermediate_size,
+            self.model_config.moe.intermediate_size if self.model_config.moe is not None else None,
         )
         # Runs the model on every tensor-parallel rank; model_runner is this process's (rank 0's).
         self.executor = Executor(self.config, partial(ModelRunner, model_config=self.model_config), STEP_FIELDS)
@@ -53,6 +61,7 @@ class EngineCore:
             self.config.max_num_batched_tokens,
             self.config.max_model_len,
             self.model_config.eos_token_ids,
+            self.model_config.kv_window,
         )
         self.limits = CoreLimits(
             max_model_len=self.config.max_model_len,
@@ -60,6 +69,8 @@ class EngineCore:
             block_size=self.config.block_size,
             num_kv_blocks=self.block_manager.num_blocks,
             eos_token_ids=self.model_config.eos_token_ids,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            kv_window=self.model_config.kv_window,
         )
         # Tensor-parallel workers build their inputs from the broadcast fields alone, so every
         # input token must be known on the host: with tp > 1 each step waits for its tokens.
@@ -67,6 +78,8 @@ class EngineCore:
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self._in_flight: tuple[ScheduledBatch, InFlightStep] | None = None
+        self._grammar_compiler: GrammarCompiler | None = None  # made for the first structured output
+        self._num_grammar_requests = 0
 
     # Requests ---------------------------------------------------------------
 
@@ -75,6 +88,14 @@ class EngineCore:
         if request.request_id in self.requests:
             raise InvalidRequestError(f"request id {request.request_id!r} is already in use", param="request_id")
         core_request = Request(request)
+        spec = request.params.structured_output
+        if spec is not None:
+            from engine.structured_output import RequestGrammar
+
+            compiled = self.grammar_compiler.compile(spec)
+            for seq in core_request.seqs:
+                seq.grammar = RequestGrammar(compiled)
+            self._num_grammar_requests += 1
         self.requests[request.request_id] = core_request
         self.scheduler.add_request(core_request)
         self.prompt_tokens_total += len(request.prompt_token_ids)
@@ -100,7 +121,23 @@ class EngineCore:
             seq.finish(reason)
             self.scheduler.finish(seq)
         if request.is_finished:
-            del self.requests[request_id]
+            self._forget(request)
+
+    def _forget(self, request: Request) -> None:
+        del self.requests[request.request_id]
+        if request.params.structured_output is not None:
+            self._num_grammar_requests -= 1
+
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles structured outputs against the model's tokenizer (loaded on first use)."""
+        if self._grammar_compiler is None:
+            from engine.structured_output import GrammarCompiler
+
+            tokenizer = load_tokenizer(self.config.model, self.config.tokenizer)
+            cfg = self.model_config
+            self._grammar_compiler = GrammarCompiler(tokenizer, cfg.vocab_size, cfg.eos_token_ids)
+        return self._grammar_compiler
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or self._in_flight is not None
@@ -119,7 +156,8 @@ class EngineCore:
         if previous is not None:
             outputs.deltas = self._update(*previous)
         if launched is not None:
-            if self.overlap:
+            # A grammar's next bitmask needs the token just sampled: no overlap while one runs.
+            if self.overlap and not self._num_grammar_requests:
                 self._in_flight = launched
             else:
                 outputs.deltas += self._update(*launched)
@@ -132,7 +170,7 @@ class EngineCore:
             if delta.finish_reason is not None:
                 request = self.requests.get(delta.request_id)
                 if request is not None and request.is_finished:
-                    del self.requests[delta.request_id]
+                    self._forget(request)
         return deltas
 
     # Lifecycle --------------------------------------------------------------------

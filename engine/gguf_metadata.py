@@ -96,42 +96,36 @@ def parse_gguf_config(
     try:
         hidden_size = int(key("embedding_length"))
         num_heads = int(key("attention.head_count"))
-        num_layers = int(key("block_count"))
         head_dim = int(key("attention.key_length", hidden_size // num_heads))
         rope_dim = int(key("rope.dimension_count", head_dim))
-        numbers = dict(
+        if rope_dim != head_dim:
+            raise UnsupportedModelError(f"{file}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
+        num_layers = int(key("block_count"))
+        return ModelConfig(
+            path=file,
+            architecture=architecture,
+            model_type=arch,
+            hidden_size=hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=num_heads,
             num_key_value_heads=int(key("attention.head_count_kv", num_heads)),
+            head_dim=head_dim,
             intermediate_size=int(key("feed_forward_length")),
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+            vocab_size=vocab_size,
             max_position_embeddings=int(key("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            qkv_bias=qkv_bias or "blk.0.attn_q.bias" in tensor_names,
+            o_proj_bias="blk.0.attn_output.bias" in tensor_names,
+            mlp_bias="blk.0.ffn_up.bias" in tensor_names,
+            dtype=_checkpoint_dtype(meta),
+            rope=_rope(meta, arch, file),
+            layer_windows=(None,) * num_layers,  # the GGUF architectures read here attend globally
+            bos_token_id=_optional_int(meta.get("tokenizer.ggml.bos_token_id")),
+            eos_token_ids=_eos_ids(meta),
         )
-        rope = _rope(meta, arch, file)
-        bos_token_id = _optional_int(meta.get("tokenizer.ggml.bos_token_id"))
-        eos_token_ids = _eos_ids(meta)
     except (TypeError, ValueError) as bad:
         raise ModelLoadError(f"{file}: invalid metadata value ({bad})") from None
-    if rope_dim != head_dim:
-        raise UnsupportedModelError(f"{file}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
-    return ModelConfig(
-        path=file,
-        architecture=architecture,
-        model_type=arch,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        head_dim=head_dim,
-        vocab_size=vocab_size,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        qkv_bias=qkv_bias or "blk.0.attn_q.bias" in tensor_names,
-        o_proj_bias="blk.0.attn_output.bias" in tensor_names,
-        mlp_bias="blk.0.ffn_up.bias" in tensor_names,
-        dtype=_checkpoint_dtype(meta),
-        rope=rope,
-        layer_windows=(None,) * num_layers,  # llama.cpp's llama and qwen2 attend globally in every layer
-        bos_token_id=bos_token_id,
-        eos_token_ids=eos_token_ids,
-        **numbers,
-    )
 
 
 def _architecture(meta: dict[str, MetadataValue], file: Path) -> str:

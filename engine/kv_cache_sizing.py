@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.block_manager import cdiv
 from engine.config import EngineConfig
+from engine.core_messages import max_live_blocks
 from engine.errors import ConfigError
 
 CPU_KV_CACHE_FRACTION = 0.1
@@ -25,10 +26,14 @@ CGROUP_MEMORY_LIMIT = Path("/sys/fs/cgroup/memory.max")
 
 
 def cpu_kv_cache_blocks(
-    max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int, weight_bytes: int, memory_bytes: int
+    max_num_seqs: int, max_model_len: int, block_size: int, bytes_per_block: int, weight_bytes: int, memory_bytes: int,
+    per_seq: int | None = None,
 ) -> int:
-    """max_num_seqs full-length sequences, capped by the weights' size and a fraction of memory; one at least."""
-    per_seq = cdiv(max_model_len, block_size)
+    """max_num_seqs full-length sequences, capped by the weights' size and a fraction of memory; one at least.
+
+    per_seq: the blocks one sequence holds at once, when fewer than max_model_len's (sliding windows).
+    """
+    per_seq = per_seq or cdiv(max_model_len, block_size)
     wanted = max_num_seqs * per_seq
     budget = min(weight_bytes, int(memory_bytes * CPU_KV_CACHE_FRACTION)) // bytes_per_block
     blocks = max(per_seq, min(wanted, budget))
@@ -40,11 +45,15 @@ def cpu_kv_cache_blocks(
     return blocks
 
 
-def default_cpu_kv_cache_blocks(model: nn.Module, config: EngineConfig, bytes_per_block: int) -> int:
-    """cpu_kv_cache_blocks for a loaded model on this machine."""
+def default_cpu_kv_cache_blocks(
+    model: nn.Module, config: EngineConfig, bytes_per_block: int, kv_window: int | None = None
+) -> int:
+    """cpu_kv_cache_blocks for a loaded model on this machine (kv_window: every layer's sliding window)."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    per_seq = max_live_blocks(config.max_model_len, config.block_size, kv_window, config.max_num_batched_tokens)
     return cpu_kv_cache_blocks(
-        config.max_num_seqs, config.max_model_len, config.block_size, bytes_per_block, weight_bytes, memory_bytes()
+        config.max_num_seqs, config.max_model_len, config.block_size, bytes_per_block, weight_bytes, memory_bytes(),
+        per_seq,
     )
 
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Iterable
 
 from engine.config import EngineConfig
-from engine.core_messages import EngineCoreRequest, EngineStats
+from engine.core_messages import EngineStats
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequestError
-from engine.output_processor import OutputKind, OutputProcessor, RequestState
+from engine.output_processor import OutputKind, OutputProcessor, new_request
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import ChatTemplate, tokenize_prompt
@@ -42,18 +42,20 @@ class LLMEngine:
     ) -> None:
         if request_id in self.output_processor.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-        text, token_ids = (prompt, self.tokenize(prompt)) if isinstance(prompt, str) else (None, list(prompt))
-        max_tokens = self.core.limits.check_prompt(token_ids, params)
-        arrival_time = arrival_time or time.monotonic()
-        self.output_processor.add_request(RequestState.new(request_id, text, token_ids, params, output_kind, arrival_time))
-        self.core.add_request(EngineCoreRequest(request_id, token_ids, params, arrival_time, max_tokens))
+        state, core_request = new_request(self.tokenizer, self.core.limits, request_id, prompt, params, output_kind,
+                                          arrival_time or time.monotonic())
+        self.output_processor.add_request(state)
+        self.core.add_request(core_request)
 
-    def abort_request(self, request_id: str | Iterable[str]) -> None:
-        """Stop requests and free their blocks now; unknown or finished ids are ignored."""
+    def abort_request(self, request_id: str | Iterable[str]) -> list[RequestOutput]:
+        """Stop requests and free their blocks now; unknown or finished ids are ignored.
+
+        Returns the last output of each request that was still running (finish_reason "abort").
+        """
         request_ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        for rid in request_ids:
-            self.output_processor.abort_request(rid)
+        aborted = [self.output_processor.abort_request(rid) for rid in request_ids]
         self.core.abort_requests(request_ids)
+        return [output for output in aborted if output is not None]
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished_requests()

@@ -131,9 +131,9 @@ def load_model_config(model_path: str | Path) -> ModelConfig:
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"{config_file} is missing: not a Hugging Face model folder")
-    raw = _read_json(config_file)
+    raw = read_json_object(config_file)
     generation_file = folder / "generation_config.json"
-    generation = _read_json(generation_file) if generation_file.is_file() else {}
+    generation = read_json_object(generation_file) if generation_file.is_file() else {}
     return parse_model_config(raw, generation, folder)
 
 
@@ -188,7 +188,8 @@ def parse_model_config(raw: dict[str, Any], generation: dict[str, Any], path: Pa
         raise ModelLoadError(f"{config_file}: invalid value ({bad})") from None
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A model file that must hold a JSON object (config.json, generation_config.json); ModelLoadError names it."""
     try:
         data = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

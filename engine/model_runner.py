@@ -246,7 +246,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             num_blocks = self._free_gpu_memory_after_profiling() // self.bytes_per_block
         else:
-            num_blocks = default_cpu_kv_cache_blocks(self.model, self.config, self.bytes_per_block)
+            num_blocks = default_cpu_kv_cache_blocks(
+                self.model, self.config, self.bytes_per_block, self.model_config.kv_window
+            )
         if num_blocks < 1:
             raise ConfigError(
                 "no memory is left for the KV cache after loading the model; "

@@ -17,10 +17,11 @@ import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.core_messages import EngineCoreOutputs, SequenceDelta, TokenLogprobs
+from engine.core_messages import CoreLimits, EngineCoreOutputs, EngineCoreRequest, SequenceDelta, TokenLogprobs
 from engine.detokenizer import Detokenizer, TextState, find_stop_string
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampling import SamplingParams
+from engine.tokenizer import tokenize_prompt
 
 
 class OutputKind(enum.Enum):
@@ -115,6 +116,25 @@ class RequestState:
             metrics=self.metrics,
             num_cached_tokens=self.num_cached_tokens,
         )
+
+
+def new_request(
+    tokenizer,
+    limits: CoreLimits,
+    request_id: str,
+    prompt: str | list[int],
+    params: SamplingParams,
+    kind: OutputKind,
+    arrival_time: float,
+) -> tuple[RequestState, EngineCoreRequest]:
+    """Tokenizes and checks a prompt: the front end's state for it and the request the core gets.
+
+    Raises InvalidRequestError before anything reaches the core, so a bad request never disturbs it.
+    """
+    text, token_ids = (prompt, tokenize_prompt(tokenizer, prompt)) if isinstance(prompt, str) else (None, list(prompt))
+    max_tokens = limits.check_prompt(token_ids, params)
+    state = RequestState.new(request_id, text, token_ids, params, kind, arrival_time)
+    return state, EngineCoreRequest(request_id, token_ids, params, arrival_time, max_tokens)
 
 
 @dataclass

@@ -47,3 +47,33 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+    @classmethod
+    def empty_like(cls, delta: RequestOutput) -> RequestOutput:
+        """A cumulative output to fold `delta` and its successors into."""
+        return cls(delta.request_id, delta.prompt, delta.prompt_token_ids, [], False, delta.metrics)
+
+    def add(self, delta: RequestOutput) -> None:
+        """Fold a DELTA output of this request into this (cumulative) one, in place.
+
+        Text, tokens and logprobs are appended, so following a stream costs the
+        length of what arrives, not of everything so far, at every step.
+        """
+        by_index = {output.index: output for output in self.outputs}
+        for new in delta.outputs:
+            old = by_index.get(new.index)
+            if old is None:
+                old = by_index[new.index] = CompletionOutput(new.index, "", [])
+                self.outputs.append(old)
+                self.outputs.sort(key=lambda output: output.index)
+            old.text += new.text
+            old.token_ids.extend(new.token_ids)
+            if new.logprobs is not None:
+                if old.logprobs is None:
+                    old.logprobs = []
+                old.logprobs.extend(new.logprobs)
+            old.cumulative_logprob = new.cumulative_logprob
+            old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+        self.finished = delta.finished
+        self.metrics = delta.metrics
+        self.num_cached_tokens = delta.num_cached_tokens

@@ -6,9 +6,42 @@ queued and never disturbs the requests already running.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from engine.errors import InvalidRequestError
+
+# Seeds are signed 64-bit integers, as in vLLM. The sampler seeds output i of a request with
+# seed + i, and torch generators take at most 2**64 - 1: a larger range would overflow there.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+StructuredOutputKind = Literal["json", "json_object", "regex", "choice", "grammar"]
+
+
+@dataclass(frozen=True)
+class StructuredOutputSpec:
+    """A constraint on a completion's text (engine.structured_output compiles and applies it)."""
+
+    kind: StructuredOutputKind
+    value: str | tuple[str, ...] | None = None  # JSON schema text, regex, EBNF, the choices; None for json_object
+    param: str = "structured_outputs"  # the request field it came from, for error messages
+    # JSON with fixed separators (", ", ": ") and no other whitespace. For output only programs read
+    # (forced tool calls): free whitespace lets a model ramble in blanks until max_tokens cuts it short.
+    compact: bool = False
+
+    @classmethod
+    def json_schema(cls, schema: Any, param: str, compact: bool = False) -> StructuredOutputSpec:
+        """A schema given as an object or as JSON text."""
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as exc:
+                raise InvalidRequestError(f"{param}: the JSON schema is not valid JSON: {exc}", param=param) from None
+        if not isinstance(schema, (dict, bool)):
+            raise InvalidRequestError(f"{param}: a JSON schema must be an object", param=param)
+        return cls("json", json.dumps(schema), param, compact)
 
 
 @dataclass
@@ -30,6 +63,7 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
     skip_special_tokens: bool = True
+    structured_output: StructuredOutputSpec | None = None  # the completion must match this constraint
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -74,8 +108,8 @@ class SamplingParams:
             fail("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             fail("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.seed is not None and not isinstance(self.seed, int):
-            fail("seed", f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
+            fail("seed", f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             fail("stop", "stop must be a non-empty string or a list of non-empty strings")
         if len(self.stop) > 16:

@@ -92,4 +92,23 @@ class SamplingState:
                 if seq.num_output_tokens - 1 < seq.params.min_tokens
             ],
             num_logprobs=max(wanted) if wanted else None,
+            allowed=self._grammar_bitmask(seqs),
         )
+
+    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """The tokens each row's grammar allows next (every token for rows without one).
+
+        A grammar that allows nothing (it cannot go on) gets its stop tokens, so the
+        sequence ends instead of sampling from an empty distribution.
+        """
+        grammars = [seq.grammar for seq in seqs]
+        if all(grammar is None for grammar in grammars):
+            return None
+        from engine.structured_output import allocate_bitmask, fill_bitmask  # xgrammar, loaded by the first grammar
+
+        bitmask = allocate_bitmask(len(seqs), self.vocab_size)
+        for row in fill_bitmask(grammars, bitmask):
+            bitmask[row] = 0
+            for token in self.eos_token_ids:
+                bitmask[row, token // 32] |= 1 << (token % 32)
+        return bitmask.to(self.device)

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from engine.block_manager import BlockManager
+from engine.block_manager import FREED_BLOCK, BlockManager
 from engine.core_messages import RequestScheduled, SequenceDelta, TokenLogprobs
 from engine.sequence import Request, Sequence, SequenceStatus
 
@@ -96,12 +96,14 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_model_len: int,
         eos_token_ids: tuple[int, ...] = (),
+        kv_window: int | None = None,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.kv_window = kv_window  # every layer attends this far back: older blocks are freed
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order: the last is the newest
         self.counters = SchedulerCounters()
@@ -179,7 +181,8 @@ class Scheduler:
         leader = seq.request.leader
         if cached or seq is leader or leader.status is not SequenceStatus.RUNNING or leader_prefilling:
             return cached
-        return leader.block_table[: (seq.num_prompt_tokens - 1) // self.block_manager.block_size]
+        shared = leader.block_table[: (seq.num_prompt_tokens - 1) // self.block_manager.block_size]
+        return [] if FREED_BLOCK in shared else shared  # the window dropped part of it: recompute
 
     def _chunk(self, seq: Sequence, num_uncomputed: int, budget: int) -> int:
         if num_uncomputed > budget:
@@ -208,7 +211,7 @@ class Scheduler:
         for seq, samples in zip(batch.seqs, batch.samples):
             if not samples:
                 if not seq.is_finished:
-                    self.block_manager.cache_computed_blocks(seq)
+                    self._computed(seq)
                 continue
             token = token_ids[row]
             logprobs = sampled.logprobs[row] if sampled.logprobs is not None else None
@@ -218,7 +221,9 @@ class Scheduler:
             seq.num_placeholders -= 1
             seq.token_ids.append(token)
             self.generation_tokens_total += 1
-            self.block_manager.cache_computed_blocks(seq)
+            self._computed(seq)
+            if seq.grammar is not None:
+                seq.grammar.accept(token)
             if check_stop(seq, token, self.eos_token_ids, self.max_model_len):
                 self.finish(seq)
             delta = SequenceDelta(seq.request.request_id, seq.index, [token], None, seq.finish_reason, seq.stop_reason)
@@ -226,6 +231,16 @@ class Scheduler:
                 delta.new_logprobs = [logprobs]
             deltas.append(delta)
         return deltas
+
+    def _computed(self, seq: Sequence) -> None:
+        """Blocks the step filled join the prefix cache; with a sliding window, blocks behind it go.
+
+        The step already in flight may still read a block released here: freed blocks are
+        only rewritten by steps launched later, which the GPU runs after it.
+        """
+        self.block_manager.cache_computed_blocks(seq)
+        if self.kv_window is not None:
+            self.block_manager.free_blocks_outside_window(seq, self.kv_window)
 
     def finish(self, seq: Sequence) -> None:
         """Drop a sequence that just finished (or was aborted) and free its blocks."""
@@ -243,6 +258,9 @@ def check_stop(seq: Sequence, token: int, eos_token_ids: frozenset[int], max_mod
     Stop strings need text, so the front end checks those (and aborts the request).
     """
     params = seq.params
+    if seq.grammar is not None and seq.grammar.is_terminated:  # it accepted a stop token: the output is whole
+        seq.finish("stop", None if token in eos_token_ids else token)
+        return True
     num_tokens = len(seq.token_ids)  # the known ones: the next step's placeholder may be counted already
     num_output_tokens = num_tokens - seq.num_prompt_tokens
     if num_output_tokens >= params.min_tokens:

@@ -17,11 +17,15 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.core_messages import EngineCoreRequest
 from engine.sampling import SamplingParams
+
+if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
+    from engine.structured_output import RequestGrammar
 
 
 class SequenceStatus(enum.Enum):
@@ -55,6 +59,8 @@ class Sequence:
         # A seeded sequence draws from its own generator (made by the runner on its device), so its
         # tokens do not depend on the batch around it; it lives here to survive preemption.
         self.generator: torch.Generator | None = None
+        # With a structured output: where the sequence is in its grammar (set by the engine core).
+        self.grammar: RequestGrammar | None = None
 
     @property
     def num_tokens(self) -> int:

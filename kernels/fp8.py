@@ -12,6 +12,7 @@ scaled cast in one read of the row).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -111,7 +112,12 @@ def _fp8_matmul_kernel(
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and _capability(device.index if device.index is not None else 0) >= (8, 9)
+
+
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
 
 
 def _scaled_mm_fits(x_q: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:

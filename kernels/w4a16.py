@@ -7,7 +7,7 @@ registers, applies its group's scale and zero, and feeds tl.dot.
 
 Decode batches (M of 1..64) give too few output tiles to fill an H200's 132
 SMs, and the GEMM is bound by reading the weight, so K is split across
-programs (split-K) and the fp32 partial sums are added afterwards.
+programs (split-K) and the fp32 partial sums are added (with the bias) by one more small launch.
 """
 
 from __future__ import annotations
@@ -46,10 +46,12 @@ def _w4a16_kernel(
         mask_k = offs_k < k_end
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Eight rows share one int32: load it once per row (the repeats hit L1) and shift their nibble out.
-        packed = tl.load(qweight_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :],
-                         mask=mask_k[:, None] & mask_n[None, :], other=0)
-        q = ((packed >> ((offs_k[:, None] % 8) * 4)) & 0xF).to(tl.float32)
+        # Eight rows share one int32: load each once, shift its eight nibbles out, and lay them out as rows.
+        offs_packed = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(qweight_ptr + offs_packed[:, None] * N + offs_n[None, :],
+                         mask=(offs_packed[:, None] < k_end // 8) & mask_n[None, :], other=0)
+        nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF  # [BLOCK_K // 8, 8, BLOCK_N]
+        q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
         if HAS_G_IDX:
             group = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)[:, None]
             group_mask = mask_k[:, None] & mask_n[None, :]
@@ -67,6 +69,20 @@ def _w4a16_kernel(
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _sum_splits_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    """out = sum of the split-K partials (+ bias), cast to the output dtype, in one launch."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLITS):
+        acc += tl.load(partials_ptr + split * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -165,7 +181,9 @@ def w4a16_matmul(
         )
     if split_k == 1:
         return out[0]
-    y = out.sum(0)
-    if bias is not None:
-        y += bias.float()
-    return y.to(x.dtype)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        block = 1024
+        _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, bias if bias is not None else y, y, m * n, n,
+                                                         SPLITS=split_k, HAS_BIAS=bias is not None, BLOCK=block)
+    return y

@@ -35,3 +35,28 @@ def tiny_model_folder(tmp_path_factory):
         return built[family]
 
     return folder
+
+
+# Server fixtures most server test modules share (a module defines its own to change them) ----------
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A real uvicorn serving the default tiny model, one per test module."""
+    from server_harness import running_server
+
+    with running_server() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return server.client()
+
+
+@pytest.fixture(scope="module")
+def offline():
+    """The offline LLM on the server's model and settings: what served outputs must equal."""
+    from server_harness import offline_llm
+
+    return offline_llm()

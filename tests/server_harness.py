@@ -1,7 +1,8 @@
 """A real uvicorn serving a real engine on 127.0.0.1, for the server tests.
 
 Each test module starts one server (module-scoped fixture) on a free port, in a
-thread of the test process, so tests can also look at the engine directly.
+thread of the test process, so tests can also look at the engine directly. The
+engine core runs in its own process, as under `kubellm serve`.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from pathlib import Path
 import httpx
 import uvicorn
 
+import openai
+
 from engine.async_engine import AsyncLLMEngine
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine
+from engine.llm import LLM
 from engine.server.app import ServerSettings, ServerState, build_app
 from engine.testing import default_model_path
 
@@ -34,6 +37,13 @@ def engine_config(model: Path | None = None, **overrides) -> EngineConfig:
     return EngineConfig(**(settings | overrides))
 
 
+def offline_llm() -> LLM:
+    """The offline LLM on the servers' model and cache settings: what served outputs must equal."""
+    config = engine_config()
+    return LLM(model=config.model, max_model_len=config.max_model_len, num_kv_blocks=config.num_kv_blocks,
+               device="cpu")
+
+
 @dataclass
 class RunningServer:
     url: str
@@ -43,6 +53,10 @@ class RunningServer:
     @property
     def base_url(self) -> str:
         return f"{self.url}/v1"
+
+    def client(self) -> openai.OpenAI:
+        """The official client, without retries (a test sees each response as it is)."""
+        return openai.OpenAI(base_url=self.base_url, api_key="unused", max_retries=0, timeout=60)
 
     def metric(self, name: str) -> float:
         """Sum of all samples named `name` on /metrics."""
@@ -65,10 +79,12 @@ class RunningServer:
 
 @contextmanager
 def running_server(config: EngineConfig | None = None, api_key: str | None = None,
-                   max_pending_requests: int | None = None):
+                   max_pending_requests: int | None = None, **settings_overrides):
+    """`settings_overrides`: further ServerSettings fields (sampling_defaults, tool parser, ...)."""
     config = config or engine_config()
-    engine = AsyncLLMEngine(lambda: LLMEngine(config), max_pending_requests=max_pending_requests)
-    settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0)
+    engine = AsyncLLMEngine(config, max_pending_requests=max_pending_requests)
+    settings = ServerSettings(served_model_name=config.name, api_key=api_key, shutdown_timeout=5.0,
+                              **settings_overrides)
     app = build_app(engine, settings)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False))
     sock = socket.socket()
@@ -84,3 +100,4 @@ def running_server(config: EngineConfig | None = None, api_key: str | None = Non
         server.should_exit = True
         thread.join(30)
         sock.close()
+

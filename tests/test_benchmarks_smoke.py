@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from benchmarks import latency, serving, throughput
+from benchmarks import latency, routing, serving, structured_output, throughput
+from engine.testing import default_model_path
 
 
 def run_main(module, monkeypatch, *argv: str) -> None:
@@ -52,3 +53,23 @@ def test_serving_runs_against_a_real_server(tmp_path, monkeypatch):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["requests"] == 3 and row["errors"] == 0
     assert row["output_tok_s"] > 0 and row["ttft_p50_ms"] > 0
+
+
+def test_structured_output_runs(tmp_path, monkeypatch):
+    out = tmp_path / "so.json"
+    run_main(structured_output, monkeypatch, "--tokenizer", str(default_model_path()), "--batch", "4",
+             "--steps", "20", "--device", "cpu", "--out", str(out))
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["batch"] == 4 and row["steps"] == 20 and row["fill_ms_median"] > 0
+
+
+@pytest.mark.slow  # four `kubellm serve` starts
+def test_routing_runs_both_policies_against_two_real_replicas(tmp_path, monkeypatch):
+    out = tmp_path / "routing.json"
+    run_main(routing, monkeypatch, "--model", "tiny", "--model-root", str(tmp_path), "--num-requests", "6",
+             "--rate", "20", "--systems", "2", "--system-len", "32", "--output-len", "2", "--out", str(out))
+    rows = {row["policy"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"picker", "random"}
+    for row in rows.values():
+        assert row["requests"] == 6 and row["errors"] == 0 and row["ttft_p50_ms"] > 0
+        assert 0 <= row["prefix_hit_rate"] <= 1 and sum(map(int, row["routed"].split("/"))) == 6

@@ -93,6 +93,9 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         (["MODEL", "--device", "tpu"], "device"),
         (["MODEL", "--api-key-file", "/nonexistent/key"], "--api-key-file"),
         (["/nonexistent/model"], "does not exist"),
+        (["MODEL", "--generation-config", "/nonexistent"], "--generation-config"),
+        (["--tool-call-parser", "nope"], "--tool-call-parser"),
+        (["MODEL", "--enable-auto-tool-choice"], "--tool-call-parser"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(tmp_path, capsys, argv, fragment):

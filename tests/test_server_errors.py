@@ -75,6 +75,7 @@ def test_probes_and_metrics_need_no_key(server):
         ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
         ({"prompt": "hi", "stop": [""]}, "stop"),
         ({"prompt": "hi", "seed": 2**70}, "seed"),
+        ({"prompt": "hi", "seed": 2**63}, "seed"),  # vLLM's range is int64; seed + n - 1 must fit a torch seed
         ({"prompt": "hi", "logprobs": 50}, "logprobs"),
         ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
         ({"prompt": []}, "prompt"),
@@ -107,7 +108,7 @@ def test_invalid_chat_parameters_are_400(server, body, param):
 @pytest.mark.parametrize(
     "extreme",
     [
-        {"seed": -(2**63)}, {"seed": 2**64 - 1}, {"top_k": 10**6}, {"top_p": 1e-9}, {"min_p": 1.0},
+        {"seed": -(2**63)}, {"seed": 2**63 - 1, "n": 2}, {"top_k": 10**6}, {"top_p": 1e-9}, {"min_p": 1.0},
         {"repetition_penalty": 2.0, "presence_penalty": -2.0, "frequency_penalty": 2.0}, {"temperature": 1e-6},
         {"temperature": 100.0}, {"stop": ["a"] * 16}, {"stop_token_ids": [0, 10**9]}, {"logprobs": 20},
     ],
@@ -171,8 +172,19 @@ SAMPLING = {
     "repetition_penalty": st.floats(0, 2.5),
     "ignore_eos": st.booleans(),
     "stream": st.booleans(),
-    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()},
+                                            optional={"continuous_usage_stats": st.booleans()}),
     "user": st.text(max_size=5),
+    "skip_special_tokens": st.booleans(),
+    "include_stop_str_in_output": st.booleans(),
+    "truncate_prompt_tokens": st.integers(-2, 8),
+    "return_token_ids": st.booleans(),
+    "return_tokens_as_token_ids": st.booleans(),
+    "logit_bias": st.just({}) | st.dictionaries(st.text(max_size=3), st.floats(-100, 100), max_size=2),
+    "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "json_schema"},
+                                        {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}]),
+    "structured_outputs": st.fixed_dictionaries({}, optional={"regex": st.text(max_size=4),
+                                                              "choice": st.lists(st.text(max_size=3), max_size=2)}),
 }
 COMPLETION_FIELDS = {**SAMPLING, "logprobs": st.integers(-1, 6), "echo": st.booleans()}
 PROMPT = (st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | st.lists(st.integers(-2, 600), max_size=8)
@@ -182,8 +194,12 @@ MESSAGE = st.fixed_dictionaries(
     optional={"content": st.text(max_size=20) | st.lists(st.fixed_dictionaries(
         {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10)}), max_size=2)},
 )
+TOOL = st.fixed_dictionaries({"type": st.just("function"), "function": st.fixed_dictionaries(
+    {"name": st.text(max_size=5)}, optional={"parameters": st.just({"type": "object"})})})
 CHAT_FIELDS = {**SAMPLING, "max_completion_tokens": st.integers(-1, 8), "logprobs": st.booleans(),
-               "top_logprobs": st.integers(-1, 25)}
+               "top_logprobs": st.integers(-1, 25), "echo": st.booleans(), "add_generation_prompt": st.booleans(),
+               "continue_final_message": st.booleans(), "tools": st.lists(TOOL, max_size=2),
+               "tool_choice": st.sampled_from(["none", "auto", "required"])}
 
 
 def bodies(required: dict, optional: dict) -> st.SearchStrategy[dict]:

@@ -133,7 +133,8 @@ def test_sigterm_stops_a_tensor_parallel_server_and_its_workers():
         children = _children(process.pid)  # the worker, and multiprocessing's resource tracker
         assert children
         body = {"model": "m", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
-        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
         process.send_signal(signal.SIGTERM)
         assert process.wait(120) == 0, process.stderr.read()
     deadline = time.monotonic() + 30  # orphans are reaped by whoever adopts them

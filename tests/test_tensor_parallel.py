@@ -379,7 +379,7 @@ def test_an_llm_going_out_of_scope_stops_its_workers(tiny_model_folder, prompts)
     def generate_once() -> dict[int, int]:
         llm = LLM(model=str(tiny_model_folder("llama")), tensor_parallel_size=2, **ENGINE_ARGS)
         _generate(llm, prompts[:2])
-        return llm.llm_engine.executor.worker_pids
+        return llm.llm_engine.core.executor.worker_pids
 
     pids = generate_once()
     _assert_gone(pids)
@@ -391,7 +391,7 @@ import sys
 from engine import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], tensor_parallel_size=2, device="cpu", num_kv_blocks=24, block_size=8)
 llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=2), use_tqdm=False)
-print(*llm.llm_engine.executor.worker_pids.values(), flush=True)
+print(*llm.llm_engine.core.executor.worker_pids.values(), flush=True)
 """
 
 

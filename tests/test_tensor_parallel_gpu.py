@@ -60,9 +60,9 @@ def test_tp2_with_cuda_graphs_starts_and_stops_three_times_in_one_process(tiny_f
     for ending in ("shutdown", "shutdown", "out of scope"):
         start = time.perf_counter()
         llm = _llm(tiny_folder, 2)
-        assert llm.llm_engine.model_runner.decode_graphs.graphs  # captured, all-reduces inside
+        assert llm.llm_engine.core.model_runner.decode_graphs.graphs  # captured, all-reduces inside
         runs.append(_greedy(llm))
-        pids = llm.llm_engine.executor.worker_pids
+        pids = llm.llm_engine.core.executor.worker_pids
         stop = time.perf_counter()
         if ending == "shutdown":
             llm.llm_engine.shutdown()
@@ -99,7 +99,7 @@ def test_a_rank_killed_mid_run_fails_the_engine_and_the_next_one_starts(tiny_fol
         engine.add_request(str(i), prompt, params)
     for _ in range(3):
         engine.step()  # prefill, then decode steps from the graphs
-    pids = engine.executor.worker_pids
+    pids = engine.core.executor.worker_pids
     killed = time.perf_counter()
     os.kill(pids[1], signal.SIGKILL)
     with pytest.raises(EngineDeadError, match="rank 1"):

@@ -88,8 +88,9 @@ class Executor:
             return self.runner.sample(self.runner.execute_model(self.runner.prepare_step(batch)), batch)
         with self._ranks.step_lock:
             result = self.runner.sample(self.execute_model(self.runner.prepare_step(batch)), batch)
-            # A rank that died during the step had NCCL aborted, which ends its collectives early:
-            # the tokens just sampled may be garbage, so they are not returned.
+            # A rank that dies during the step has NCCL aborted under it, which ends the collectives
+            # early: once the step's work is done, its tokens are dropped if a rank died meanwhile.
+            parallel_state.synchronize()
             self.check_health()
         return result
 

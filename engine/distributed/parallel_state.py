@@ -153,12 +153,10 @@ def _abort() -> None:
 
 def _release_captures() -> None:
     """Synchronises the device, then releases (once) every registered capture."""
-    if _device is not None:
-        torch.cuda.synchronize(_device)
+    synchronize()
     while _release_hooks:
         _release_hooks.pop()()
-    if _device is not None:
-        torch.cuda.synchronize(_device)
+    synchronize()
 
 
 def _meet_other_ranks() -> None:
@@ -198,6 +196,12 @@ def _on_device(work: Callable[[], None]) -> Callable[[], None]:
         work()
 
     return run
+
+
+def synchronize() -> None:
+    """Waits for this rank's queued GPU work (nothing to wait for on CPU)."""
+    if _device is not None:
+        torch.cuda.synchronize(_device)
 
 
 def metadata_group() -> dist.ProcessGroup:

@@ -13,6 +13,7 @@ def check_tensor_parallel(
     num_attention_heads: int,
     num_key_value_heads: int,
     intermediate_size: int,
+    expert_intermediate_size: int | None = None,
 ) -> None:
     """Raises ConfigError naming the first thing that cannot be split `tp_size` ways."""
     if tp_size == 1:
@@ -40,8 +41,9 @@ def check_tensor_parallel(
             f"tensor_parallel_size={tp_size} must be a multiple of the model's {num_key_value_heads} KV heads "
             "to replicate them evenly"
         )
-    if intermediate_size % tp_size:
-        raise ConfigError(
-            f"the model's MLP width {intermediate_size} cannot be split across "
-            f"tensor_parallel_size={tp_size} ranks (it must divide it)"
-        )
+    for what, width in (("MLP", intermediate_size), ("experts' MLP", expert_intermediate_size)):
+        if width is not None and width % tp_size:
+            raise ConfigError(
+                f"the model's {what} width {width} cannot be split across "
+                f"tensor_parallel_size={tp_size} ranks (it must divide it)"
+            )

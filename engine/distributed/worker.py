@@ -61,7 +61,7 @@ def run_worker(
     # the workers too; rank 0 decides when they stop, and they exit when it dies.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _exit_when_parent_dies()
+    exit_when_parent_dies()
     try:
         device = config.device
         if not device.startswith("cuda"):
@@ -91,7 +91,8 @@ def run_worker(
         os._exit(TEARDOWN_FAILED)
 
 
-def _exit_when_parent_dies() -> None:
+def exit_when_parent_dies() -> None:
+    """A spawned process (worker, engine core) exits with its parent, so no orphan holds a GPU."""
     parent = multiprocessing.parent_process()
     if parent is None:
         return

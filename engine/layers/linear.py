@@ -109,7 +109,7 @@ class _ParallelLinear(nn.Module):
 def _packed(features: int, pack: int) -> int:
     """Features -> elements along a packed axis; a shard must not split one element."""
     if features % pack:
-        raise ValueError(f"{features} features do not split into whole packs of {pack} (quantized tensor-parallel shard)")
+        raise ValueError(f"{features} features do not split into whole packs of {pack} in a tensor-parallel shard")
     return features // pack
 
 

@@ -8,7 +8,8 @@ copies them back.
 Order, per row: logprobs of the raw logits (what vLLM reports by default);
 repetition penalty (HF: over prompt and output), presence and frequency
 penalties (OpenAI: over the output) from token counts kept on the device; EOS
-and stop ids masked until min_tokens; greedy rows take the argmax; the others
+and stop ids masked until min_tokens; tokens a structured output's grammar
+does not allow masked; greedy rows take the argmax; the others
 are divided by their temperature, filtered by top-k, top-p and min-p, and
 sampled with the exponential-race trick (argmax of p / Exp(1) noise). A seeded
 sequence draws its noise from its own generator, so its tokens do not depend
@@ -20,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 # Sampling parameters per row, in one float32 array so that a step copies them in one go.
 SAMPLING_COLUMNS = ("temperature", "top_p", "top_k", "min_p", "repetition", "frequency", "presence")
 _COLUMN = {name: i for i, name in enumerate(SAMPLING_COLUMNS)}
@@ -39,6 +39,7 @@ class SamplingBatch:
     seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)  # (sample row, generator)
     banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (sample row, stop ids) before min_tokens
     num_logprobs: int | None = None  # the most top logprobs any row asked for; None: no row asked
+    allowed: torch.Tensor | None = None  # [S, ceil(vocab / 32)] int32 token bitmask of structured outputs
 
     def column(self, name: str) -> torch.Tensor:
         return self.params[:, _COLUMN[name], None]
@@ -91,6 +92,10 @@ class Sampler:
             logits = self._apply_penalties(logits, batch, penalties)
         for row, stop_ids in batch.banned:
             logits[row, stop_ids] = float("-inf")
+        if batch.allowed is not None:
+            from engine.structured_output import apply_bitmask  # xgrammar, loaded by the first grammar
+
+            apply_bitmask(logits, batch.allowed)
         token_ids = logits.argmax(dim=-1)
         if batch.greedy is not None:
             token_ids = torch.where(batch.greedy, token_ids, self._sample(logits, batch))

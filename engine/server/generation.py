@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from engine.async_engine import AsyncLLMEngine
+from engine.output_processor import OutputKind
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.server.metrics import ServerMetrics
@@ -65,7 +66,7 @@ class _Progress:
     last_token: float | None = None
     tokens: int = 0  # the longest output's length so far
     queue_time: float | None = None
-    final: RequestOutput | None = None
+    total: RequestOutput | None = None  # everything so far: the stream's deltas folded together
 
 
 @dataclass
@@ -81,7 +82,8 @@ class Generation:
     def __post_init__(self) -> None:
         self._progress = [_Progress(self.arrival) for _ in self.prompts]
         streams = [
-            self.engine.generate(f"{self.engine_request_id}-{i}", prompt, self.params, arrival_time=self.arrival)
+            self.engine.generate(f"{self.engine_request_id}-{i}", prompt, self.params, arrival_time=self.arrival,
+                                 output_kind=OutputKind.DELTA)
             for i, prompt in enumerate(self.prompts)
         ]
         self._merged = merge(streams)
@@ -108,7 +110,10 @@ class Generation:
             raise
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        """(prompt index, cumulative RequestOutput) pairs until every prompt finished."""
+        """(prompt index, RequestOutput with what is new) pairs until every prompt finished.
+
+        total(prompt index) has everything so far.
+        """
         error: BaseException | None = None
         try:
             for item in self._buffered:
@@ -124,16 +129,22 @@ class Generation:
             await self._merged.aclose()
 
     async def final_outputs(self) -> list[RequestOutput]:
-        """The last output of every prompt, in prompt order (for non-streaming responses)."""
+        """The whole output of every prompt, in prompt order (for non-streaming responses)."""
         async for _ in self.outputs():
             pass
-        return [progress.final for progress in self._progress]
+        return [progress.total for progress in self._progress]
+
+    def total(self, prompt_index: int) -> RequestOutput:
+        """Everything prompt `prompt_index` produced so far (what a client has been sent, in one piece)."""
+        return self._progress[prompt_index].total
 
     def _observe(self, prompt_index: int, output: RequestOutput) -> None:
         now = time.monotonic()
         progress = self._progress[prompt_index]
-        progress.final = output
-        tokens = max((len(o.token_ids) for o in output.outputs), default=0)
+        if progress.total is None:
+            progress.total = RequestOutput.empty_like(output)
+        progress.total.add(output)
+        tokens = max((len(o.token_ids) for o in progress.total.outputs), default=0)
         new_tokens = tokens - progress.tokens
         if new_tokens > 0:
             if progress.first_token is None:
@@ -151,7 +162,7 @@ class Generation:
             self.metrics.request_queue_time.observe(progress.queue_time)
         if output.finished:
             self.metrics.e2e_request_latency.observe(now - progress.arrival)
-            self.metrics.observe_finished(output.outputs[0].finish_reason or "stop")
+            self.metrics.observe_finished(progress.total.outputs[0].finish_reason or "stop")
 
     def _finish(self, error: BaseException | None) -> None:
         """Records how the generation ended (once) in log_fields."""
@@ -164,7 +175,7 @@ class Generation:
             outcome = f"error: {type(error).__name__}: {error}"
         else:
             outcome = "ok"
-        finals = [p.final for p in self._progress if p.final is not None]
+        finals = [p.total for p in self._progress if p.total is not None]
         first_tokens = [p.first_token - p.arrival for p in self._progress if p.first_token is not None]
         queue_times = [p.queue_time for p in self._progress if p.queue_time is not None]
         prompt_tokens, output_tokens = token_counts(finals)

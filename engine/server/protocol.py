@@ -7,26 +7,126 @@ with the same messages.
 
 from __future__ import annotations
 
+import json
+
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 from engine.errors import InvalidRequestError
-from engine.sampling import SamplingParams
+from engine.generation_defaults import SamplingDefaults
+from engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
+from engine.sampling import StructuredOutputSpec
+from engine.server.tool_parsers import forced_calls_schema
 
-# Seeds feed torch generators, which take 64-bit integers.
-Seed = Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)]
+Seed = Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)]
 Prompt = str | list[int]
 
 
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = False  # vLLM: usage on every chunk, not only at the end
+
+
+# Fields OpenAI or vLLM define that this server accepts but cannot honour yet: a request that
+# sets one to anything but its neutral value is a 400 naming it, never silently ignored.
+UNSUPPORTED_FIELDS: dict[str, str] = {
+    "logit_bias": "the sampler does not apply per-token biases yet",
+    "allowed_token_ids": "the sampler cannot restrict the vocabulary yet",
+    "bad_words": "the sampler cannot ban token sequences yet",
+    "prompt_logprobs": "the engine does not compute prompt logprobs yet",
+    "use_beam_search": "beam search is not implemented yet",
+    "spaces_between_special_tokens": "the detokenizer always decodes special tokens without extra spaces",
+    "priority": "the scheduler serves requests first come, first served",
+    "logits_processors": "custom logits processors are not supported",
+}
+# The values of those fields that ask for nothing (besides None, False and empty containers).
+NEUTRAL_VALUES: dict[str, object] = {"spaces_between_special_tokens": True, "priority": 0}
+
+
+def reject_unsupported(fields: dict[str, Any], unsupported: dict[str, str]) -> None:
+    """400 for the first field in `unsupported` whose value asks for something."""
+    for name, reason in unsupported.items():
+        value = fields.get(name)
+        neutral = (None, NEUTRAL_VALUES[name]) if name in NEUTRAL_VALUES else (None, False, {}, [])
+        if not any(value is candidate or (value == candidate and type(value) is type(candidate))
+                   for candidate in neutral):
+            raise InvalidRequestError(f"{name} is not supported: {reason}", param=name)
+
+
+class JSONSchemaFormat(BaseModel):
+    name: StrictStr | None = None
+    description: StrictStr | None = None
+    json_schema: Any = Field(default=None, alias="schema")
+    strict: StrictBool | None = None
+
+
+class ResponseFormatField(BaseModel):
+    """OpenAI's response_format."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(BaseModel):
+    """vLLM's structured_outputs: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: Any = Field(default=None, alias="json")
+    regex: StrictStr | None = None
+    choice: list[StrictStr] | None = None
+    grammar: StrictStr | None = None
+    json_object: StrictBool | None = None
+
+
+def structured_output_specs(body: _SamplingFields) -> list[StructuredOutputSpec]:
+    """Every constraint a request states, from response_format, structured_outputs and vLLM's older guided_*."""
+    specs = []
+    response_format = body.response_format
+    if response_format is not None and response_format.type == "json_object":
+        specs.append(StructuredOutputSpec("json_object", param="response_format"))
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None or response_format.json_schema.json_schema is None:
+            raise InvalidRequestError("response_format json_schema needs json_schema.schema",
+                                      param="response_format")
+        specs.append(StructuredOutputSpec.json_schema(response_format.json_schema.json_schema, "response_format"))
+    extra = body.model_extra or {}
+    outputs = body.structured_outputs
+    candidates = [
+        ("json", outputs and outputs.json_, "structured_outputs"), ("json", extra.get("guided_json"), "guided_json"),
+        ("regex", outputs and outputs.regex, "structured_outputs"), ("regex", extra.get("guided_regex"), "guided_regex"),
+        ("choice", outputs and outputs.choice, "structured_outputs"),
+        ("choice", extra.get("guided_choice"), "guided_choice"),
+        ("grammar", outputs and outputs.grammar, "structured_outputs"),
+        ("grammar", extra.get("guided_grammar"), "guided_grammar"),
+        ("json_object", outputs and outputs.json_object, "structured_outputs"),
+    ]
+    for kind, value, param in candidates:
+        if value is None or value is False:
+            continue
+        if kind == "json":
+            specs.append(StructuredOutputSpec.json_schema(value, param))
+        elif kind == "json_object":
+            specs.append(StructuredOutputSpec("json_object", param=param))
+        elif kind == "choice":
+            if not isinstance(value, list) or not value or not all(isinstance(c, str) for c in value):
+                raise InvalidRequestError(f"{param}: choice must be a non-empty list of strings", param=param)
+            specs.append(StructuredOutputSpec("choice", tuple(value), param))
+        elif not isinstance(value, str):
+            raise InvalidRequestError(f"{param}: {kind} must be a string", param=param)
+        else:
+            specs.append(StructuredOutputSpec(kind, value, param))
+    if len(specs) > 1:
+        raise InvalidRequestError("only one structured output constraint may be given per request "
+                                  f"(got {', '.join(spec.param for spec in specs)})", param=specs[1].param)
+    return specs
 
 
 class _SamplingFields(BaseModel):
     """The fields completions and chat share; unknown fields are ignored, as OpenAI clients expect."""
 
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: StrictStr | None = None
     temperature: float | None = None
@@ -45,12 +145,37 @@ class _SamplingFields(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: StrictStr | None = None
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
+    # vLLM: keep only the last k prompt tokens (-1: as many as the context holds).
+    truncate_prompt_tokens: Annotated[StrictInt, Field(ge=-1)] | None = None
+    return_token_ids: StrictBool = False  # vLLM: prompt and output token ids in the response
+    return_tokens_as_token_ids: StrictBool = False  # vLLM: logprob tokens spelled "token_id:<id>"
+    response_format: ResponseFormatField | None = None
+    structured_outputs: StructuredOutputsField | None = None
+
+    @property
+    def structured_output(self) -> StructuredOutputSpec | None:
+        """The request's output constraint, if it states one (400 if it states several)."""
+        specs = structured_output_specs(self)
+        return specs[0] if specs else None
+
+    def check_supported(self) -> None:
+        """400s a body can earn before any work: fields not honoured, contradictory options."""
+        reject_unsupported(self.model_extra or {}, UNSUPPORTED_FIELDS)
+        if self.stream_options is not None and not self.stream:
+            raise InvalidRequestError("stream_options can only be set when stream is true", param="stream_options")
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    @property
+    def continuous_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.continuous_usage_stats
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: SamplingDefaults) -> SamplingParams:
+        """`defaults` (the model's generation config) fill the sampling fields the request leaves unset."""
         given = {
             name: getattr(self, name)
             for name in (
@@ -65,9 +190,12 @@ class _SamplingFields(BaseModel):
             stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
-            max_tokens=max_tokens,
             logprobs=logprobs,
-            **given,
+            skip_special_tokens=self.skip_special_tokens,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            max_tokens=max_tokens if max_tokens is not None else defaults.max_tokens,
+            structured_output=self.structured_output,
+            **(defaults.sampling | given),
         )
 
 
@@ -76,6 +204,8 @@ class CompletionRequest(_SamplingFields):
     max_tokens: StrictInt | None = 16
     logprobs: StrictInt | None = None
     echo: StrictBool = False
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -87,12 +217,21 @@ class CompletionRequest(_SamplingFields):
     def prompts(self) -> list[Prompt]:
         return prompts_of(self.prompt)
 
-    def to_sampling_params(self) -> SamplingParams:
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.best_of is not None and self.best_of != self.n:
+            raise InvalidRequestError("best_of other than n is not supported: the engine does not rank "
+                                      "candidates by likelihood yet", param="best_of")
+        if self.suffix:
+            raise InvalidRequestError("suffix is not supported: no served model does fill-in-the-middle",
+                                      param="suffix")
         if self.echo and self.logprobs is not None:
             raise InvalidRequestError(
-                "echo with logprobs is not supported: the engine does not compute prompt logprobs", param="echo"
+                "echo with logprobs is not supported: the engine does not compute prompt logprobs yet", param="echo"
             )
-        return self._sampling_params(self.max_tokens, self.logprobs)
+
+    def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
+        return self._sampling_params(self.max_tokens, self.logprobs, defaults)
 
 
 def prompts_of(value: Any) -> list[Prompt]:
@@ -117,40 +256,194 @@ def prompts_of(value: Any) -> list[Prompt]:
 
 
 class TextPart(BaseModel):
-    type: Literal["text"]
+    type: Literal["text", "input_text", "output_text"]
     text: StrictStr
+
+
+class FunctionCall(BaseModel):
+    name: StrictStr
+    arguments: StrictStr  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: StrictStr
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: StrictStr | list[TextPart] | None = None
     name: StrictStr | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: StrictStr | None = None  # a tool result's call
 
-    def as_template_input(self) -> dict[str, str]:
-        """The {role, content} dict chat templates expect; text parts are joined by newlines."""
-        content = self.content
-        if isinstance(content, list):
-            content = "\n".join(part.text for part in content)
-        role = "system" if self.role == "developer" else self.role
-        return {"role": role, "content": content or ""}
+    @property
+    def text(self) -> str:
+        """The content as one string; text parts are joined by newlines."""
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+    def as_template_input(self) -> dict[str, Any]:
+        """The message dict chat templates expect.
+
+        Tool-call arguments are handed over as objects, not JSON text: templates
+        (Qwen, Llama 3, Mistral) serialise them with `tojson` themselves, as vLLM
+        and transformers pass them.
+        """
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
+                                   "content": self.text}
+        if self.name is not None:
+            message["name"] = self.name
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function",
+                 "function": {"name": call.function.name, "arguments": _json_arguments(call.function.arguments)}}
+                for call in self.tool_calls
+            ]
+        return message
 
 
-class ChatCompletionRequest(_SamplingFields):
+def _json_arguments(arguments: str) -> Any:
+    try:
+        return json.loads(arguments)
+    except json.JSONDecodeError:
+        raise InvalidRequestError(f"tool call arguments are not valid JSON: {arguments[:80]!r}",
+                                  param="messages") from None
+
+
+class FunctionDefinition(BaseModel):
+    name: StrictStr
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None  # JSON schema of the arguments
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class ChatTemplateFields(BaseModel):
+    """What rendering messages through the chat template takes (chat completions and /tokenize)."""
+
     messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: StrictBool = True
+    continue_final_message: StrictBool = False
+    chat_template: StrictStr | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+
+    @property
+    def tool_definitions(self) -> list[dict] | None:
+        """The tools as chat templates take them (OpenAI's JSON shape)."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools] if self.tools else None
+
+    def check_template_flags(self) -> None:
+        if self.add_generation_prompt and self.continue_final_message:
+            raise InvalidRequestError("add_generation_prompt and continue_final_message cannot both be true",
+                                      param="continue_final_message")
+
+
+class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None
-    logprobs: StrictBool = False
+    logprobs: bool | None = False  # lax: vLLM also takes the string "true"
     top_logprobs: StrictInt | None = None
+    echo: StrictBool = False  # vLLM: the reply starts with the last message when it has the reply's role
+    tool_choice: ToolChoice | None = None  # None: "auto" with tools, "none" without (OpenAI's defaults)
+    parallel_tool_calls: StrictBool | None = None  # False: at most one call per reply
 
     @property
     def num_top_logprobs(self) -> int | None:
         """Alternatives per token (0: only the chosen token's logprob); None: no logprobs."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
-    def to_sampling_params(self) -> SamplingParams:
+    @property
+    def reply_role(self) -> str:
+        """The role of the generated message: a new assistant turn, or the continued last message's."""
+        return "assistant" if self.add_generation_prompt else self.messages[-1].role
+
+    @property
+    def effective_tool_choice(self) -> ToolChoice:
+        if self.tool_choice is not None:
+            return self.tool_choice
+        return "auto" if self.tools else "none"
+
+    def check_supported(self) -> None:
+        super().check_supported()
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs requires logprobs to be true", param="top_logprobs")
+        self.check_template_flags()
+        self._check_tool_choice()
+
+    def _check_tool_choice(self) -> None:
+        choice = self.effective_tool_choice
+        if choice != "none" and not self.tools:
+            raise InvalidRequestError("tool_choice requires tools to be set", param="tool_choice")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
+            raise InvalidRequestError(f"tool_choice names the function {choice.function.name!r}, which is not "
+                                      "among the tools", param="tool_choice")
+
+    @property
+    def structured_output(self) -> StructuredOutputSpec | None:
+        """A forced tool call (tool_choice required or named) is a JSON-schema constraint on the reply."""
+        stated = super().structured_output
+        choice = self.effective_tool_choice
+        if choice != "required" and not isinstance(choice, NamedToolChoice):
+            return stated
+        named = choice.function.name if isinstance(choice, NamedToolChoice) else None
+        if stated is not None:
+            raise InvalidRequestError(f"{stated.param} cannot be combined with a forced tool call (tool_choice "
+                                      f"{named or choice!r}): the call already constrains the reply", param=stated.param)
+        schema = forced_calls_schema(self.tool_definitions, named, parallel=self.parallel_tool_calls is not False)
+        return StructuredOutputSpec.json_schema(schema, "tool_choice", compact=True)
+
+    def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, self.num_top_logprobs)
+        return self._sampling_params(max_tokens, self.num_top_logprobs, defaults)
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's POST /tokenize with a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+    add_special_tokens: StrictBool = True
+    return_token_strs: StrictBool = False
+
+
+class TokenizeChatRequest(ChatTemplateFields):
+    """vLLM's POST /tokenize with chat messages (rendered as chat completions would render them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    add_special_tokens: StrictBool = False  # the template writes the special tokens itself
+    return_token_strs: StrictBool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]

@@ -163,11 +163,11 @@ def _mlp_shapes(config: ModelConfig, index: int, layer: str) -> dict[str, tuple[
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """The float32 value of one tensor: a function of (seed, name, shape) only."""
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The float32 value of one tensor: a function of (seed, name, shape) and the device's generator only."""
     # torch's CPU generator keeps 32 bits of a seed, so seed and name are hashed into 32 bits together.
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+    generator = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=device)
     if name.endswith("norm.weight"):
         return 1.0 + 0.1 * noise
     if name.endswith(".bias"):

@@ -30,6 +30,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from engine.layers.quantization.w4a16 import AWQ_ORDER
+from engine.model_config import ModelConfig
+from engine.testing.factory import checkpoint_shapes, random_tensor, write_model_metadata
 from kernels.quant_reference import (
     FP8_DTYPE,
     FP8_MAX,
@@ -52,19 +54,40 @@ def quantize_model_folder(
     device: str | torch.device = "cpu", seed: int = 0,
 ) -> Path:
     """Write `target`: `source` (a 16/32-bit folder) with every decoder linear layer quantized as `fmt`."""
-    if fmt not in QUANTIZED_FORMATS:
-        raise ValueError(f"format must be one of {', '.join(QUANTIZED_FORMATS)}, got {fmt!r}")
     source, target = Path(source), Path(target)
     target.mkdir(parents=True, exist_ok=True)
     for item in source.iterdir():
         if item.is_file() and not item.name.endswith(".safetensors") and item.name != "model.safetensors.index.json":
             shutil.copy2(item, target / item.name)
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    _write_quantized(target, _tensors_by_layer(source), fmt, group_size, zero_point, device, seed)
+    return target
+
+
+def write_random_quantized_folder(
+    target: Path, family: str, size: str, fmt: str, group_size: int = 128, zero_point: bool = True,
+    device: str | torch.device = "cpu", seed: int = 0,
+) -> Path:
+    """A random-weight model of a factory shape written straight in `fmt`, one layer at a time.
+
+    No 16-bit copy is ever written: the 70B shape (141 GB in bf16) fits on a small disk as W4A16.
+    Values come from the factory's random_tensor drawn on `device` (a GPU's generator: other values, same scales).
+    """
+    config = write_model_metadata(target, family, size, torch.bfloat16)
+    _write_quantized(Path(target), _random_tensors_by_layer(config, device, seed), fmt, group_size, zero_point,
+                     device, seed)
+    return Path(target)
+
+
+def _write_quantized(target: Path, parts: Iterator[tuple[str, Tensors]], fmt: str, group_size: int,
+                     zero_point: bool, device: str | torch.device, seed: int) -> None:
+    if fmt not in QUANTIZED_FORMATS:
+        raise ValueError(f"format must be one of {', '.join(QUANTIZED_FORMATS)}, got {fmt!r}")
+    config = json.loads((target / "config.json").read_text(encoding="utf-8"))
     dtype = _checkpoint_dtype(config)
     config["quantization_config"] = quantization_config(fmt, group_size, zero_point)
     (target / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     weight_map: dict[str, str] = {}
-    for part, tensors in _tensors_by_layer(source):
+    for part, tensors in parts:
         out: Tensors = {}
         for name, tensor in tensors.items():
             if _LINEAR_WEIGHT.match(name):
@@ -74,13 +97,12 @@ def quantize_model_folder(
                 for suffix, value in quantized.items():
                     out[prefix + suffix] = value.cpu().contiguous()
             else:
-                out[name] = tensor
+                out[name] = tensor.to(dtype).cpu().contiguous()
         file_name = f"model-{part}.safetensors"
         save_file(out, str(target / file_name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(out, file_name))
     index = {"metadata": {}, "weight_map": weight_map}
     (target / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-    return target
 
 
 def quantization_config(fmt: str, group_size: int, zero_point: bool) -> dict[str, object]:
@@ -114,6 +136,23 @@ def _compressed_tensors_config(scheme: dict[str, object], fmt: str) -> dict[str,
             "ignore": ["lm_head"], "quantization_status": "compressed", "kv_cache_scheme": None}
 
 
+def _part_of(name: str) -> str:
+    """The output file part of a tensor: its decoder layer ("layer-00003"), else "rest"."""
+    match = re.match(r"^model\.layers\.(\d+)\.", name)
+    return f"layer-{int(match.group(1)):05d}" if match else "rest"
+
+
+def _random_tensors_by_layer(config: ModelConfig, device: str | torch.device, seed: int
+                             ) -> Iterator[tuple[str, Tensors]]:
+    """The factory's tensors of each decoder layer (then the rest), drawn on `device`, one layer at a time."""
+    layers: dict[str, dict[str, tuple[int, ...]]] = {}
+    for name, shape in checkpoint_shapes(config).items():
+        layers.setdefault(_part_of(name), {})[name] = shape
+    for part, shapes in sorted(layers.items()):
+        tensors = {name: random_tensor(name, shape, seed, device) for name, shape in shapes.items()}
+        yield part, tensors
+
+
 def _input_key(name: str) -> str:
     """Layers that read the same input share it: GPTQ's act order comes from that input, so q/k/v
     (and gate/up) of one layer share one row order, as real act-order checkpoints do."""
@@ -135,8 +174,7 @@ def _tensors_by_layer(folder: Path) -> Iterator[tuple[str, Tensors]]:
     layers: dict[str, list[tuple[str, object]]] = {}
     for reader in readers.values():
         for name in reader.keys():
-            match = re.match(r"^model\.layers\.(\d+)\.", name)
-            layers.setdefault(f"layer-{int(match.group(1)):05d}" if match else "rest", []).append((name, reader))
+            layers.setdefault(_part_of(name), []).append((name, reader))
     for part, members in sorted(layers.items()):
         yield part, {name: reader.get_tensor(name) for name, reader in members}
 

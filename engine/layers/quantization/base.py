@@ -14,7 +14,6 @@ to slice any format for tensor parallelism.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +42,8 @@ DENSE = ParamLayout()  # nn.Linear's [out, in]
 VECTOR = ParamLayout(output_dim=0, input_dim=None)  # a bias, or one value per output row
 PER_SHARD = ParamLayout(output_dim=0, input_dim=None, per_shard=True)
 
-# A parameter may set `store(rows, tensor)` to write its loaded slice itself (online FP8 quantizes it).
-Store = Callable[[slice, torch.Tensor], None]
+# A parameter may carry `store(rows, tensor)`: the loader then hands it the loaded slice (for the output
+# rows `rows`) instead of copying it in, so the method can convert it (online FP8 quantizes it).
 
 
 def add_param(layer: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, layout: ParamLayout) -> None:

@@ -118,7 +118,7 @@ class W4A16LinearMethod(LinearMethod):
     def _unpack_checkpoint(
         self, layer: nn.Module
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(q [K, N] 0..15, scales [groups, N], zeros [groups, N] or None, g_idx [K] or None) from the checkpoint layout."""
+        """The checkpoint layout unpacked: (q [K, N] 0..15, scales [groups, N], zeros or None, g_idx or None)."""
         scheme = self.scheme
         if scheme.checkpoint_format == "compressed-tensors":
             q = unpack_int4(layer.weight_packed.data, 1).t()

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The engine-core GPU runs behind benchmarks/RESULTS.md ("Engine core: host off the critical
-# path"): this tree and a baseline tree (the commit before, extracted into $BASE) side by side,
-# on the same random-weight folders, in one command.
+# The one-GPU runs behind benchmarks/RESULTS.md, by mode, any number of modes in one command.
+# "latency" and "throughput" run this tree and a baseline tree (an earlier commit, extracted into
+# $BASE) side by side on the same random-weight folders.
 #
-#   OUT=out BASE=.baseline bash benchmarks/engine_core_gpu.sh tests latency   # GPU tests, decode latency
-#   OUT=out BASE=.baseline bash benchmarks/engine_core_gpu.sh throughput      # offline "mixed"
-#   OUT=out bash benchmarks/engine_core_gpu.sh serving                        # online, Poisson rate 16/s
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh tests latency   # GPU tests, decode latency
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh throughput      # offline "mixed"
+#   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
+#   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
 #
 # Every step runs on its own with a time limit, so one failure leaves the others' results.
 set -u
@@ -53,6 +54,14 @@ throughput() {  # throughput TREE...
 for mode in "$@"; do
   case $mode in
     tests) step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -x ;;
+    kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
+               tests/test_quant_kernels.py ;;
+    moe) step moe 120 $PY -m benchmarks.moe_gpu --out "$OUT/moe.json" ;;
+    quant) step quant-gemm 120 $PY -m benchmarks.quant_gpu --out "$OUT/quant-gemm.json"
+           step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
+             --model-root "$ROOT" --formats bf16,fp8-online,awq --batches 1,32 --out "$OUT/quant-decode.json" ;;
+    structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
+                  --batch 32 --out "$OUT/structured.json" ;;
     latency) latency new base ;;
     latency-base) latency base ;;
     throughput) throughput new base ;;

@@ -1,0 +1,55 @@
+"""Quantize a model folder with llm-compressor itself (run in a tool venv: pip install torch==2.13.0 llmcompressor).
+
+    python tools/llmcompressor_checkpoints.py SOURCE TARGET SCHEME
+
+SCHEME: fp8-dynamic (FP8 weights per channel, activations per token), w4a16 (round-to-nearest
+4-bit, symmetric, group 32), gptq-w4a16-asym-actorder-weight (GPTQ with zero points and act order,
+act order "weight", calibrated on random token ids). The group size is 32 so the tiny test models (64 hidden
+features) hold whole groups. Writes compressed-tensors checkpoints with llm-compressor's own
+save_pretrained, as published checkpoints are made.
+"""
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+from transformers import AutoModelForCausalLM
+
+
+def group_scheme(symmetric: bool, actorder: str | None = None) -> dict:
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 32}
+    if actorder:
+        weights["actorder"] = actorder
+    return {"group_0": {"targets": ["Linear"], "weights": weights}}
+
+
+def main(source: str, target: str, scheme: str) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    calibration = None
+    if scheme == "fp8-dynamic":
+        recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+    elif scheme == "w4a16":
+        recipe = QuantizationModifier(config_groups=group_scheme(symmetric=True), ignore=["lm_head"])
+    elif scheme == "gptq-w4a16-asym-actorder-weight":
+        recipe = GPTQModifier(config_groups=group_scheme(symmetric=False, actorder="weight"), ignore=["lm_head"])
+        ids = torch.randint(3, model.config.vocab_size, (16, 32)).tolist()
+        calibration = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 16})
+    else:
+        raise SystemExit(f"unknown scheme {scheme}")
+    if calibration is None:
+        oneshot(model=model, recipe=recipe)
+    else:
+        oneshot(model=model, recipe=recipe, dataset=calibration, num_calibration_samples=16, max_seq_length=32)
+    model.save_pretrained(target, save_compressed=True)
+    for item in Path(source).iterdir():
+        if "token" in item.name or item.name in ("generation_config.json", "chat_template.jinja"):
+            shutil.copy2(item, Path(target) / item.name)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
