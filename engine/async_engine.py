@@ -13,6 +13,7 @@ checks fail instead of requests hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -24,6 +25,12 @@ from engine.output_processor import OutputKind, OutputProcessor, new_request
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import ChatTemplate, load_tokenizer
+
+
+# A loaded core sends a message at least every second (a step's outputs or an idle heartbeat);
+# this much silence means it is stuck (e.g. a collective waiting on a wedged tensor-parallel rank).
+# Far above any real step, first-use kernel compilation included.
+CORE_HANG_TIMEOUT_S = 300.0
 
 
 class EngineNotReadyError(KubellmError):
@@ -38,9 +45,10 @@ class AsyncLLMEngine:
     """The tokenizer and output processing here, the engine core in its own process (or a thread: in_process)."""
 
     def __init__(self, config: EngineConfig, max_pending_requests: int | None = None, in_process: bool = False,
-                 log_level: str | None = None):
+                 log_level: str | None = None, hang_timeout: float = CORE_HANG_TIMEOUT_S):
         self.config = config
         self.max_pending_requests = max_pending_requests
+        self.hang_timeout = hang_timeout
         self.client = CoreClient(config, in_process=in_process, log_level=log_level)
         self.tokenizer = None  # set once loaded, with the chat template
         self.chat_template: ChatTemplate | None = None
@@ -56,12 +64,15 @@ class AsyncLLMEngine:
 
     async def _load(self) -> None:
         try:
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
-            self.chat_template = ChatTemplate(self.tokenizer)
-            self.client.output_processor = OutputProcessor(self.tokenizer)
-        except BaseException as error:
-            self._load_error = error
-            raise
+            tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
+        except Exception as error:  # noqa: BLE001 - reported through `error`
+            # When both fail, the core's error is the one that names the file (config.json, weights).
+            with contextlib.suppress(Exception):
+                await self.client.wait_until_ready()
+                self._load_error = error
+            return
+        self.client.output_processor = OutputProcessor(tokenizer)
+        self.tokenizer, self.chat_template = tokenizer, ChatTemplate(tokenizer)
 
     def stop(self) -> None:
         if self._loading is not None:
@@ -70,8 +81,13 @@ class AsyncLLMEngine:
 
     @property
     def error(self) -> BaseException | None:
-        """Why the engine cannot serve: a load failure or the core's death (None while it is fine)."""
-        return self._load_error or self.client.error
+        """Why the engine cannot serve: a load failure, the core's death or silence (None while it is fine)."""
+        if self._load_error is not None or self.client.error is not None:
+            return self._load_error or self.client.error
+        silence = time.monotonic() - self.client.last_heard
+        if self.client.ready is not None and silence > self.hang_timeout:
+            return EngineDeadError(f"the engine core has sent nothing for {silence:.0f} s; it is hung")
+        return None
 
     @property
     def is_started(self) -> bool:
@@ -83,8 +99,8 @@ class AsyncLLMEngine:
 
     @property
     def is_alive(self) -> bool:
-        """Liveness: the core runs (or is still loading) and nothing has failed."""
-        return self._load_error is None and self.client.is_alive
+        """Liveness: the core runs (or is still loading), nothing has failed and the core is not hung."""
+        return self.client.is_alive and self.error is None
 
     @property
     def is_ready(self) -> bool:
