@@ -13,6 +13,7 @@ checks fail instead of requests hanging.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
@@ -27,6 +28,12 @@ from engine.tokenizer import ChatTemplate, tokenize_prompt
 from engine.tokenizer_loader import load_tokenizer
 
 
+# A loaded core sends a message at least every second (a step's outputs or an idle heartbeat);
+# this much silence means it is stuck (e.g. a collective waiting on a wedged tensor-parallel rank).
+# Far above any real step, first-use kernel compilation included.
+CORE_HANG_TIMEOUT_S = 300.0
+
+
 class EngineNotReadyError(KubellmError):
     """The model is still loading, or the server is draining; the client should retry later."""
 
@@ -39,9 +46,11 @@ class AsyncLLMEngine:
     """The tokenizer and output processing here, the engine core in its own process (or a thread: in_process)."""
 
     def __init__(self, config: EngineConfig, max_pending_requests: int | None = None, in_process: bool = False,
-                 log_level: str | None = None, served_address: str | None = None):
+                 log_level: str | None = None, served_address: str | None = None,
+                 hang_timeout: float = CORE_HANG_TIMEOUT_S):
         self.config = config
         self.max_pending_requests = max_pending_requests
+        self.hang_timeout = hang_timeout
         self.client = CoreClient(config, in_process=in_process, log_level=log_level, served_address=served_address)
         self.tokenizer = None  # set once loaded, with the chat template
         self.chat_template: ChatTemplate | None = None
@@ -57,12 +66,15 @@ class AsyncLLMEngine:
 
     async def _load(self) -> None:
         try:
-            self.tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model, self.config.tokenizer)
-            self.chat_template = ChatTemplate(self.tokenizer)
-            self.client.output_processor = OutputProcessor(self.tokenizer)
-        except BaseException as error:
-            self._load_error = error
-            raise
+            tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model, self.config.tokenizer)
+        except Exception as error:  # noqa: BLE001 - reported through `error`
+            # When both fail, the core's error is the one that names the file (config.json, weights).
+            with contextlib.suppress(Exception):
+                await self.client.wait_until_ready()
+                self._load_error = error
+            return
+        self.client.output_processor = OutputProcessor(tokenizer)
+        self.tokenizer, self.chat_template = tokenizer, ChatTemplate(tokenizer)
 
     def stop(self) -> None:
         if self._loading is not None:
@@ -71,8 +83,13 @@ class AsyncLLMEngine:
 
     @property
     def error(self) -> BaseException | None:
-        """Why the engine cannot serve: a load failure or the core's death (None while it is fine)."""
-        return self._load_error or self.client.error
+        """Why the engine cannot serve: a load failure, the core's death or silence (None while it is fine)."""
+        if self._load_error is not None or self.client.error is not None:
+            return self._load_error or self.client.error
+        silence = time.monotonic() - self.client.last_heard
+        if self.client.ready is not None and silence > self.hang_timeout:
+            return EngineDeadError(f"the engine core has sent nothing for {silence:.0f} s; it is hung")
+        return None
 
     @property
     def is_started(self) -> bool:
@@ -84,8 +101,8 @@ class AsyncLLMEngine:
 
     @property
     def is_alive(self) -> bool:
-        """Liveness: the core runs (or is still loading) and nothing has failed."""
-        return self._load_error is None and self.client.is_alive
+        """Liveness: the core runs (or is still loading), nothing has failed and the core is not hung."""
+        return self.client.is_alive and self.error is None
 
     @property
     def is_ready(self) -> bool:

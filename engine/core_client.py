@@ -16,12 +16,14 @@ stream gets EngineDeadError and `error` is set, which /health and /ready read.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import multiprocessing
 import shutil
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import zmq
@@ -72,6 +74,8 @@ class _CoreProcess:
 
     def start(self, on_exit: asyncio.Future) -> None:
         self.process.start()
+        # multiprocessing joins non-daemonic children at exit; a core nobody stopped would never end.
+        atexit.register(self._terminate, SHUTDOWN_TIMEOUT_S)
         loop = asyncio.get_running_loop()
         sentinel = self.process.sentinel
 
@@ -90,9 +94,14 @@ class _CoreProcess:
         return f"the engine core process exited with code {code}"
 
     def stop(self, timeout: float) -> None:
+        """After Shutdown was sent: waits for the core to exit, then SIGTERM, then SIGKILL."""
+        atexit.unregister(self._terminate)
         self.process.join(timeout)
+        self._terminate(timeout)
+
+    def _terminate(self, timeout: float) -> None:
         if self.process.is_alive():
-            self.process.terminate()
+            self.process.terminate()  # the core stops its tp workers and exits 0
             self.process.join(timeout)
         if self.process.is_alive():
             self.process.kill()
@@ -134,6 +143,8 @@ class _CoreThread:
 
 
 class CoreClient:
+    """One engine core, the sockets to it, and the streams of the requests it runs."""
+
     def __init__(self, config: EngineConfig, in_process: bool = False, log_level: str | None = None,
                  served_address: str | None = None):
         self._socket_dir = Path(tempfile.mkdtemp(prefix="kubellm-core-"))
@@ -156,6 +167,7 @@ class CoreClient:
         self.error: BaseException | None = None
         self.num_requests_sent = 0
         self.num_requests_received = 0  # by the core, as of its last message
+        self.last_heard = time.monotonic()  # when the core's last message arrived (it sends one per second idle)
         self._exited: asyncio.Future | None = None
         self._receiver: asyncio.Task | None = None
         self._closed = False
@@ -174,7 +186,8 @@ class CoreClient:
 
     @property
     def is_alive(self) -> bool:
-        return self.is_started and self.error is None and not self._exited.done()
+        """Started and not failed; the receive task sets `error` once the core has exited."""
+        return self.is_started and self.error is None
 
     @property
     def core_pid(self) -> int | None:
@@ -259,10 +272,13 @@ class CoreClient:
             self._fail(EngineDeadError(f"the engine core client failed: {error}"))
 
     def _handle(self, message: FromCore) -> None:
+        self.last_heard = time.monotonic()
         match message:
             case StepOutputs(outputs, num_requests_received):
                 self.stats = outputs.stats or self.stats
                 self.num_requests_received = num_requests_received
+                if not (outputs.deltas or outputs.scheduled):
+                    return  # stats only (a heartbeat, or aborts applied while idle), maybe before the tokenizer
                 processed = self.output_processor.process(outputs)
                 if processed.stopped and self.error is None:
                     self._send(StopSequences(processed.stopped))

@@ -5,8 +5,10 @@ and stops, and a PULL socket for outputs; this loop connects to both. Between
 steps it takes in everything queued (non-blocking), steps the core and sends
 that step's EngineCoreOutputs. With nothing to do it blocks on the input
 socket, waking every HEALTH_CHECK_INTERVAL_S to ask the core whether its
-tensor-parallel workers are still alive, so a dead worker is reported without
-waiting for traffic. Any exception is sent as CoreFailed before the loop
+tensor-parallel workers are still alive (so a dead worker is reported without
+waiting for traffic) and to send its stats as a heartbeat: the API process
+hears from a healthy core at least that often, idle or busy, and can tell a
+hung one. Any exception is sent as CoreFailed before the loop
 raises it; the process then exits non-zero.
 
 Running the core apart from the HTTP server gives the step loop an
@@ -91,8 +93,10 @@ def serve_core(make_core: Callable[[], EngineCore], addresses: CoreAddresses, sh
         outbox.send(encode(CoreReady(core.limits, core.get_stats())))
         _step_loop(core, inbox, outbox, should_stop)
     except BaseException as error:
-        # kubellm's own errors carry a complete message; anything else is a bug worth a traceback.
-        logger.error("engine core failed: %s", error, exc_info=not isinstance(error, KubellmError))
+        # kubellm's own errors carry a complete message, which the API process reports;
+        # anything else is a bug whose traceback only this process has.
+        if not isinstance(error, KubellmError):
+            logger.exception("engine core failed")
         outbox.send(encode(CoreFailed.of(error)))
         raise
     finally:
@@ -108,6 +112,7 @@ def _step_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, should_s
     while not should_stop():
         if not core.has_unfinished_requests() and not inbox.poll(HEALTH_CHECK_INTERVAL_S * 1000):
             core.check_health()
+            outbox.send(encode(StepOutputs(EngineCoreOutputs(stats=core.get_stats()), num_requests_received)))
             continue
         took_input = False
         while inbox.poll(0):

@@ -77,6 +77,21 @@ class RunningServer:
         return condition()
 
 
+def spawned_children(pid: int) -> list[int]:
+    """Processes that `pid` started with multiprocessing's spawn (from /proc): a server's engine core, a
+    core's tensor-parallel workers; not multiprocessing's resource tracker."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            spawned = parent == pid and b"spawn_main" in (stat.parent / "cmdline").read_bytes()
+        except OSError:  # the process exited while we looked
+            continue
+        if spawned:
+            children.append(int(stat.parent.name))
+    return children
+
+
 @contextmanager
 def running_server(config: EngineConfig | None = None, api_key: str | None = None,
                    max_pending_requests: int | None = None, **settings_overrides):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from engine.async_engine import AsyncLLMEngine, QueueFullError
+from engine.async_engine import CORE_HANG_TIMEOUT_S, AsyncLLMEngine, QueueFullError
 from engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from engine.llm import LLM
 from engine.sampling import SamplingParams
@@ -126,6 +126,27 @@ async def test_requests_on_their_way_to_the_core_count_as_waiting_and_bound_the_
         engine.max_pending_requests = None
 
 
+async def test_a_silent_core_fails_health_until_it_speaks_again(engine):
+    core = engine.client.core_pid
+    engine.hang_timeout = 2.0  # an idle core sends a heartbeat every second
+    app = build_app(engine, ServerSettings("m"))
+    os.kill(core, signal.SIGSTOP)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            while engine.is_alive:
+                await asyncio.sleep(0.05)
+            assert "hung" in str(engine.error)
+            health = await client.get("/health")
+            assert health.status_code == 503 and "hung" in health.json()["error"]["message"]
+            os.kill(core, signal.SIGCONT)
+            while not engine.is_alive:
+                await asyncio.sleep(0.05)
+            assert (await client.get("/health")).status_code == 200
+    finally:
+        os.kill(core, signal.SIGCONT)
+        engine.hang_timeout = CORE_HANG_TIMEOUT_S
+
+
 async def test_drain_lets_short_requests_finish_and_aborts_long_ones(engine):
     # Two tokens take milliseconds; 2000 take seconds: far apart on either side of the 1 s timeout.
     state = ServerState(engine, ServerSettings("m", shutdown_timeout=1.0))
@@ -161,6 +182,21 @@ async def test_a_killed_core_fails_in_flight_requests_and_the_probes():
             assert (await client.get("/ready")).status_code == 503
             response = await client.post("/v1/completions", json={"prompt": "hi"})
             assert response.status_code == 500 and response.json()["error"]["code"] == "engine_dead"
+    finally:
+        front.stop()
+
+
+async def test_sigterm_to_the_core_stops_it_cleanly_and_fails_the_probes():
+    front = AsyncLLMEngine(engine_config())
+    front.start()
+    try:
+        await front.wait_until_loaded()
+        os.kill(front.client.core_pid, signal.SIGTERM)
+        while front.is_alive:
+            await asyncio.sleep(0.05)
+        assert str(front.error) == "the engine core process exited with code 0"
+        with pytest.raises(EngineDeadError, match="code 0"):
+            front.check_accepting()
     finally:
         front.stop()
 

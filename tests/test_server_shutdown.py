@@ -25,6 +25,7 @@ import httpx
 import pytest
 
 from engine.testing import default_model_path
+from server_harness import spawned_children
 
 SHUTDOWN_TIMEOUT = 2.0
 
@@ -91,6 +92,7 @@ def test_sigterm_drains_then_exits_zero(serve_process):
     long_client.start()
     assert long_started.wait(60)
 
+    [engine_core] = spawned_children(process.pid)
     process.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
     while httpx.get(f"{url}/ready").status_code == 200 and time.monotonic() < deadline:
@@ -109,6 +111,8 @@ def test_sigterm_drains_then_exits_zero(serve_process):
     assert finish_reasons.count("abort") == 1 and all(r is None for r in finish_reasons[:-1])
     log = [json.loads(line) for line in process.stderr.read().splitlines() if line.startswith("{")]
     assert any(entry.get("finish_reasons") == ["abort"] for entry in log)
+    with pytest.raises(ProcessLookupError):  # the engine core process exited with the server
+        os.kill(engine_core, 0)
 
 
 def _children(pid: int) -> set[int]:

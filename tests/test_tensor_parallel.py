@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine import LLM, EngineConfig, LLMEngine, SamplingParams
+from engine import LLM, EngineConfig, SamplingParams
 from engine.async_engine import AsyncLLMEngine
 from engine.distributed import Executor, check_tensor_parallel, parallel_state
 from engine.distributed import executor as executor_module
@@ -38,6 +38,7 @@ from engine.layers.linear import ColumnParallelLinear, QKVParallelLinear, RowPar
 from engine.layers.weights import CheckpointSlice
 from engine.model_config import load_model_config
 from engine.testing.factory import write_random_weights
+from server_harness import spawned_children
 
 PROBE_FIELDS = ("ids", "table", "mask", "weights", "count", "flag", "absent", "crash_rank", "stall_rank")
 
@@ -408,21 +409,24 @@ def test_a_script_that_never_shuts_down_its_llm_still_exits(tiny_model_folder):
 
 @pytest.mark.asyncio
 async def test_a_worker_dying_while_the_server_idles_fails_health(tiny_model_folder):
-    """/health reads AsyncLLMEngine.is_alive; the idle step loop notices the death by itself."""
+    """The server's core process is rank 0 and starts rank 1; its idle loop notices rank 1's death by itself."""
     config = EngineConfig(model=str(tiny_model_folder("llama")), tensor_parallel_size=2, **ENGINE_ARGS)
-    front = AsyncLLMEngine(lambda: LLMEngine(config))
+    front = AsyncLLMEngine(config)
     front.start()
     await front.wait_until_loaded()
-    pids = front.engine.core.executor.worker_pids
-    os.kill(pids[1], signal.SIGKILL)
+    outputs = [o async for o in front.generate("r", "Hello", GREEDY)]
+    assert outputs[-1].finished and outputs[-1].outputs[0].token_ids
+    core = front.client.core_pid
+    workers = spawned_children(core)
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
     while front.is_alive:
         await asyncio.sleep(0.05)
     assert isinstance(front.error, EngineDeadError) and "rank 1" in str(front.error)
     with pytest.raises(EngineDeadError):
         front.check_accepting()
     front.stop()
-    _assert_gone(pids)
-    assert not dist.is_initialized()
+    _assert_gone({0: core, 1: workers[0]})
 
 
 def test_heads_that_do_not_split_fail_at_start(tiny_model_folder):
