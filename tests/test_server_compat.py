@@ -134,7 +134,7 @@ def test_tokenize_detokenize_round_trip(server, offline):
     tokens = post(server, "/tokenize", {"prompt": text, "return_token_strs": True}).json()
     assert tokens["tokens"] == offline.get_tokenizer()(text)["input_ids"]
     assert tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"])
-    assert tokens["max_model_len"] == server.engine.engine.config.max_model_len
+    assert tokens["max_model_len"] == server.engine.limits.max_model_len
     detokenized = post(server, "/detokenize", {"tokens": tokens["tokens"]}).json()
     assert detokenized["prompt"].endswith(text)
     bad = post(server, "/detokenize", {"tokens": [10**7]})
