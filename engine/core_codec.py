@@ -97,6 +97,7 @@ class _Tag(enum.IntEnum):
 
 
 _SAMPLING_FIELDS = tuple(f.name for f in fields(SamplingParams))
+_SPEC_FIELDS = tuple(f.name for f in fields(StructuredOutputSpec))
 _STATS_FIELDS = tuple(f.name for f in fields(EngineStats))
 _LIMITS_FIELDS = tuple(f.name for f in fields(CoreLimits))
 
@@ -106,10 +107,10 @@ def _values(obj: Any, names: tuple[str, ...]) -> list:
 
 
 def _params(params: SamplingParams) -> list:
-    """SamplingParams' fields in order; the structured-output spec as [kind, value, param]."""
+    """SamplingParams' fields in order; the structured-output spec as its own fields in order."""
     values = _values(params, _SAMPLING_FIELDS)
     spec = params.structured_output
-    values[_SAMPLING_FIELDS.index("structured_output")] = None if spec is None else [spec.kind, spec.value, spec.param]
+    values[_SAMPLING_FIELDS.index("structured_output")] = None if spec is None else _values(spec, _SPEC_FIELDS)
     return values
 
 
@@ -117,8 +118,10 @@ def _decode_params(values: list) -> SamplingParams:
     position = _SAMPLING_FIELDS.index("structured_output")
     spec = values[position]
     if spec is not None:
-        kind, value, param = spec
-        values[position] = StructuredOutputSpec(kind, tuple(value) if isinstance(value, list) else value, param)
+        fields_of_spec = dict(zip(_SPEC_FIELDS, spec))
+        if isinstance(fields_of_spec["value"], list):  # msgpack reads the choices' tuple back as a list
+            fields_of_spec["value"] = tuple(fields_of_spec["value"])
+        values[position] = StructuredOutputSpec(**fields_of_spec)
     return SamplingParams(*values)
 
 

@@ -41,6 +41,8 @@ MESSAGES = [
     EngineCoreRequest("json", [5, 6], SamplingParams(structured_output=StructuredOutputSpec.json_schema(
         {"type": "object"}, "response_format"), seed=-(2**63)), 0.5, 16),
     EngineCoreRequest("choice", [7], SamplingParams(structured_output=StructuredOutputSpec("choice", ("a", "b"))), 1.0, 2),
+    EngineCoreRequest("compact", [8], SamplingParams(structured_output=StructuredOutputSpec.json_schema(
+        {"type": "object"}, "tool_choice", compact=True)), 1.0, 2),
     AbortRequests(["a", "b"]),
     StopSequences([("cmpl-1-0", 2), ("x", 0)]),
     Shutdown(),
