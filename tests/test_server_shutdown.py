@@ -115,12 +115,13 @@ def test_sigterm_drains_then_exits_zero(serve_process):
         os.kill(engine_core, 0)
 
 
-def _children(pid: int) -> set[int]:
-    """Child processes of `pid`, whichever of its threads started them."""
-    children: set[int] = set()
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, whichever of their threads started them."""
+    found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
-        children.update(int(child) for child in (task / "children").read_text().split())
-    return children
+        for child in map(int, (task / "children").read_text().split()):
+            found |= {child} | _descendants(child)
+    return found
 
 
 def _running(pid: int) -> bool:
@@ -134,8 +135,9 @@ def _running(pid: int) -> bool:
                     reason="needs /proc/PID/task/TID/children")
 def test_sigterm_stops_a_tensor_parallel_server_and_its_workers():
     with serving("--tensor-parallel-size", "2") as (process, url):
-        children = _children(process.pid)  # the worker, and multiprocessing's resource tracker
-        assert children
+        # the engine core process, its tensor-parallel worker, multiprocessing's resource trackers
+        children = _descendants(process.pid)
+        assert len(children) >= 2
         body = {"model": "m", "prompt": "hello", "max_tokens": 4, "ignore_eos": True}
         response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert response.status_code == 200, response.text
