@@ -9,10 +9,11 @@ latency; per rate: p50/p99 of each and output tokens per second of wall time.
 
 Tokens are counted, not text chunks: with a random-weight model most tokens
 decode to no text at all, so a text-chunk clock reads whole runs of tokens as
-one. Every chunk carries the running completion_tokens (vLLM's
-stream_options.continuous_usage_stats). As a check on the client's clock, the
-table also shows the p50 of the server's own TTFT, ITL and queue-time
-histograms over the same rate (from /metrics, scraped before and after).
+one. The requests ask for vLLM's return_token_ids, so every step that adds
+tokens sends a chunk carrying them, text or not. As a check on the client's
+clock, the table also shows the p50 of the server's own TTFT, ITL and
+queue-time histograms over the same rate (from /metrics, scraped before and
+after).
 
     python -m benchmarks.serving --model qwen2.5-0.5b --rates 2,8,32 --num-requests 200 --out results/serving.json
 """
@@ -49,7 +50,7 @@ class RequestTiming:
 
 async def send(client: httpx.AsyncClient, model: str, request: Request) -> RequestTiming:
     body = {"model": model, "prompt": request.prompt_token_ids, "max_tokens": request.output_len,
-            "temperature": 0.0, "ignore_eos": True, "stream": True,
+            "temperature": 0.0, "ignore_eos": True, "stream": True, "return_token_ids": True,
             "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     timing = RequestTiming()
     start = last = time.perf_counter()
@@ -62,13 +63,10 @@ async def send(client: httpx.AsyncClient, model: str, request: Request) -> Reque
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[len("data: "):])
-                usage = chunk.get("usage")
-                if not usage:
-                    continue
-                new_tokens = usage["completion_tokens"] - timing.output_tokens
+                new_tokens = sum(len(choice.get("token_ids") or []) for choice in chunk.get("choices", []))
                 if new_tokens <= 0:
                     continue
-                timing.output_tokens = usage["completion_tokens"]
+                timing.output_tokens += new_tokens
                 now = time.perf_counter()
                 if math.isnan(timing.ttft_s):
                     timing.ttft_s = now - start
