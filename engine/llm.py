@@ -14,6 +14,7 @@ from typing import Union
 from tqdm.auto import tqdm
 
 from engine.config import EngineConfig
+from engine.generation_defaults import AUTO, load_sampling_defaults
 from engine.cpu_threads import configure_cpu_threads
 from engine.errors import InvalidRequestError
 from engine.core_messages import EngineStats
@@ -41,8 +42,11 @@ class LLM:
         max_model_len: int | None = None,
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        generation_config: str = AUTO,
         **other_engine_args,
     ):
+        """generation_config: where default sampling comes from, as `kubellm serve --generation-config`:
+        "auto" (the model's generation_config.json), "vllm" (none), or a folder."""
         config = EngineConfig(
             model=model,
             dtype=dtype,
@@ -60,6 +64,14 @@ class LLM:
         configure_cpu_threads()
         self.llm_engine = LLMEngine(config)
         self._request_ids = itertools.count()
+        self._sampling_defaults = load_sampling_defaults(model, generation_config)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate() and chat() use when given no SamplingParams: the model's own sampling
+        (generation_config.json), as vLLM and transformers do, over SamplingParams' defaults."""
+        defaults = self._sampling_defaults
+        max_tokens = {"max_tokens": defaults.max_tokens} if defaults.max_tokens is not None else {}
+        return SamplingParams(**defaults.sampling, **max_tokens)
 
     def get_tokenizer(self):
         return self.llm_engine.tokenizer
@@ -95,6 +107,8 @@ class LLM:
         sampling_params: SamplingParams | SequenceOf[SamplingParams] | None,
         use_tqdm: bool,
     ) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
         params = _params_per_prompt(sampling_params, len(prompts))
         engine = self.llm_engine
         request_ids = [str(next(self._request_ids)) for _ in prompts]
@@ -126,10 +140,8 @@ def _prompt_input(prompt: Prompt) -> str | list[int]:
 
 
 def _params_per_prompt(
-    sampling_params: SamplingParams | SequenceOf[SamplingParams] | None, num_prompts: int
+    sampling_params: SamplingParams | SequenceOf[SamplingParams], num_prompts: int
 ) -> list[SamplingParams]:
-    if sampling_params is None:
-        sampling_params = SamplingParams()
     if isinstance(sampling_params, SamplingParams):
         return [sampling_params] * num_prompts
     if len(sampling_params) != num_prompts:

@@ -260,3 +260,17 @@ def test_truncated_safetensors_is_named(model_path, tmp_path):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match=weights.name):
         LLM(model=str(folder), device="cpu")
+
+
+def test_generate_without_sampling_params_uses_the_models_generation_config(model_path, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(model_path, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "max_new_tokens": 5}))
+    llm = LLM(model=str(folder), device="cpu", num_kv_blocks=64)
+    assert llm.get_default_sampling_params().temperature == 0.0
+    output = llm.generate({"prompt_token_ids": [5, 6, 7]}, use_tqdm=False)[0].outputs[0]
+    greedy = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(temperature=0.0, max_tokens=5),
+                          use_tqdm=False)[0].outputs[0]
+    assert len(output.token_ids) <= 5 and output.token_ids == greedy.token_ids
+    plain = LLM(model=str(folder), device="cpu", num_kv_blocks=64, generation_config="vllm")
+    assert plain.get_default_sampling_params() == SamplingParams()
