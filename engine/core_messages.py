@@ -109,6 +109,9 @@ class CoreLimits:
         vocab_size = self.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
+        for param, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            if any(t >= vocab_size for t in ids):
+                raise InvalidRequestError(f"{param} names token ids outside the vocabulary [0, {vocab_size})", param=param)
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "

@@ -64,6 +64,8 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
     skip_special_tokens: bool = True
     structured_output: StructuredOutputSpec | None = None  # the completion must match this constraint
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
+    allowed_token_ids: list[int] | None = None  # sample only among these
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -106,6 +108,15 @@ class SamplingParams:
             fail("min_tokens", f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
             fail("min_tokens", f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logit_bias is not None and any(
+            not isinstance(t, int) or t < 0 or not isinstance(b, (int, float)) or not -100 <= b <= 100
+            for t, b in self.logit_bias.items()
+        ):
+            fail("logit_bias", "logit_bias maps token ids (integers >= 0) to biases in [-100, 100]")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)
+        ):
+            fail("allowed_token_ids", "allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             fail("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
         if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):

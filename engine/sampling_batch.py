@@ -93,6 +93,14 @@ class SamplingState:
             ],
             num_logprobs=max(wanted) if wanted else None,
             allowed=self._grammar_bitmask(seqs),
+            token_bias=[
+                (i, device_tensor(list(bias), torch.int64, device), device_tensor(list(bias.values()), torch.float32, device))
+                for i, seq in enumerate(seqs) if (bias := seq.params.logit_bias)
+            ],
+            only_tokens=[
+                (i, device_tensor(allowed, torch.int64, device))
+                for i, seq in enumerate(seqs) if (allowed := seq.params.allowed_token_ids)
+            ],
         )
 
     def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:

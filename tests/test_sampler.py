@@ -168,3 +168,15 @@ def test_logprobs_are_the_raw_log_softmax_with_the_chosen_token_first():
     third = logprobs[2]
     assert list(third) == [chosen[2]]
     assert third[chosen[2]] == pytest.approx(expected[2, chosen[2]].item(), abs=1e-6)
+
+
+def test_logit_bias_and_allowed_token_ids_steer_every_row_alone():
+    logits = random_logits(3)
+    seqs = [
+        make_seq(SamplingParams(temperature=0.0, logit_bias={3: 100.0})),
+        make_seq(SamplingParams(temperature=1.0, seed=1, allowed_token_ids=[4, 9])),
+        make_seq(SamplingParams(temperature=0.0)),
+    ]
+    for _ in range(20):
+        chosen = tokens(make_sampler(), logits, seqs)
+        assert chosen[0] == 3 and chosen[1] in (4, 9) and chosen[2] == logits[2].argmax().item()

@@ -72,14 +72,27 @@ def test_logprobs_zero_returns_the_sampled_token(client):
     assert [next(iter(top.values())) for top in logprobs.top_logprobs] == logprobs.token_logprobs
 
 
+def test_logit_bias_and_allowed_token_ids_steer_sampling(server):
+    biased = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 6, "ignore_eos": True, "temperature": 1.0,
+                                              "logit_bias": {"37": 100}, "return_token_ids": True}).json()
+    assert biased["choices"][0]["token_ids"] == [37] * 6
+    allowed = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 8, "ignore_eos": True, "temperature": 1.0,
+                                               "allowed_token_ids": [40, 41, 42], "return_token_ids": True}).json()
+    assert set(allowed["choices"][0]["token_ids"]) <= {40, 41, 42}
+    for body, param in (({"logit_bias": {"x": 1}}, "logit_bias"), ({"logit_bias": {"5": 101}}, "logit_bias"),
+                        ({"logit_bias": {"99999999": 1}}, "logit_bias"), ({"allowed_token_ids": [10**8]},
+                                                                           "allowed_token_ids")):
+        response = post(server, "/v1/completions", {"prompt": "hi", "max_tokens": 2, **body})
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_stream_options_without_stream_is_400(server):
     response = post(server, "/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}})
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream_options"
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("logit_bias", {"5": 10}), ("use_beam_search", True), ("prompt_logprobs", 1), ("allowed_token_ids", [1, 2]),
-    ("bad_words", ["x"]), ("priority", 1), ("spaces_between_special_tokens", False), ("best_of", 3),
+    ("use_beam_search", True), ("prompt_logprobs", 1), ("bad_words", ["x"]), ("priority", 1), ("spaces_between_special_tokens", False), ("best_of", 3),
     ("suffix", "end"),
 ])
 def test_fields_not_implemented_are_400_naming_them(server, field, value):

@@ -7,8 +7,9 @@ copies them back.
 
 Order, per row: logprobs of the raw logits (what vLLM reports by default);
 repetition penalty (HF: over prompt and output), presence and frequency
-penalties (OpenAI: over the output) from token counts kept on the device; EOS
-and stop ids masked until min_tokens; tokens a structured output's grammar
+penalties (OpenAI: over the output) from token counts kept on the device;
+logit_bias added and allowed_token_ids enforced; EOS and stop ids masked until
+min_tokens; tokens a structured output's grammar
 does not allow masked; greedy rows take the argmax; the others
 are divided by their temperature, filtered by top-k, top-p and min-p, and
 sampled with the exponential-race trick (argmax of p / Exp(1) noise). A seeded
@@ -40,6 +41,8 @@ class SamplingBatch:
     banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (sample row, stop ids) before min_tokens
     num_logprobs: int | None = None  # the most top logprobs any row asked for; None: no row asked
     allowed: torch.Tensor | None = None  # [S, ceil(vocab / 32)] int32 token bitmask of structured outputs
+    token_bias: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (row, ids, biases)
+    only_tokens: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (row, the only ids it may sample)
 
     def column(self, name: str) -> torch.Tensor:
         return self.params[:, _COLUMN[name], None]
@@ -90,6 +93,12 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.num_logprobs is not None else None
         if batch.penalty_rows is not None and penalties is not None:
             logits = self._apply_penalties(logits, batch, penalties)
+        for row, ids, biases in batch.token_bias:
+            logits[row, ids] += biases
+        for row, ids in batch.only_tokens:
+            kept = logits[row, ids]
+            logits[row] = float("-inf")
+            logits[row, ids] = kept
         for row, stop_ids in batch.banned:
             logits[row, stop_ids] = float("-inf")
         if batch.allowed is not None:

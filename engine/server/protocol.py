@@ -31,8 +31,6 @@ class StreamOptions(BaseModel):
 # Fields OpenAI or vLLM define that this server accepts but cannot honour yet: a request that
 # sets one to anything but its neutral value is a 400 naming it, never silently ignored.
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "logit_bias": "the sampler does not apply per-token biases yet",
-    "allowed_token_ids": "the sampler cannot restrict the vocabulary yet",
     "bad_words": "the sampler cannot ban token sequences yet",
     "prompt_logprobs": "the engine does not compute prompt logprobs yet",
     "use_beam_search": "beam search is not implemented yet",
@@ -153,6 +151,8 @@ class _SamplingFields(BaseModel):
     return_tokens_as_token_ids: StrictBool = False  # vLLM: logprob tokens spelled "token_id:<id>"
     response_format: ResponseFormatField | None = None
     structured_outputs: StructuredOutputsField | None = None
+    logit_bias: dict[StrictStr, float] | None = None  # OpenAI: token id, as a string -> bias in [-100, 100]
+    allowed_token_ids: list[StrictInt] | None = None  # vLLM: sample only among these
 
     @property
     def structured_output(self) -> StructuredOutputSpec | None:
@@ -195,8 +195,20 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             max_tokens=max_tokens if max_tokens is not None else defaults.max_tokens,
             structured_output=self.structured_output,
+            logit_bias=_token_biases(self.logit_bias),
+            allowed_token_ids=self.allowed_token_ids or None,
             **(defaults.sampling | given),
         )
+
+
+def _token_biases(logit_bias: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's logit_bias keys are token ids written as strings."""
+    if not logit_bias:
+        return None
+    try:
+        return {int(token): bias for token, bias in logit_bias.items()}
+    except ValueError:
+        raise InvalidRequestError("logit_bias keys must be token ids (integers as strings)", param="logit_bias") from None
 
 
 class CompletionRequest(_SamplingFields):
