@@ -73,7 +73,8 @@ class EngineStats:
 
 @dataclass
 class EngineCoreOutputs:
-    """One step's results: deltas of the sequences that progressed, and the stats after it."""
+    """One step's results: deltas of the sequences that progressed, and (from the core process,
+    which sends them to the API process's metrics) the stats after it."""
 
     deltas: list[SequenceDelta] = field(default_factory=list)
     scheduled: list[RequestScheduled] = field(default_factory=list)

@@ -130,7 +130,8 @@ def _step_loop(core: EngineCore, inbox: zmq.Socket, outbox: zmq.Socket, should_s
         if core.has_unfinished_requests():
             outputs = core.step()
         elif took_input:  # aborts freed blocks without a step: the API process still needs the new stats
-            outputs = EngineCoreOutputs(stats=core.get_stats())
+            outputs = EngineCoreOutputs()
         else:
             continue
+        outputs.stats = core.get_stats()  # the API process's metrics and queue depth read these
         outbox.send(encode(StepOutputs(outputs, num_requests_received)))

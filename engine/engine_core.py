@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
-from engine.core_messages import CoreLimits, EngineCoreOutputs, EngineCoreRequest, EngineStats
+from engine.core_messages import CoreLimits, EngineCoreOutputs, EngineCoreRequest, EngineStats, SequenceDelta
 from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import InvalidRequestError
 from engine.model_config import load_model_config
@@ -161,10 +161,9 @@ class EngineCore:
                 self._in_flight = launched
             else:
                 outputs.deltas += self._update(*launched)
-        outputs.stats = self.get_stats()
         return outputs
 
-    def _update(self, batch: ScheduledBatch, in_flight: InFlightStep) -> list:
+    def _update(self, batch: ScheduledBatch, in_flight: InFlightStep) -> list[SequenceDelta]:
         deltas = self.scheduler.update(batch, in_flight.result())
         for delta in deltas:
             if delta.finish_reason is not None:

@@ -130,7 +130,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget:
             seq = self.running[i]
-            if seq.num_placeholders and self._reaches_length_limit(seq):
+            if seq.num_placeholders and reaches_length_limit(seq, seq.num_tokens, self.max_model_len):
                 i += 1  # its token on the GPU is its last: nothing more to compute
                 continue
             num_new = self._chunk(seq, seq.num_uncomputed_tokens, budget)
@@ -143,9 +143,6 @@ class Scheduler:
             budget -= num_new
             i += 1
         return budget
-
-    def _reaches_length_limit(self, seq: Sequence) -> bool:
-        return seq.num_output_tokens >= seq.request.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget and len(self.running) < self.max_num_seqs:
@@ -270,7 +267,13 @@ def check_stop(seq: Sequence, token: int, eos_token_ids: frozenset[int], max_mod
         if token in params.stop_token_ids:
             seq.finish("stop", token)
             return True
-    if num_output_tokens >= seq.request.max_tokens or num_tokens >= max_model_len:
+    if reaches_length_limit(seq, num_tokens, max_model_len):
         seq.finish("length")
         return True
     return False
+
+
+def reaches_length_limit(seq: Sequence, num_tokens: int, max_model_len: int) -> bool:
+    """Whether num_tokens of seq (the known ones, or with its token still on the GPU) use up
+    its max_tokens or the context."""
+    return num_tokens - seq.num_prompt_tokens >= seq.request.max_tokens or num_tokens >= max_model_len
