@@ -7,6 +7,8 @@
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh throughput      # offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
+#   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
+#   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #
 # Every step runs on its own with a time limit, so one failure leaves the others' results.
 set -u
@@ -27,8 +29,13 @@ step() {  # step NAME SECONDS COMMAND...
   [ $status = 0 ] || echo "=== $name FAILED (exit $status)"
 }
 
-step write-8b 150 $PY -m benchmarks.gpu_random_model --model llama-3.1-8b --model-root "$ROOT"
-step write-0.5b 60 $PY -m benchmarks.gpu_random_model --model qwen2.5-0.5b --model-root "$ROOT"
+written=no
+write_models() {  # the 8B and 0.5B random-weight folders, once, for the modes that use them
+  [ $written = yes ] && return
+  step write-8b 150 $PY -m benchmarks.gpu_random_model --model llama-3.1-8b --model-root "$ROOT"
+  step write-0.5b 60 $PY -m benchmarks.gpu_random_model --model qwen2.5-0.5b --model-root "$ROOT"
+  written=yes
+}
 
 tree_dir() { [ "$1" = new ] && pwd || echo "$BASE"; }
 
@@ -52,6 +59,7 @@ throughput() {  # throughput TREE...
 }
 
 for mode in "$@"; do
+  case $mode in kernels|moe|moe-model|profile) ;; *) write_models ;; esac
   case $mode in
     tests) step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
@@ -62,6 +70,16 @@ for mode in "$@"; do
              --model-root "$ROOT" --formats bf16,fp8-online,awq --batches 1,32 --out "$OUT/quant-decode.json" ;;
     structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
                   --batch 32 --out "$OUT/structured.json" ;;
+    moe-model) step write-30b-a3b 240 $PY -m benchmarks.gpu_random_model --model qwen3-30b-a3b --model-root "$ROOT"
+               step latency-qwen3-30b-a3b 200 $PY -m benchmarks.latency --model qwen3-30b-a3b --model-root "$ROOT" \
+                 --batches 1,32 --new-tokens 128 --ttft-lens 1024 --out "$OUT/latency-qwen3-30b-a3b.json"
+               step throughput-qwen3-30b-a3b 200 $PY -m benchmarks.throughput --model qwen3-30b-a3b \
+                 --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-qwen3-30b-a3b.json"
+               rm -rf "$ROOT/qwen3-30b-a3b" ;;
+    profile) step write-0.5b 60 $PY -m benchmarks.gpu_random_model --model qwen2.5-0.5b --model-root "$ROOT"
+             step profile-0.5b 150 py-spy record --native --rate 500 --format raw -o "$OUT/pyspy-0.5b-b128.txt" -- \
+               $PY -m benchmarks.latency --model qwen2.5-0.5b --model-root "$ROOT" --batches 128 --new-tokens 512 \
+               --ttft-lens 1024 ;;
     latency) latency new base ;;
     latency-base) latency base ;;
     throughput) throughput new base ;;
