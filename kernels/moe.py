@@ -14,6 +14,11 @@ experts) and gathers each expert's tokens in between. Here:
    the second (@ w2^T) multiplies each row by its routing weight.
 3. The K rows of a token are summed.
 
+Decode batches take a shorter path: when so few pairs are routed that hardly
+two share an expert, sorting buys nothing and its dozen small launches cost
+more than the GEMMs. _expert_gemv_kernel then reads each pair's expert rows
+directly (one program per pair and N tile), and the layer is four launches.
+
 Semantics are those of kernels/moe_reference.fused_moe.
 """
 
@@ -40,9 +45,23 @@ class MoeLaunchConfig:
     num_stages: int
 
 
-def default_moe_config(num_pairs: int, num_experts: int) -> MoeLaunchConfig:
-    """Small tiles in M when few (token, choice) pairs share an expert (decode), wide ones otherwise."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+@dataclass(frozen=True)
+class GemvLaunchConfig:
+    """Tile sizes of the per-pair GEMV path (few pairs, hardly any sharing an expert)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeLaunchConfig | GemvLaunchConfig:
+    """The GEMV path while pairs rarely share an expert, then small tiles in M (decode), then wide ones."""
+    num_pairs = num_tokens * top_k
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if num_tokens == 1 or 4 * num_pairs <= num_experts:  # one token's K choices are distinct experts
+        return GemvLaunchConfig(block_n=16, block_k=32, num_warps=1) if interpreted else \
+            GemvLaunchConfig(block_n=32, block_k=128, num_warps=4)
+    if interpreted:
         return MoeLaunchConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
     if num_pairs <= 2 * num_experts:
         return MoeLaunchConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
@@ -126,8 +145,6 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, alignment
                   topk_weights: torch.Tensor | None, top_k: int, rows_per_pair: bool,
                   config: MoeLaunchConfig) -> None:
     num_experts, n, k = w.shape
-    if a.stride(-1) != 1 or w.stride(-1) != 1 or out.stride(-1) != 1:
-        raise ValueError("fused_moe needs rows with a contiguous last dimension")
     grid = (alignment.block_experts.numel(), triton.cdiv(n, config.block_n))
     _grouped_gemm_kernel[grid](
         a, w, out, topk_weights if topk_weights is not None else out,
@@ -141,6 +158,55 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, alignment
     )
 
 
+@triton.jit
+def _expert_gemv_kernel(
+    a_ptr, w_ptr, c_ptr, weights_ptr, expert_ids_ptr,
+    N, K,
+    stride_am, stride_we, stride_wn, stride_cm,
+    A_ROWS_PER_PAIR: tl.constexpr, TOP_K: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[pair, n] = A[row(pair)] . W[expert(pair), n] (x routing weight) for one pair's BLOCK_N outputs."""
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
+    if A_ROWS_PER_PAIR:
+        a_row = pair.to(tl.int64)
+    else:
+        a_row = (pair // TOP_K).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_valid = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_block = a_ptr + a_row * stride_am + offs_k
+    w_block = w_ptr + expert * stride_we + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_valid = offs_k + k_start < K
+        a = tl.load(a_block, mask=k_valid, other=0.0).to(tl.float32)
+        w = tl.load(w_block, mask=n_valid[:, None] & k_valid[None, :], other=0.0).to(tl.float32)
+        acc += w * a[None, :]
+        a_block += BLOCK_K
+        w_block += BLOCK_K
+    out = tl.sum(acc, axis=1)
+    if MUL_ROUTING_WEIGHT:
+        out = out * tl.load(weights_ptr + pair)
+    tl.store(c_ptr + pair.to(tl.int64) * stride_cm + offs_n, out.to(c_ptr.dtype.element_ty), mask=n_valid)
+
+
+def _expert_gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, expert_ids: torch.Tensor,
+                 topk_weights: torch.Tensor | None, top_k: int, rows_per_pair: bool,
+                 config: GemvLaunchConfig) -> None:
+    num_experts, n, k = w.shape
+    grid = (out.shape[0], triton.cdiv(n, config.block_n))
+    _expert_gemv_kernel[grid](
+        a, w, out, topk_weights if topk_weights is not None else out, expert_ids,
+        n, k,
+        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        A_ROWS_PER_PAIR=rows_per_pair, TOP_K=top_k, MUL_ROUTING_WEIGHT=topk_weights is not None,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+    )
+
+
 def fused_moe(
     x: torch.Tensor,  # [T, H]
     w13: torch.Tensor,  # [E, 2 * I, H]: gate rows, then up rows
@@ -148,7 +214,7 @@ def fused_moe(
     topk_weights: torch.Tensor,  # [T, K] float32
     topk_ids: torch.Tensor,  # [T, K]
     activation: str = "silu",
-    config: MoeLaunchConfig | None = None,
+    config: MoeLaunchConfig | GemvLaunchConfig | None = None,
 ) -> torch.Tensor:
     """[T, H]: each token's top-K experts' gated MLPs, weighted and summed (see kernels.moe_reference)."""
     if activation != "silu":
@@ -161,12 +227,18 @@ def fused_moe(
     num_pairs = num_tokens * top_k
     if num_pairs == 0:
         return torch.zeros_like(x)
-    config = config or default_moe_config(num_pairs, num_experts)
-    alignment = align_by_expert(topk_ids, num_experts, config.block_m)
+    if x.stride(-1) != 1 or w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("fused_moe needs rows with a contiguous last dimension")
+    config = config or default_moe_config(num_tokens, top_k, num_experts)
+    routing = topk_weights.flatten().float().contiguous()
     gate_up = torch.empty(num_pairs, two_i, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, alignment, None, top_k, rows_per_pair=False, config=config)
-    activated = silu_and_mul(gate_up)
     down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
-    _grouped_gemm(activated, w2, down, alignment, topk_weights.flatten().float().contiguous(), top_k,
-                  rows_per_pair=True, config=config)
+    if isinstance(config, GemvLaunchConfig):
+        expert_ids = topk_ids.flatten().to(torch.int32)
+        _expert_gemv(x, w13, gate_up, expert_ids, None, top_k, rows_per_pair=False, config=config)
+        _expert_gemv(silu_and_mul(gate_up), w2, down, expert_ids, routing, top_k, rows_per_pair=True, config=config)
+    else:
+        alignment = align_by_expert(topk_ids, num_experts, config.block_m)
+        _grouped_gemm(x, w13, gate_up, alignment, None, top_k, rows_per_pair=False, config=config)
+        _grouped_gemm(silu_and_mul(gate_up), w2, down, alignment, routing, top_k, rows_per_pair=True, config=config)
     return down.view(num_tokens, top_k, hidden).sum(dim=1)

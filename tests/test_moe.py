@@ -19,7 +19,7 @@ from engine.layers.moe import FusedExperts, route
 from engine.model_config import MoeConfig, load_model_config
 from engine.models.loader import load_model
 from kernels import moe_reference
-from kernels.moe import align_by_expert
+from kernels.moe import GemvLaunchConfig, MoeLaunchConfig, align_by_expert, default_moe_config
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -77,11 +77,33 @@ def test_fused_moe_matches_reference(num_tokens, num_experts, top_k, dtype):
     assert_close(out, expected, dtype)
 
 
-def test_fused_moe_reads_hidden_states_from_a_strided_view():
+BOTH_PATHS = pytest.mark.parametrize(
+    "config", [GemvLaunchConfig(block_n=16, block_k=32, num_warps=1),
+               MoeLaunchConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)], ids=["gemv", "grouped"])
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize(("num_tokens", "num_experts", "top_k"), [(1, 16, 4), (5, 4, 2)])
+def test_both_paths_match_reference_also_when_pairs_share_experts(config, num_tokens, num_experts, top_k):
+    """5 tokens over 4 experts share them; the GEMV path stays exact there, only slower."""
+    x, w13, w2, weights, ids = random_moe(num_tokens, 48, 40, num_experts, top_k, torch.float32, seed=num_tokens)
+    out = kernels.fused_moe(x, w13, w2, weights, ids, config=config)
+    assert_close(out, moe_reference.fused_moe(x, w13, w2, weights, ids), torch.float32)
+
+
+def test_decode_batches_take_the_gemv_path_until_pairs_would_share_experts():
+    assert isinstance(default_moe_config(num_tokens=1, top_k=2, num_experts=8), GemvLaunchConfig)  # Mixtral b1
+    assert isinstance(default_moe_config(num_tokens=2, top_k=2, num_experts=8), MoeLaunchConfig)
+    assert isinstance(default_moe_config(num_tokens=4, top_k=8, num_experts=128), GemvLaunchConfig)  # Qwen3-30B
+    assert isinstance(default_moe_config(num_tokens=5, top_k=8, num_experts=128), MoeLaunchConfig)
+
+
+@BOTH_PATHS
+def test_fused_moe_reads_hidden_states_from_a_strided_view(config):
     x, w13, w2, weights, ids = random_moe(9, 32, 32, 4, 2, torch.float32, seed=3)
     wide = torch.cat([x, torch.randn_like(x)], dim=1)[:, :32]  # rows strided, as after a split
     assert not wide.is_contiguous()
-    assert_close(kernels.fused_moe(wide, w13, w2, weights, ids), moe_reference.fused_moe(x, w13, w2, weights, ids),
+    assert_close(kernels.fused_moe(wide, w13, w2, weights, ids, config=config), moe_reference.fused_moe(x, w13, w2, weights, ids),
                  torch.float32)
 
 
