@@ -77,7 +77,7 @@ for mode in "$@"; do
                  --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-qwen3-30b-a3b.json"
                rm -rf "$ROOT/qwen3-30b-a3b" ;;
     profile) step write-0.5b 60 $PY -m benchmarks.gpu_random_model --model qwen2.5-0.5b --model-root "$ROOT"
-             step profile-0.5b 150 py-spy record --native --rate 500 --format raw -o "$OUT/pyspy-0.5b-b128.txt" -- \
+             step profile-0.5b 150 py-spy record --nonblocking --rate 100 --format raw -o "$OUT/pyspy-0.5b-b128.txt" -- \
                $PY -m benchmarks.latency --model qwen2.5-0.5b --model-root "$ROOT" --batches 128 --new-tokens 512 \
                --ttft-lens 1024 ;;
     latency) latency new base ;;

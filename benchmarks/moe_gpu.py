@@ -92,7 +92,7 @@ def moe_row(shape: str, batch: int, bandwidth: float,
             "fused_rel_err": relative_error(fused(), exact), "loop_rel_err": relative_error(loop(), exact)}
 
 
-def sweep(shape: str, bandwidth: float) -> list[dict]:
+def sweep(shape: str, bandwidth: float, batches: list[int]) -> list[dict]:
     """The GEMV path's tiles at batches up to 8, the grouped GEMM's from 8 on."""
     configs: list[MoeLaunchConfig | GemvLaunchConfig] = [
         GemvLaunchConfig(block_n, block_k, warps)
@@ -100,7 +100,7 @@ def sweep(shape: str, bandwidth: float) -> list[dict]:
     ] + [MoeLaunchConfig(block_m, block_n, block_k, warps, stages) for block_m, block_n, block_k, warps, stages
          in itertools.product((16, 32, 64), (64, 128), (64, 128), (4, 8), (3, 4))]
     rows = []
-    for batch in (1, 2, 4, 8, 64, 256):
+    for batch in batches:
         for config in configs:
             gemv = isinstance(config, GemvLaunchConfig)
             if (gemv and batch > 8) or (not gemv and batch < 8):
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated, of {', '.join(SHAPES)}")
     parser.add_argument("--sweep", action="store_true", help="also sweep both paths' tiles (per shape)")
+    parser.add_argument("--sweep-batches", default="1,2,4,8,64,256")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.moe_gpu needs a CUDA GPU")
@@ -138,7 +139,8 @@ def main() -> None:
     if args.sweep:
         results["sweep"] = {}
         for shape in args.shapes.split(","):
-            results["sweep"][shape] = rows = sweep(shape, bandwidth)
+            batches = [int(b) for b in args.sweep_batches.split(",")]
+            results["sweep"][shape] = rows = sweep(shape, bandwidth, batches)
             timed = [r for r in rows if r["fused_us"] == r["fused_us"]]  # NaN: the config did not run
             best = [min((r for r in timed if r["batch"] == b), key=lambda r: r["fused_us"]) for b in
                     sorted({r["batch"] for r in timed})]
