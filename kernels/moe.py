@@ -60,7 +60,7 @@ def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeLaun
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if num_tokens == 1 or 4 * num_pairs <= num_experts:  # one token's K choices are distinct experts
         return GemvLaunchConfig(block_n=16, block_k=32, num_warps=1) if interpreted else \
-            GemvLaunchConfig(block_n=32, block_k=128, num_warps=4)
+            GemvLaunchConfig(block_n=16, block_k=64, num_warps=8)
     if interpreted:
         return MoeLaunchConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
     if num_pairs <= 2 * num_experts:
