@@ -57,8 +57,11 @@ def run_kubellm(folder: Path, requests: list[Request], args: argparse.Namespace)
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     # How the run's forward passes ran: decode graphs, mixed-step graphs (steps with prompt tokens), eagerly.
     steps = dataclasses.asdict(runner.step_counts.since(before))
+    graphs = runner.cuda_graphs
     return {"elapsed_s": elapsed, "output_tokens": generated, "generated_tokens": generated,
-            "stats": vars(llm.get_stats()), "steps": steps}
+            "stats": vars(llm.get_stats()), "steps": steps,
+            "cuda_graph_gib": graphs.memory_bytes / 2**30 if graphs else 0.0,
+            "cuda_graph_capture_s": graphs.capture_seconds if graphs else 0.0}
 
 
 def _load_hf(folder: Path, args: argparse.Namespace):
@@ -199,8 +202,11 @@ def main() -> None:
                 print(f"{system} did not finish: {error}")
                 continue
             results.append(json.loads(result_file.read_text()))
-            print(f"{system}: {results[-1]['output_tok_s']:,.0f} output tok/s "
-                  f"({results[-1]['requests']} requests, {results[-1]['elapsed_s']:.1f} s)", flush=True)
+            result = results[-1]
+            graphs = (f"; CUDA graphs {result['cuda_graph_gib']:.2f} GiB, captured in "
+                      f"{result['cuda_graph_capture_s']:.1f} s" if "cuda_graph_gib" in result else "")
+            print(f"{system}: {result['output_tok_s']:,.0f} output tok/s "
+                  f"({result['requests']} requests, {result['elapsed_s']:.1f} s{graphs})", flush=True)
     rows = summarize(results)
     print_table(rows, f"offline throughput: {args.model}, workload {args.workload}, {args.dtype}, "
                       f"kubellm tp={args.tensor_parallel_size} "

@@ -206,11 +206,12 @@ class CudaGraphs:
     def __init__(self, model: nn.Module, max_num_seqs: int, max_tokens: int, max_blocks_per_seq: int,
                  device: torch.device):
         self.device = device
-        shapes = (mixed_shapes(max_num_seqs, max_tokens), decode_shapes(max_num_seqs, max_tokens))
-        self.mixed, self.decode = (
-            StepGraphs(model, s, decode_only, max_blocks_per_seq, device) if s else None
-            for s, decode_only in zip(shapes, (False, True))
-        )
+
+        def step_graphs(shapes: list[GraphShape], decode_only: bool) -> StepGraphs | None:
+            return StepGraphs(model, shapes, decode_only, max_blocks_per_seq, device) if shapes else None
+
+        self.mixed = step_graphs(mixed_shapes(max_num_seqs, max_tokens), decode_only=False)
+        self.decode = step_graphs(decode_shapes(max_num_seqs, max_tokens), decode_only=True)
         self.memory_bytes = 0  # device memory the capture took: pool, static buffers, library workspaces
         self.capture_seconds = 0.0
 
