@@ -71,8 +71,7 @@ def prefill_row(shape: str, name: str, seq_lens: list[int], query_lens: list[int
     p = make_paged_problem(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, BLOCK_SIZE,
                            torch.bfloat16, "cuda")
     run = lambda: kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,  # noqa: E731
-                                                  p.query_start_loc, p.seq_lens, p.scale,
-                                                  p.max_query_len, config=config)
+                                                  p.query_start_loc, p.seq_lens, p.scale, config=config)
     triton_ms = bench_ms(run)
     # Causal: query i of a sequence of length s with q queries attends to s - q + i + 1 keys.
     pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in zip(seq_lens, query_lens))

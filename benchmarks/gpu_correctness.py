@@ -3,7 +3,7 @@
 Random prompts go through kubellm exactly as serving runs them: the first half
 of each sequence as chunked prefill (Triton prefill kernel over the paged
 cache), the rest one token per step for all sequences together (Triton decode
-kernel, replayed from the CUDA graphs unless eager). At every position the
+kernel); both replayed from the CUDA graphs unless eager. At every position the
 logits are compared with transformers' (sdpa) forward over the whole sequence:
 top-1 agreement and the largest absolute logit difference. Both are also
 compared with transformers in fp32: random-weight models have many near-ties,
@@ -52,6 +52,11 @@ def kubellm_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> l
     blocks_each = -(-max(len(p) for p in prompts) // block_size)
     tables = [list(range(i * blocks_each, (i + 1) * blocks_each)) for i in range(len(prompts))]
     prefill_len = len(prompts[0]) // 2
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """From the CUDA graph that serves the step (decode or mixed), as the engine runs it; else eagerly."""
+        hidden = runner.cuda_graphs.run(ids, positions, meta) if runner.cuda_graphs else None
+        return model(ids, positions, meta) if hidden is None else hidden
     logits: list[list[torch.Tensor]] = [[] for _ in prompts]
     for start in range(0, prefill_len, chunk):  # every sequence's chunk in one mixed step
         end = min(start + chunk, prefill_len)
@@ -59,7 +64,7 @@ def kubellm_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> l
         positions = torch.arange(start, end, device=device).repeat(len(prompts))
         meta = _metadata([end - start] * len(prompts), [end] * len(prompts),
                          tables, block_size, device)
-        out = model.compute_logits(model(ids, positions, meta)).view(len(prompts), end - start, -1)
+        out = model.compute_logits(forward(ids, positions, meta)).view(len(prompts), end - start, -1)
         for i in range(len(prompts)):
             logits[i].append(out[i])
     for pos in range(prefill_len, len(prompts[0])):
@@ -67,9 +72,7 @@ def kubellm_logits(engine: LLMEngine, prompts: list[list[int]], chunk: int) -> l
         positions = torch.full((len(prompts),), pos, device=device)
         meta = _metadata([1] * len(prompts), [pos + 1] * len(prompts),
                          tables, block_size, device)
-        graphs = runner.decode_graphs
-        hidden = graphs.run(ids, positions, meta) if graphs else model(ids, positions, meta)
-        out = model.compute_logits(hidden)
+        out = model.compute_logits(forward(ids, positions, meta))
         for i in range(len(prompts)):
             logits[i].append(out[i : i + 1])
     return [torch.cat(parts) for parts in logits]

@@ -6,6 +6,7 @@
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh tests latency   # GPU tests, decode latency
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh throughput      # offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
+#   OUT=out bash benchmarks/gpu_runs.sh graph-bound                    # "mixed" with every step in a graph
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
@@ -61,7 +62,7 @@ throughput() {  # throughput TREE...
 for mode in "$@"; do
   case $mode in kernels|moe|moe-model|profile) ;; *) write_models ;; esac
   case $mode in
-    tests) step gpu-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py -x ;;
+    tests) step gpu-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_graphs.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
                tests/test_quant_kernels.py ;;
     moe) step moe 120 $PY -m benchmarks.moe_gpu --out "$OUT/moe.json" ;;
@@ -83,6 +84,12 @@ for mode in "$@"; do
     latency) latency new base ;;
     latency-base) latency base ;;
     throughput) throughput new base ;;
+    # Offline "mixed" with CUDA graphs up to the whole step budget (8192 tokens) instead of the default bound.
+    graph-bound) for model in llama-3.1-8b qwen2.5-0.5b; do
+                   step "throughput-$model-graphs-8192" 150 $PY -m benchmarks.throughput --model $model \
+                     --model-root "$ROOT" --workload mixed --systems kubellm --max-cudagraph-capture-size 8192 \
+                     --out "$OUT/throughput-$model-graphs-8192.json"
+                 done ;;
     serving) step serving-8b 300 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" --rates 16 \
                --num-requests 256 --out "$OUT/serving-8b.json" ;;
     *) echo "unknown mode $mode"; exit 2 ;;

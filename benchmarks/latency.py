@@ -84,21 +84,29 @@ def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_toke
 
 
 def graph_replay_ms(engine: LLMEngine, batch: int) -> float | None:
-    graphs = engine.core.model_runner.decode_graphs
-    if graphs is None or engine.config.tensor_parallel_size > 1:
+    graphs = engine.core.model_runner.cuda_graphs
+    decode = graphs.decode if graphs else None
+    if decode is None or engine.config.tensor_parallel_size > 1:
         return None
-    size = next(b for b in graphs.batch_sizes if b >= batch)
-    return 1e3 * cuda_time_s(graphs.graphs[size].replay)
+    shape = decode.shape_for(batch, batch)
+    return 1e3 * cuda_time_s(decode.graphs[shape].replay) if shape else None
 
 
-def time_to_first_token_ms(engine: LLMEngine, prompt_len: int, vocab: int) -> float:
+def time_to_first_token(engine: LLMEngine, prompt_len: int, vocab: int) -> dict:
+    """TTFT of one request on an empty engine, and how its steps ran (prompt steps replay mixed-step
+    graphs up to max_cudagraph_capture_size tokens)."""
     prompt = random_prompt(random.Random(prompt_len), prompt_len, vocab)
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    runner = engine.core.model_runner
+    before = runner.step_counts
     start = time.perf_counter()
     engine.add_request(f"ttft-{prompt_len}", prompt, params, output_kind=OutputKind.FINAL_ONLY)
     while engine.has_unfinished_requests():
         engine.step()
-    return 1e3 * (time.perf_counter() - start)
+    ttft_ms = 1e3 * (time.perf_counter() - start)
+    steps = runner.step_counts.since(before)
+    return {"prompt_len": prompt_len, "ttft_ms": ttft_ms, "mixed_graph_steps": steps.mixed_graph,
+            "eager_steps": steps.eager}
 
 
 def main() -> None:
@@ -111,6 +119,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--ttft-lens", default="1024,4096,16384")
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-cudagraph-capture-size", type=int, help="default: the engine's")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
@@ -121,6 +130,7 @@ def main() -> None:
     config = EngineConfig(model=str(folder), dtype=args.dtype, seed=0, enforce_eager=args.enforce_eager,
                           max_num_seqs=max(batches), max_model_len=max([*ttft_lens, args.prompt_len]) + args.new_tokens,
                           max_num_batched_tokens=max([8192, *ttft_lens]),
+                          max_cudagraph_capture_size=args.max_cudagraph_capture_size,
                           tensor_parallel_size=args.tensor_parallel_size)
     engine = LLMEngine(config)
     vocab = token_id_limit(folder)
@@ -142,8 +152,8 @@ def main() -> None:
         row["%roofline"] = 100 * step_roofline_ms / row["ms_per_step"] if step_roofline_ms else None
         row["tokens/s"] = 1e3 * batch / row["ms_per_step"]
         decode_rows.append(row)
-    time_to_first_token_ms(engine, min(ttft_lens) - 1, vocab)  # warm-up; another prompt, so no prefix-cache hit
-    ttft_rows = [{"prompt_len": n, "ttft_ms": time_to_first_token_ms(engine, n, vocab)} for n in ttft_lens]
+    time_to_first_token(engine, min(ttft_lens) - 1, vocab)  # warm-up; another prompt, so no prefix-cache hit
+    ttft_rows = [time_to_first_token(engine, n, vocab) for n in ttft_lens]
 
     print(f"weights: {weights / 1e9:.2f} GB; copy bandwidth: {bandwidth or float('nan'):,.0f} GB/s; "
           f"roofline per batch-1 decode step: {roofline_ms or float('nan'):.3f} ms")

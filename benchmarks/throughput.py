@@ -11,6 +11,8 @@ Systems (each in its own process, so one's GPU memory never crowds another):
 
 Baselines are slow, so they may run on the first --baseline-requests requests only; the
 table says so. Rates are tokens per wall second of generation (model loading excluded).
+kubellm's row also counts how its steps ran: decode steps and steps with prompt tokens
+("mixed") replayed from CUDA graphs (up to --max-cudagraph-capture-size tokens), or eagerly.
 
     python -m benchmarks.throughput --model llama-3.1-8b --workload mixed --out results/tp.json
 """
@@ -18,6 +20,7 @@ table says so. Rates are tokens per wall second of generation (model loading exc
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -39,18 +42,26 @@ def run_kubellm(folder: Path, requests: list[Request], args: argparse.Namespace)
 
     llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
               max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
+              max_cudagraph_capture_size=args.max_cudagraph_capture_size,
               tensor_parallel_size=args.tensor_parallel_size)
+    runner = llm.llm_engine.core.model_runner
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up: compiles the prefill kernels
     _synchronize()
+    before = runner.step_counts
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     _synchronize()
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
+    # How the run's forward passes ran: decode graphs, mixed-step graphs (steps with prompt tokens), eagerly.
+    steps = dataclasses.asdict(runner.step_counts.since(before))
+    graphs = runner.cuda_graphs
     return {"elapsed_s": elapsed, "output_tokens": generated, "generated_tokens": generated,
-            "stats": vars(llm.get_stats())}
+            "stats": vars(llm.get_stats()), "steps": steps,
+            "cuda_graph_gib": graphs.memory_bytes / 2**30 if graphs else 0.0,
+            "cuda_graph_capture_s": graphs.capture_seconds if graphs else 0.0}
 
 
 def _load_hf(folder: Path, args: argparse.Namespace):
@@ -135,6 +146,8 @@ def child_command(args: argparse.Namespace, system: str, result_file: str) -> li
         forwarded += ["--num-requests", str(args.num_requests)]
     if args.enforce_eager:
         forwarded.append("--enforce-eager")
+    if args.max_cudagraph_capture_size:
+        forwarded += ["--max-cudagraph-capture-size", str(args.max_cudagraph_capture_size)]
     return [sys.executable, "-m", "benchmarks.throughput", *forwarded, "--system", system, "--result-file", result_file]
 
 
@@ -144,6 +157,10 @@ def summarize(results: list[dict]) -> list[dict]:
     for r in results:
         row = {"system": r["system"], "requests": r["requests"], "elapsed_s": r["elapsed_s"],
                "output_tok/s": r["output_tok_s"], "total_tok/s": r["total_tok_s"]}
+        if "steps" in r:
+            steps = r["steps"]
+            row["steps decode graph / mixed graph / eager"] = (
+                f"{steps['decode_graph']} / {steps['mixed_graph']} / {steps['eager']}")
         if ours and r is not ours:
             row["kubellm_speedup_output"] = ours["output_tok_s"] / r["output_tok_s"]
         rows.append(row)
@@ -163,6 +180,7 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--max-cudagraph-capture-size", type=int, help="kubellm's; default: the engine's")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs kubellm shards the model across")
     parser.add_argument("--system-timeout", type=float, default=None, help="seconds per system, loading included")
     parser.add_argument("--length-scale", type=float, default=1.0, help="shrink lengths (smoke tests)")
@@ -184,8 +202,11 @@ def main() -> None:
                 print(f"{system} did not finish: {error}")
                 continue
             results.append(json.loads(result_file.read_text()))
-            print(f"{system}: {results[-1]['output_tok_s']:,.0f} output tok/s "
-                  f"({results[-1]['requests']} requests, {results[-1]['elapsed_s']:.1f} s)", flush=True)
+            result = results[-1]
+            graphs = (f"; CUDA graphs {result['cuda_graph_gib']:.2f} GiB, captured in "
+                      f"{result['cuda_graph_capture_s']:.1f} s" if "cuda_graph_gib" in result else "")
+            print(f"{system}: {result['output_tok_s']:,.0f} output tok/s "
+                  f"({result['requests']} requests, {result['elapsed_s']:.1f} s{graphs})", flush=True)
     rows = summarize(results)
     print_table(rows, f"offline throughput: {args.model}, workload {args.workload}, {args.dtype}, "
                       f"kubellm tp={args.tensor_parallel_size} "

@@ -17,7 +17,13 @@ from typing import NoReturn
 
 from engine import generation_defaults
 from engine.builtin_model import BUILTIN_MODEL_NAME, builtin_model_path
-from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, DTYPE_ALIASES, DTYPES, EngineConfig
+from engine.config import (
+    DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE,
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    DTYPE_ALIASES,
+    DTYPES,
+    EngineConfig,
+)
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
 from engine.gguf_metadata import is_gguf_file
@@ -126,6 +132,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              "fp8 on a 16-bit checkpoint quantizes it to FP8 while loading.")
     engine.add_argument("--enforce-eager", action="store_true", default=ENGINE_DEFAULTS["enforce_eager"],
                         help="Disable CUDA graphs (always eager).")
+    engine.add_argument("--max-cudagraph-capture-size", type=int,
+                        default=ENGINE_DEFAULTS["max_cudagraph_capture_size"],
+                        help="Largest step, in tokens, replayed from a CUDA graph (decode steps and steps that "
+                             "carry prompt tokens); larger steps run eagerly (default: "
+                             f"{DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE}, at most --max-num-batched-tokens).")
     engine.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction,
                         default=ENGINE_DEFAULTS["overlap_scheduling"],
                         help="Schedule and prepare step n+1 while the GPU runs step n (default: on; "

@@ -24,6 +24,13 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp1
 # vLLM's default for offline use and keeps decode batches of max_num_seqs whole.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
 
+# Largest step, in tokens, replayed from a CUDA graph when the user gives no bound.
+# Graphs pay where launching a step's kernels one by one takes longer than running
+# them: on an H200 that is up to about 2k tokens for a 0.5B model (an 8B step of
+# that size is compute-bound and hides its launches). Bigger bounds cost capture
+# time and a pool as large as one step's activations at the bound.
+DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE = 2048
+
 
 @dataclass
 class EngineConfig:
@@ -40,6 +47,9 @@ class EngineConfig:
     seed: int = 0  # seeds unseeded sampling, so a whole run is reproducible
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True: no CUDA graphs
+    # Largest step (tokens) replayed from a CUDA graph; None: DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE.
+    # Never above max_num_batched_tokens; decode graphs also stop at max_num_seqs sequences.
+    max_cudagraph_capture_size: int | None = None
     overlap_scheduling: bool = True  # schedule step n+1 while step n runs (tensor_parallel_size 1 only)
     served_model_name: str | None = None  # the name clients use; None: the model path
     tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
@@ -72,6 +82,7 @@ class EngineConfig:
         positive("max_num_seqs")
         positive("max_num_batched_tokens", optional=True)
         positive("max_model_len", optional=True)
+        positive("max_cudagraph_capture_size", optional=True)
         positive("tensor_parallel_size")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ConfigError(
@@ -107,10 +118,12 @@ class EngineConfig:
                 f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={model_max_len}"
             )
         max_num_batched_tokens = self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
+        capture_size = self.max_cudagraph_capture_size or DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE
         return dataclasses.replace(
             self,
             device=device,
             dtype=dtype,
             max_model_len=max_model_len,
             max_num_batched_tokens=max_num_batched_tokens,
+            max_cudagraph_capture_size=min(capture_size, max_num_batched_tokens),
         )

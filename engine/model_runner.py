@@ -11,9 +11,10 @@ schedule and prepare step n+1 while step n runs; step n+1 reads the tokens
 that step n sampled straight from the device (placeholders).
 
 KV cache size: `num_kv_blocks` when given. Otherwise, on CUDA, whatever
-gpu_memory_utilization of the GPU leaves after the weights and the peak
+gpu_memory_utilization of the GPU leaves after the weights, the peak
 activations of a profiling forward pass of a full step (max_num_batched_tokens
-tokens). On CPU, see engine.kv_cache_sizing.
+tokens) and the CUDA graphs' pool (engine.cuda_graphs). On CPU, see
+engine.kv_cache_sizing.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from engine.attention_metadata import AttentionMetadata
 from engine.block_manager import cdiv
 from engine.config import EngineConfig
 from engine.core_messages import TokenLogprobs
-from engine.cuda_graphs import DecodeGraphs
+from engine.cuda_graphs import CudaGraphs, StepCounts
 from engine.distributed.parallel_state import min_across_ranks
 from engine.distributed.step_channel import Field
 from engine.errors import ConfigError
@@ -139,7 +140,8 @@ class ModelRunner:
         self.num_kv_blocks = min_across_ranks(config.num_kv_blocks or self._default_num_kv_blocks())
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
         self.sampler = Sampler(config.seed, self.device)
-        self.decode_graphs = self._capture_decode_graphs()
+        self.cuda_graphs = self._capture_cuda_graphs()
+        self._eager_steps = 0
         # Rank 0's step state, made on first use (tensor-parallel workers only run execute_model).
         self._input_batch: InputBatch | None = None
         self._sampling_state: SamplingState | None = None
@@ -187,10 +189,11 @@ class ModelRunner:
         inputs = ModelInputs.from_fields(fields, self.device)
         with torch.inference_mode():
             self._fill_placeholders(inputs.input_ids)
-            if self.decode_graphs and self.decode_graphs.can_run(inputs.attn_metadata):
-                hidden = self.decode_graphs.run(inputs.input_ids, inputs.positions, inputs.attn_metadata)
-            else:
-                hidden = self.model(inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            args = (inputs.input_ids, inputs.positions, inputs.attn_metadata)
+            hidden = self.cuda_graphs.run(*args) if self.cuda_graphs else None
+            if hidden is None:
+                self._eager_steps += 1
+                hidden = self.model(*args)
             if inputs.logits_indices.numel() == 0:
                 return None
             return self.model.compute_logits(hidden[inputs.logits_indices])
@@ -221,17 +224,30 @@ class ModelRunner:
         src = device_tensor(step.placeholder_src.tolist(), torch.int64, self.device)
         input_ids[dst] = self._previous_sampled[src]
 
-    def _capture_decode_graphs(self) -> DecodeGraphs | None:
-        """CUDA graphs for decode steps, unless eager mode is asked for.
+    @property
+    def step_counts(self) -> StepCounts:
+        """How this rank's forward passes ran so far: from which graphs, or eagerly."""
+        if self.cuda_graphs is None:
+            return StepCounts(decode_graph=0, mixed_graph=0, eager=self._eager_steps)
+        return self.cuda_graphs.step_counts(self._eager_steps)
 
-        Tensor-parallel ranks capture the same batch sizes in the same order, so
-        the NCCL collectives inside the graphs meet; a step replays a graph on
+    def _graphs_enabled(self) -> bool:
+        return self.device.type == "cuda" and not self.config.enforce_eager
+
+    def _capture_cuda_graphs(self) -> CudaGraphs | None:
+        """CUDA graphs for steps up to max_cudagraph_capture_size tokens, unless eager mode is asked for.
+
+        Tensor-parallel ranks capture the same shapes in the same order, so the
+        NCCL collectives inside the graphs meet; a step replays a graph on
         every rank or on none, as each decides from the same step inputs.
         """
-        if self.device.type != "cuda" or self.config.enforce_eager:
+        if not self._graphs_enabled():
             return None
-        max_blocks_per_seq = cdiv(self.config.max_model_len, self.block_size)
-        graphs = DecodeGraphs(self.model, self.config.max_num_seqs, max_blocks_per_seq, self.device)
+        config = self.config
+        max_blocks_per_seq = cdiv(config.max_model_len, self.block_size)
+        graphs = CudaGraphs(
+            self.model, config.max_num_seqs, config.max_cudagraph_capture_size, max_blocks_per_seq, self.device
+        )
         graphs.capture()
         return graphs
 
@@ -260,12 +276,26 @@ class ModelRunner:
         """Bytes the cache may take: the utilisation target minus weights, activations and others' use."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
         self._profile_forward()
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        return int(total * self.config.gpu_memory_utilization) - peak - used_by_others
+        graph_pool = self._graph_pool_estimate(peak - before)
+        return int(total * self.config.gpu_memory_utilization) - peak - graph_pool - used_by_others
+
+    def _graph_pool_estimate(self, step_activations: int) -> int:
+        """Bytes to leave for the CUDA graphs' private pool, which eager steps cannot use.
+
+        The pool holds one step's activations at the largest captured size;
+        activations grow about linearly with a step's tokens, and the profiled
+        step had max_num_batched_tokens of them.
+        """
+        if not self._graphs_enabled():
+            return 0
+        config = self.config
+        return step_activations * config.max_cudagraph_capture_size // config.max_num_batched_tokens
 
     def _profile_forward(self) -> None:
         """A worst-case step without a cache: max_num_batched_tokens tokens, max_num_seqs logits rows."""

@@ -31,11 +31,23 @@ class StartupReport:
     kv_blocks: int
     kv_block_tokens: int
     kv_cache_gib: float
-    cuda_graph_batch_sizes: tuple[int, ...]
+    cuda_graph_batch_sizes: tuple[int, ...]  # decode steps: padded batch sizes
+    cuda_graph_token_sizes: tuple[int, ...]  # steps with prompt tokens: padded token counts
+    cuda_graph_gib: float  # device memory the capture took (pool, static buffers)
+    cuda_graph_capture_s: float
     address: str | None  # None: the core runs without an HTTP server in front (offline)
 
+    def graphs_text(self) -> str:
+        if not self.cuda_graph_batch_sizes and not self.cuda_graph_token_sizes:
+            return "none (eager)"
+        parts = [f"decode batches {_size_range(self.cuda_graph_batch_sizes)}"]
+        if self.cuda_graph_token_sizes:
+            parts.append(f"mixed steps of {_size_range(self.cuda_graph_token_sizes, ' tokens')}")
+        return (f"{', '.join(parts)}; {self.cuda_graph_gib:.2f} GiB, "
+                f"captured in {self.cuda_graph_capture_s:.1f} s")
+
     def text(self) -> str:
-        graphs = ", ".join(map(str, self.cuda_graph_batch_sizes)) or "none (eager)"
+        graphs = self.graphs_text()
         return "\n".join([
             f"kubellm serving {self.served_model_name!r} at {self.address or 'no address (offline)'}",
             f"  model          {self.model} ({self.architecture})",
@@ -45,6 +57,12 @@ class StartupReport:
             f"{self.kv_blocks * self.kv_block_tokens} tokens, {self.kv_cache_gib:.2f} GiB",
             f"  CUDA graphs    {graphs}",
         ])
+
+
+def _size_range(sizes: tuple[int, ...], unit: str = "") -> str:
+    if len(sizes) == 1:
+        return f"{sizes[0]}{unit} (1 graph)"
+    return f"{sizes[0]}-{sizes[-1]}{unit} ({len(sizes)} graphs)"
 
 
 def dtype_reason(requested: str, checkpoint_dtype: torch.dtype, device: str) -> str:
@@ -65,7 +83,8 @@ def log_startup_report(engine: EngineCore, requested: EngineConfig, address: str
 
 def startup_report(engine: EngineCore, requested: EngineConfig, address: str | None) -> StartupReport:
     config, runner = engine.config, engine.model_runner
-    graphs = runner.decode_graphs
+    graphs = runner.cuda_graphs
+    batch_sizes, token_sizes = graphs.sizes() if graphs else ((), ())
     return StartupReport(
         model=config.model,
         served_model_name=config.name,
@@ -77,6 +96,9 @@ def startup_report(engine: EngineCore, requested: EngineConfig, address: str | N
         kv_blocks=runner.num_kv_blocks,
         kv_block_tokens=config.block_size,
         kv_cache_gib=runner.num_kv_blocks * runner.bytes_per_block / 2**30,
-        cuda_graph_batch_sizes=tuple(graphs.batch_sizes) if graphs else (),
+        cuda_graph_batch_sizes=batch_sizes,
+        cuda_graph_token_sizes=token_sizes,
+        cuda_graph_gib=graphs.memory_bytes / 2**30 if graphs else 0.0,
+        cuda_graph_capture_s=graphs.capture_seconds if graphs else 0.0,
         address=address,
     )

@@ -21,6 +21,12 @@ What makes them fast on Hopper:
   then a small kernel merges the partial results by their log-sum-exp. The
   split of a sequence is computed on the device from its length, so the launch
   depends on shapes only and is safe inside a CUDA graph.
+- Prefill runs one flat grid of query tiles over the whole batch (at most
+  T // BLOCK_Q + B of them); each program finds its sequence by a binary search
+  over query_start_loc. The grid depends on shapes only, not on the longest
+  query, so mixed steps replay from CUDA graphs too, and a step of 256 decode
+  rows and one long chunk launches a few hundred programs per KV head rather
+  than (longest chunk / BLOCK_Q) x 256 mostly idle ones.
 """
 
 from __future__ import annotations
@@ -153,9 +159,29 @@ def _merge_splits_kernel(
 
 
 @triton.jit
+def _sequence_of_tile(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr):
+    """The sequence that owns flat query tile `tile`.
+
+    Sequence s owns the tiles from query_start_loc[s] // BLOCK_Q + s on: at least
+    cdiv(q_len, BLOCK_Q) of them, and that start grows with s, so a binary search
+    finds the last sequence starting at or before `tile`. Sequences with no
+    queries (CUDA-graph padding) own tiles too; their programs return at once.
+    """
+    lo = tile * 0
+    hi = tile * 0 + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid <= tile:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel whatever the batch size
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
-    qk_scale, window,
+    qk_scale, window, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
@@ -169,12 +195,13 @@ def _prefill_kernel(
     group and decode rows (one token) in a mixed batch still fill the
     tensor-core M dimension with useful heads.
     """
-    q_tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    kv_head = tl.program_id(2)
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = _sequence_of_tile(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
 
     q_begin = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_begin
+    q_tile = tile - (q_begin // BLOCK_Q + seq)
     if q_tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
@@ -337,14 +364,15 @@ def paged_prefill_attention(
     query_start_loc: torch.Tensor,  # [B + 1] int32
     seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
     scale: float,
-    max_query_len: int | None = None,
     config: LaunchConfig | None = None,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over the paged cache (prefill, chunked prefill, prefix hits, mixed).
 
-    max_query_len sizes the grid; pass it (AttentionMetadata has it) to avoid
-    a device-to-host sync. The step's K/V must already be in the cache.
+    The launch depends on shapes only (no host sync, safe in a CUDA graph).
+    CUDA-graph padding is allowed: a sequence of length 0 reads no K/V and gets
+    zero output rows, however many queries it has; a sequence with no queries
+    costs a program that returns at once. The step's K/V must already be in the cache.
     """
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -355,12 +383,11 @@ def paged_prefill_attention(
         return out
     group = num_heads // num_kv_heads
     config = config or default_prefill_config(head_dim, group)
-    if max_query_len is None:
-        max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
-    grid = (triton.cdiv(max_query_len, config.block_q), batch, num_kv_heads)
+    # Every sequence's tiles fit (see _sequence_of_tile): sum of cdiv(q_len, block_q) <= T // block_q + B.
+    grid = (num_tokens // config.block_q + batch, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
-        scale * LOG2E, sliding_window or 0,
+        scale * LOG2E, sliding_window or 0, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,

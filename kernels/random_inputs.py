@@ -20,7 +20,6 @@ class PagedProblem:
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     query_start_loc: torch.Tensor  # [B + 1] int32
     seq_lens: torch.Tensor  # [B] int32
-    max_query_len: int
     scale: float
 
 
@@ -64,6 +63,5 @@ def make_paged_problem(
         block_tables=block_tables.to(device),
         query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
-        max_query_len=max(query_lens),
         scale=head_dim**-0.5,
     )

@@ -32,6 +32,8 @@ def test_throughput_system_runs(system, tmp_path, monkeypatch):
     assert result["system"] == system
     assert result["requests"] == (3 if system == "kubellm" else 2)
     assert result["output_tokens"] > 0 and result["output_tok_s"] > 0
+    if system == "kubellm":  # on CPU every step runs eagerly
+        assert result["steps"]["eager"] > 0 and result["steps"]["mixed_graph"] == 0
 
 
 def test_latency_runs(tmp_path, monkeypatch, capsys):
@@ -41,7 +43,7 @@ def test_latency_runs(tmp_path, monkeypatch, capsys):
     result = json.loads(out.read_text())
     assert [row["batch"] for row in result["decode"]] == [1, 2]
     assert all(row["decode_steps"] >= 1 for row in result["decode"])
-    assert result["ttft"][0]["prompt_len"] == 16
+    assert result["ttft"][0]["prompt_len"] == 16 and result["ttft"][0]["eager_steps"] >= 1
     assert "decode latency" in capsys.readouterr().out
 
 

@@ -19,6 +19,7 @@ SERVE_FLAGS = [
     "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--block-size", "--gpu-memory-utilization",
     "--enable-prefix-caching", "--no-enable-prefix-caching", "--max-pending-requests", "--shutdown-timeout",
     "--log-level", "--tensor-parallel-size", "--enforce-eager", "--num-kv-blocks", "--seed", "--quantization",
+    "--max-cudagraph-capture-size",
 ]
 
 
@@ -62,14 +63,14 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         str(tmp_path), "--dtype", "bf16", "--device", "cpu", "--max-model-len", "1024", "--max-num-seqs", "7",
         "--max-num-batched-tokens", "512", "--block-size", "32", "--num-kv-blocks", "99",
         "--gpu-memory-utilization", "0.5", "--no-enable-prefix-caching", "--tensor-parallel-size", "2",
-        "--enforce-eager", "--seed", "5", "--quantization", "fp8",
+        "--enforce-eager", "--seed", "5", "--quantization", "fp8", "--max-cudagraph-capture-size", "256",
     )
     config = engine_config_from_args(args, str(tmp_path), "served")
     assert dataclasses.asdict(config) == dataclasses.asdict(EngineConfig(
         model=str(tmp_path), dtype="bfloat16", device="cpu", max_model_len=1024, max_num_seqs=7,
         max_num_batched_tokens=512, block_size=32, num_kv_blocks=99, gpu_memory_utilization=0.5,
         enable_prefix_caching=False, tensor_parallel_size=2, enforce_eager=True, seed=5, served_model_name="served",
-        quantization="fp8",
+        quantization="fp8", max_cudagraph_capture_size=256,
     ))
     assert serve_args("--enable-prefix-caching").enable_prefix_caching is True
 
@@ -90,6 +91,7 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         (["MODEL", "--max-num-seqs", "0"], "max_num_seqs"),
         (["MODEL", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
         (["MODEL", "--tensor-parallel-size", "0"], "tensor_parallel_size"),
+        (["MODEL", "--max-cudagraph-capture-size", "0"], "max_cudagraph_capture_size"),
         (["MODEL", "--device", "tpu"], "device"),
         (["MODEL", "--api-key-file", "/nonexistent/key"], "--api-key-file"),
         (["/nonexistent/model"], "does not exist"),

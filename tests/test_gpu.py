@@ -85,3 +85,35 @@ def test_teacher_forced_bf16_agrees_with_transformers(tmp_path):
     floor = result["hf_same_dtype_top1_agreement_with_hf_fp32"]
     assert result["top1_agreement_with_hf_fp32"] >= floor - 0.02, result
     assert result["max_abs_logit_diff"] < 0.5, result
+
+
+@pytest.mark.parametrize(("family", "size"), [("llama", "tiny"), ("mistral", "tiny-sliding-window"),
+                                              ("qwen3_moe", "tiny"), ("gemma3", "tiny")])
+def test_mixed_steps_replay_graphs_with_the_tokens_of_eager_steps(tmp_path, family, size):
+    """Prompts join while others decode, chunked by a small token budget, so most steps carry prompt
+    tokens and decode rows together. With graphs every step replays one (decode or padded mixed),
+    none runs eagerly, and the greedy tokens are eager's; with a bound below the budget the larger
+    steps run eagerly, still with the same tokens."""
+    from engine import LLM, SamplingParams
+    from engine.testing import make_model_folder
+
+    folder = make_model_folder(tmp_path / "model", family=family, size=size)
+    prompts = [{"prompt_token_ids": [(7 * i + 3 * j) % 200 + 5 for j in range(5 + (37 * i) % 90)]} for i in range(24)]
+    params = [SamplingParams(temperature=0.0, max_tokens=6 + (i % 5) * 7, ignore_eos=True) for i in range(24)]
+
+    def run(**engine_args) -> tuple[list[list[int]], object]:
+        llm = LLM(model=str(folder), device="cuda", dtype="float32", gpu_memory_utilization=0.3, max_num_seqs=16,
+                  max_num_batched_tokens=96, **engine_args)
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        counts = llm.llm_engine.core.model_runner.step_counts
+        llm.llm_engine.shutdown()
+        return [list(o.outputs[0].token_ids) for o in outputs], counts
+
+    eager, eager_counts = run(enforce_eager=True)
+    assert eager_counts.decode_graph == eager_counts.mixed_graph == 0 and eager_counts.eager > 0
+    graphs, counts = run()
+    assert graphs == eager
+    assert counts.mixed_graph > 0 and counts.decode_graph > 0 and counts.eager == 0, counts
+    bounded, bounded_counts = run(max_cudagraph_capture_size=48)
+    assert bounded == eager
+    assert bounded_counts.mixed_graph > 0 and bounded_counts.eager > 0, bounded_counts

@@ -78,7 +78,7 @@ def test_prefill_matches_reference(head_dim, group, num_kv_heads, block_size, dt
     p = make_paged_problem(seq_lens, query_lens, group * num_kv_heads, num_kv_heads,
                            head_dim, block_size, dtype, DEVICE)
     out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,
-                                          p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
+                                          p.query_start_loc, p.seq_lens, p.scale)
     assert_close(out, fp32_reference_prefill(p), dtype)
 
 
@@ -107,7 +107,7 @@ def test_prefill_reads_queries_from_a_strided_view():
     q_view = fused[:, : 4 * 64].view(-1, 4, 64)
     assert not q_view.is_contiguous()
     out = kernels.paged_prefill_attention(q_view, p.k_cache, p.v_cache, p.block_tables,
-                                          p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
+                                          p.query_start_loc, p.seq_lens, p.scale)
     assert_close(out, fp32_reference_prefill(p), torch.float32)
 
 
@@ -136,7 +136,7 @@ def test_sliding_window_prefill_matches_reference_and_skips_blocks_outside(windo
     full_attention = fp32_reference_prefill(p)
     assert release_blocks_outside_windows(p, window) > 0
     out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc,
-                                          p.seq_lens, p.scale, p.max_query_len, sliding_window=window)
+                                          p.seq_lens, p.scale, sliding_window=window)
     expected = fp32_reference_prefill(p, window)
     assert torch.isfinite(expected).all()
     assert_close(out, expected, dtype)
@@ -206,7 +206,7 @@ def test_prefill_bf16_gpu(num_heads, num_kv_heads, head_dim, block_size):
     p = make_paged_problem(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, block_size,
                            torch.bfloat16, DEVICE)
     out = kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,
-                                          p.query_start_loc, p.seq_lens, p.scale, p.max_query_len)
+                                          p.query_start_loc, p.seq_lens, p.scale)
     assert_close(out, fp32_reference_prefill(p), torch.bfloat16)
 
 

@@ -27,7 +27,7 @@ def test_report_reads_what_the_engine_chose(engine, tiny_model_folder):
     assert report.dtype_reason.startswith("auto: float32 on CPU")
     assert (report.max_model_len, report.kv_blocks, report.kv_block_tokens) == (512, 40, 16)
     assert report.kv_cache_gib == pytest.approx(40 * engine.model_runner.bytes_per_block / 2**30)
-    assert report.cuda_graph_batch_sizes == ()
+    assert report.cuda_graph_batch_sizes == () and report.cuda_graph_token_sizes == ()
     text = report.text()
     assert "http://127.0.0.1:8000" in text and "40 blocks x 16 tokens = 640 tokens" in text
     assert "none (eager)" in text
@@ -47,3 +47,17 @@ def test_dtype_reason_on_a_gpu_names_the_checkpoint_dtype():
     import torch
 
     assert dtype_reason("auto", torch.float16, "cuda:0").startswith("auto: the checkpoint's dtype on a GPU (float16")
+
+
+def test_graphs_line_names_both_kinds_and_their_memory(engine, tiny_model_folder):
+    import dataclasses
+
+    report = dataclasses.replace(
+        startup_report(engine, EngineConfig(model=str(tiny_model_folder("llama"))), None),
+        cuda_graph_batch_sizes=(1, 2, 4, 8, 16), cuda_graph_token_sizes=(16, 32, 64, 128),
+        cuda_graph_gib=0.25, cuda_graph_capture_s=1.5,
+    )
+    assert report.graphs_text() == (
+        "decode batches 1-16 (5 graphs), mixed steps of 16-128 tokens (4 graphs); 0.25 GiB, captured in 1.5 s"
+    )
+    assert "CUDA graphs    decode batches" in report.text()

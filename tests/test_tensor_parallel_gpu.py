@@ -60,7 +60,8 @@ def test_tp2_with_cuda_graphs_starts_and_stops_three_times_in_one_process(tiny_f
     for ending in ("shutdown", "shutdown", "out of scope"):
         start = time.perf_counter()
         llm = _llm(tiny_folder, 2)
-        assert llm.llm_engine.core.model_runner.decode_graphs.graphs  # captured, all-reduces inside
+        graphs = llm.llm_engine.core.model_runner.cuda_graphs
+        assert graphs.decode.graphs and graphs.mixed.graphs  # captured, all-reduces inside
         runs.append(_greedy(llm))
         pids = llm.llm_engine.core.executor.worker_pids
         stop = time.perf_counter()

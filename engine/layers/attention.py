@@ -40,11 +40,9 @@ def paged_attention(
         return backend.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window
         )
-    # The Triton kernel sizes its grid by the longest query; the CPU backend needs no hint.
-    grid_hint = {"max_query_len": meta.max_query_len} if q.is_cuda else {}
     return backend.paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-        sliding_window=sliding_window, **grid_hint,
+        sliding_window=sliding_window,
     )
 
 
