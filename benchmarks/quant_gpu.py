@@ -1,15 +1,19 @@
 """Quantized GEMMs and decode on one GPU: W4A16 and FP8 against bf16 in the same run.
 
-1. GEMM: y = x W^T at Llama-3.1-8B's four linear shapes for batch 1..256, timed with
-   CUDA events: bf16 torch matmul, the W4A16 Triton kernel (group 128, zero points),
-   and FP8 (per-token activation quantization + the FP8 GEMM, and the GEMM alone).
-   Each quantized result is checked against its torch reference before it is timed.
+1. GEMM: y = x W^T at Llama-3.1-8B's four linear shapes for batch 1..256: bf16 torch
+   matmul, the W4A16 Triton kernel (group 128, zero points), and FP8 (fp8_linear:
+   per-token activation quantization + the FP8 GEMM). Timed as decode runs them: many
+   calls in one CUDA graph (no host launch gaps), each on another copy of the weight so
+   that none is read from L2. Each result is checked against its torch reference.
+   Then the GEMMs of a whole 8B decode step (32 layers, 128 GEMMs, one graph per format),
+   and with --sweep-batches the Triton tile choices.
 2. Decode (--decode): random-weight models of a factory shape written in each format by
    engine.testing.quantized (the formats' published layouts), served by LLMEngine;
    ms per decode step at the given batch sizes, as benchmarks.latency measures it.
    The 70B shape is written straight in W4A16 (no 141 GB bf16 copy on disk).
 
     python -m benchmarks.quant_gpu --out results/quant_gemm.json
+    python -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --sweep-batches 1,16,64 --out sweep.json
     python -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b --formats bf16,fp8,awq --out r.json
     python -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-70b --formats awq --batches 1,32
 """
@@ -21,9 +25,12 @@ import gc
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
 
 import kernels
 from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save_json
@@ -33,51 +40,147 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.testing.quantized import QUANTIZED_FORMATS, quantize_model_folder, write_random_quantized_folder
 from kernels import quant_reference as ref
+from kernels.fp8 import Fp8Config
+from kernels.w4a16 import W4A16Config
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+LLAMA_8B_LAYERS = 32
 GROUP_SIZE = 128
+L2_FLUSH_BYTES = 256 << 20  # rotate over weight copies at least this large, so no launch reads from L2
 
 
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.float() - expected.float()).norm() / expected.float().norm())
 
 
+@dataclass
+class GemmWeights:
+    """One linear layer's weight in each format."""
+
+    bf16: torch.Tensor  # [N, K]
+    w4: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # qweight, scales, zeros
+    fp8: tuple[torch.Tensor, torch.Tensor]  # weight, weight_scale
+
+    @staticmethod
+    def random(k: int, n: int) -> GemmWeights:
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        return GemmWeights(weight, ref.quantize_w4(weight, GROUP_SIZE, zero_point=True),
+                           ref.quantize_fp8_per_channel(weight))
+
+
+def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config=None) -> Callable[[], torch.Tensor]:
+    """y = x W^T in one format (config: a W4A16Config / Fp8Config to try instead of the default)."""
+    if fmt == "bf16":
+        return lambda: x @ w.bf16.t()
+    if fmt == "w4a16":
+        return lambda: kernels.w4a16_matmul(x, *w.w4, GROUP_SIZE, config=config)
+    if fmt == "fp8":
+        return lambda: kernels.fp8_linear(x, *w.fp8, config=config)
+    raise ValueError(fmt)
+
+
+def graph_us(calls: list[Callable[[], torch.Tensor]], replays: int = 10) -> float:
+    """µs per call, the calls captured back to back in one CUDA graph (how decode runs them: no launch gaps)."""
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    return 1e6 * cuda_time_s(graph.replay, warmup=2, repeat=replays) / len(calls)
+
+
+def weight_copies(k: int, n: int) -> list[GemmWeights]:
+    """Enough random weights of one shape that cycling through them never hits L2 in bf16."""
+    return [GemmWeights.random(k, n) for _ in range(max(2, -(-L2_FLUSH_BYTES // (2 * k * n))))]
+
+
+def check(fmt: str, x: torch.Tensor, w: GemmWeights, config=None) -> float:
+    out = gemm_calls(fmt, x, w, config)()
+    if fmt == "w4a16":
+        expected = ref.w4a16_matmul(x, *w.w4, GROUP_SIZE)
+    else:
+        expected = ref.fp8_linear(x, *w.fp8)
+    return relative_error(out, expected)
+
+
 def gemm_rows(batches: list[int]) -> list[dict]:
+    """Each Llama-3.1-8B GEMM at each batch: bf16 torch matmul, W4A16 and FP8 (quantize + GEMM), graph-timed."""
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
-        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-        qweight, scales, zeros = ref.quantize_w4(weight, GROUP_SIZE, zero_point=True)
-        fp8_weight, fp8_scale = ref.quantize_fp8_per_channel(weight)
+        copies = weight_copies(k, n)
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w4_error = relative_error(kernels.w4a16_matmul(x, qweight, scales, zeros, GROUP_SIZE),
-                                      ref.w4a16_matmul(x, qweight, scales, zeros, GROUP_SIZE))
-            x_q, x_scale = kernels.quantize_fp8_per_token(x)
-            fp8_error = relative_error(kernels.fp8_matmul(x_q, x_scale, fp8_weight, fp8_scale, torch.bfloat16),
-                                       ref.fp8_matmul(x_q, x_scale, fp8_weight, fp8_scale, torch.bfloat16))
-            bf16_us = 1e6 * cuda_time_s(lambda: x @ weight.t())
-            w4_us = 1e6 * cuda_time_s(lambda: kernels.w4a16_matmul(x, qweight, scales, zeros, GROUP_SIZE))
-            fp8_gemm_us = 1e6 * cuda_time_s(
-                lambda: kernels.fp8_matmul(x_q, x_scale, fp8_weight, fp8_scale, torch.bfloat16))
-
-            def fp8_with_quantization() -> torch.Tensor:
-                q, s = kernels.quantize_fp8_per_token(x)
-                return kernels.fp8_matmul(q, s, fp8_weight, fp8_scale, torch.bfloat16)
-
-            fp8_us = 1e6 * cuda_time_s(fp8_with_quantization)
-            rows.append({
-                "gemm": name, "M": m, "K": k, "N": n, "bf16_us": bf16_us,
-                "w4a16_us": w4_us, "w4a16_speedup": bf16_us / w4_us, "w4a16_weight_GB/s": weight_gbs(qweight, w4_us),
-                "fp8_us": fp8_us, "fp8_speedup": bf16_us / fp8_us, "fp8_gemm_only_us": fp8_gemm_us,
-                "bf16_weight_GB/s": weight_gbs(weight, bf16_us), "w4a16_err": w4_error, "fp8_err": fp8_error,
-            })
-        del weight, qweight, scales, zeros, fp8_weight, fp8_scale
+            row = {"gemm": name, "M": m, "K": k, "N": n}
+            for fmt in ("bf16", "w4a16", "fp8"):
+                row[f"{fmt}_us"] = graph_us([gemm_calls(fmt, x, w) for w in copies])
+            row["w4a16_x"] = row["bf16_us"] / row["w4a16_us"]
+            row["fp8_x"] = row["bf16_us"] / row["fp8_us"]
+            row["bf16_GB/s"] = 2 * k * n / row["bf16_us"] / 1e3
+            row["w4a16_GB/s"] = (k * n // 2 + 4 * (k // GROUP_SIZE) * n) / row["w4a16_us"] / 1e3
+            row["fp8_GB/s"] = k * n / row["fp8_us"] / 1e3
+            row["w4a16_err"] = check("w4a16", x, copies[0])
+            row["fp8_err"] = check("fp8", x, copies[0])
+            rows.append(row)
+        del copies
         torch.cuda.empty_cache()
     return rows
 
 
-def weight_gbs(weight: torch.Tensor, microseconds: float) -> float:
-    return weight.numel() * weight.element_size() / (microseconds * 1e-6) / 1e9
+def decode_stack_rows(batches: list[int]) -> list[dict]:
+    """The GEMMs of one Llama-3.1-8B decode step: 32 layers x (qkv, o, gate_up, down), each with its own
+    weights, in one CUDA graph per format. Attention, norms and the bf16 lm_head are left out: they
+    are the same work in every format."""
+    layers = [{name: GemmWeights.random(k, n) for name, (k, n) in LLAMA_8B_GEMMS.items()}
+              for _ in range(LLAMA_8B_LAYERS)]
+    rows = []
+    for m in batches:
+        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in {k for k, _ in LLAMA_8B_GEMMS.values()}}
+        row = {"M": m}
+        for fmt in ("bf16", "w4a16", "fp8"):
+            calls = [gemm_calls(fmt, xs[k], layer[name]) for layer in layers for name, (k, _) in LLAMA_8B_GEMMS.items()]
+            row[f"{fmt}_ms"] = graph_us(calls, replays=5) * len(calls) / 1e3
+        row["w4a16_x"] = row["bf16_ms"] / row["w4a16_ms"]
+        row["fp8_x"] = row["bf16_ms"] / row["fp8_ms"]
+        rows.append(row)
+    del layers
+    torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_rows(batches: list[int]) -> list[dict]:
+    """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
+    w4_tiles = [(64, 128, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8), (128, 128, 8), (64, 256, 4)]
+    fp8_tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 256, 4)]
+    rows = []
+    for name, (k, n) in LLAMA_8B_GEMMS.items():
+        copies = weight_copies(k, n)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = graph_us([gemm_calls("bf16", x, w) for w in copies])
+            candidates = []
+            block_m = max(16, min(128, triton.next_power_of_2(m)))
+            for block_n, block_k, warps in w4_tiles:
+                for split in (0, 1, 2, 4):
+                    candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, 4 if m <= 64 else 3, split)))
+            if m <= 64:
+                for block_n, block_k, warps in fp8_tiles:
+                    for split in (0, 1, 2, 4):
+                        candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
+            for fmt, config in candidates:
+                try:
+                    us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)
+                    error = check(fmt, x, copies[0], config)
+                except Exception as exc:  # a tile that does not fit in shared memory, etc.
+                    print(f"{name} M={m} {fmt} {config}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+                    continue
+                rows.append({"gemm": name, "M": m, "format": fmt, "config": str(config), "us": us, "x_bf16": bf16 / us,
+                             "err": error})
+        del copies
+        torch.cuda.empty_cache()
+    return rows
 
 
 def quantized_folder(model: str, fmt: str, root: Path) -> tuple[Path, str | None]:
@@ -133,6 +236,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm-batches", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--stack-batches", default="1,16,64",
+                        help="batches of the 32-layer decode-GEMM stack ('' to skip)")
+    parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--formats", default="bf16,fp8,fp8-channel,fp8-online,awq,gptq,compressed-tensors",
@@ -144,9 +250,18 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     payload: dict = {"command": " ".join(sys.argv)}
+    if args.sweep_batches:
+        payload["sweep"] = sweep_rows([int(b) for b in args.sweep_batches.split(",")])
+        print_table(payload["sweep"], "Triton tile sweep (µs per GEMM, CUDA graph)")
+        save_json(args.out, payload)
     if not args.skip_gemm:
         payload["gemm"] = gemm_rows([int(b) for b in args.gemm_batches.split(",")])
-        print_table(payload["gemm"], f"Llama-3.1-8B GEMMs, bf16 vs W4A16 (group {GROUP_SIZE}) vs FP8 (per token)")
+        print_table(payload["gemm"], f"Llama-3.1-8B GEMMs, bf16 vs W4A16 (group {GROUP_SIZE}) vs FP8 (per token), "
+                                     "µs per GEMM in a CUDA graph, weights cycled past L2")
+        save_json(args.out, payload)
+    if args.stack_batches:
+        payload["decode_gemm_stack"] = decode_stack_rows([int(b) for b in args.stack_batches.split(",")])
+        print_table(payload["decode_gemm_stack"], "Llama-3.1-8B decode step's 128 GEMMs (32 layers), ms per step")
     if args.decode:
         bandwidth = copy_bandwidth_gbs()
         payload["copy_bandwidth_gbs"] = bandwidth
