@@ -153,7 +153,7 @@ def decode_stack_rows(batches: list[int]) -> list[dict]:
 def sweep_rows(batches: list[int]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
     w4_tiles = [(64, 128, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8), (128, 128, 8), (64, 256, 4)]
-    fp8_tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 256, 4)]
+    fp8_tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 256, 4), (32, 512, 4)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
         copies = weight_copies(k, n)

@@ -3,11 +3,11 @@
 y = (x_q * x_scale) @ (w_q * w_scale)^T, x_scale per token (or one static
 scale), w_scale per output channel (kernels/quant_reference.py has the layout).
 
-fp8_linear is what a layer calls. Decode batches (up to FUSED_QUANT_MAX_M rows)
-run one Triton launch that quantizes the activation as it loads it and splits K
+fp8_linear is what a layer calls: per-token quantization (one program per row,
+the row read once into registers, the hardware's rounding cast), then the GEMM.
+Decode batches (up to TRITON_MAX_M rows) take a Triton kernel that splits K
 across programs, so the few output tiles still fill the GPU and reading the
-weight is the cost. Larger batches quantize once (one Triton pass per row
-block, the hardware's rounding cast) and run torch._scaled_mm (cuBLASLt, row-wise
+weight is the cost. Larger batches run torch._scaled_mm (cuBLASLt, row-wise
 scales) on GPUs with FP8 tensor cores (compute capability 8.9+) when its shape
 and dtype rules hold; otherwise, and under the Triton interpreter, the Triton
 kernel computes the same thing.
@@ -28,7 +28,8 @@ from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
-FUSED_QUANT_MAX_M = 16  # fp8_linear: batches up to this take the one-launch Triton path
+TRITON_MAX_M = 16  # fp8_linear: batches up to this take the split-K Triton GEMM, larger ones cuBLASLt
+MAX_ROW_BLOCK = 16384  # quantize_fp8_per_token reads rows up to this long once (registers), longer ones twice
 
 
 def _interpreted() -> bool:
@@ -63,32 +64,27 @@ def _to_e4m3(v, EXACT_ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def _row_scales(x_ptr, offs_m, mask_m, stride_x, K, FP8_MAX_VALUE: tl.constexpr, MIN_SCALE: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK: tl.constexpr):
-    """Per-token scales of rows offs_m: max |x| over the whole row / 448 (vLLM's floor for zero rows)."""
-    amax = tl.zeros((BLOCK_M, BLOCK), dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs[None, :], mask=mask_m[:, None] & (offs < K)[None, :],
-                    other=0.0)
-        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
-    return tl.maximum(tl.max(amax, axis=1) / FP8_MAX_VALUE, MIN_SCALE)
+def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, stride_x, K, FP8_MAX_VALUE: tl.constexpr,
+                               MIN_SCALE: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: max |x| / 448 is the row's scale (vLLM's floor keeps zero rows finite).
 
-
-@triton.jit
-def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, M, stride_x, K, FP8_MAX_VALUE: tl.constexpr,
-                               MIN_SCALE: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK_M: tl.constexpr,
-                               BLOCK: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    scale = _row_scales(x_ptr, offs_m, mask_m, stride_x, K, FP8_MAX_VALUE, MIN_SCALE, BLOCK_M, BLOCK)
-    tl.store(scale_ptr + offs_m, scale, mask=mask_m)
+    When the row fits in one BLOCK it is read once and kept in registers; a longer row is
+    read twice (amax, then the scaled cast), in BLOCK-sized pieces.
+    """
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    amax = tl.abs(x)
+    for start in range(BLOCK, K, BLOCK):
+        more = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(more))
+    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_VALUE, MIN_SCALE)
+    tl.store(scale_ptr + row, scale)
     for start in range(0, K, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        mask = mask_m[:, None] & (offs < K)[None, :]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
-        q = _to_e4m3(tl.clamp(x / scale[:, None], -FP8_MAX_VALUE, FP8_MAX_VALUE), EXACT_ROUNDING)
-        tl.store(out_ptr + offs_m[:, None] * K + offs[None, :], q, mask=mask)
+        if start > 0:
+            x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
+        q = _to_e4m3(tl.clamp(x / scale, -FP8_MAX_VALUE, FP8_MAX_VALUE), EXACT_ROUNDING)
+        tl.store(out_ptr + row * K + start + offs, q, mask=start + offs < K)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,34 +94,25 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
         interpreted = _interpreted()
-        block_m = 1 if interpreted else 4
-        block = min(64 if interpreted else 1024, triton.next_power_of_2(k))
-        _quantize_per_token_kernel[(triton.cdiv(m, block_m),)](
-            x, out, scale, m, x.stride(0), k, FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
-            EXACT_ROUNDING=interpreted, BLOCK_M=block_m, BLOCK=block, num_warps=4)
+        block = min(64 if interpreted else MAX_ROW_BLOCK, triton.next_power_of_2(k))
+        _quantize_per_token_kernel[(m,)](
+            x, out, scale, x.stride(0), k, FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+            EXACT_ROUNDING=interpreted, BLOCK=block, num_warps=1 if interpreted else max(4, min(16, block // 1024)))
     return out, scale
 
 
 @triton.jit
 def _fp8_matmul_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_am, k_per_split,
-    A_SCALE_PER_ROW: tl.constexpr, QUANTIZE_A: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-    EVEN: tl.constexpr, FP8_MAX_VALUE: tl.constexpr, MIN_SCALE: tl.constexpr,
+    A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out[split] = (a_q * a_scale) @ (b * b_scale)^T over this program's K split.
-
-    QUANTIZE_A: a is the 16/32-bit activation; each program finds its rows' per-token
-    scales itself and quantizes every tile as it loads it (decode: no separate launch,
-    no fp8 copy of the activation in memory).
-    """
+    """out[split] = (a_q * a_scale) @ (b * b_scale)^T over this program's K split."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    if QUANTIZE_A:
-        a_scale = _row_scales(a_ptr, offs_m, mask_m, stride_am, K, FP8_MAX_VALUE, MIN_SCALE, BLOCK_M, BLOCK_K)
-    elif A_SCALE_PER_ROW:
+    if A_SCALE_PER_ROW:
         a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     else:
         a_scale = tl.load(a_scale_ptr + tl.zeros((BLOCK_M,), dtype=tl.int32))
@@ -144,8 +131,6 @@ def _fp8_matmul_kernel(
         else:
             a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
             b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0)
-        if QUANTIZE_A:
-            a = _to_e4m3(tl.clamp(a.to(tl.float32) / a_scale[:, None], -FP8_MAX_VALUE, FP8_MAX_VALUE), UPCAST)
         if UPCAST:  # the interpreter and pre-Ada GPUs have no FP8 dot
             acc += tl.dot(b.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
         else:
@@ -178,10 +163,9 @@ def default_config(m: int) -> Fp8Config:
     return Fp8Config(block_m=min(128, triton.next_power_of_2(m)), block_n=128, block_k=128, num_warps=8, num_stages=3)
 
 
-def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, weight: torch.Tensor,
-                       weight_scale: torch.Tensor, out_dtype: torch.dtype, bias: torch.Tensor | None,
-                       config: Fp8Config | None) -> torch.Tensor:
-    """The Triton path; a_scale None: a is the 16/32-bit activation, quantized per token inside the kernel."""
+def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       out_dtype: torch.dtype, bias: torch.Tensor | None, config: Fp8Config | None) -> torch.Tensor:
+    """The Triton path: split-K when the output tiles are too few to fill the GPU."""
     m, k = a.shape
     n = weight.shape[0]
     config = config or default_config(m)
@@ -203,12 +187,11 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor | None, weight: to
     if m:
         weight_scale = weight_scale.float().contiguous()
         _fp8_matmul_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)](
-            a if a.stride(1) == 1 else a.contiguous(), weight_scale if a_scale is None else a_scale.float().contiguous(),
-            weight.contiguous(), weight_scale, bias if bias is not None and split_k == 1 else weight_scale, out,
+            a if a.stride(1) == 1 else a.contiguous(), a_scale.float().contiguous(), weight.contiguous(), weight_scale,
+            bias if bias is not None and split_k == 1 else weight_scale, out,
             m, n, k, a.stride(0) if a.stride(1) == 1 else k, k_per_split,
-            A_SCALE_PER_ROW=a_scale is not None and a_scale.numel() != 1, QUANTIZE_A=a_scale is None,
-            HAS_BIAS=bias is not None and split_k == 1, UPCAST=interpreted or not _has_fp8_tensor_cores(a.device),
-            EVEN=k % config.block_k == 0 and n % config.block_n == 0, FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+            A_SCALE_PER_ROW=a_scale.numel() != 1, HAS_BIAS=bias is not None and split_k == 1,
+            UPCAST=interpreted or not _has_fp8_tensor_cores(a.device), EVEN=k % config.block_k == 0 and n % config.block_n == 0,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -250,7 +233,7 @@ def fp8_matmul(
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"FP8 weight {list(weight.shape)} does not match K={k}")
-    if config is None and _scaled_mm_fits(x_q, weight, out_dtype):
+    if config is None and m > TRITON_MAX_M and _scaled_mm_fits(x_q, weight, out_dtype):
         y = torch._scaled_mm(
             x_q, weight.t(), scale_a=x_scale.float().reshape(-1, 1).expand(m, 1).contiguous(),
             scale_b=weight_scale.float().reshape(1, n), out_dtype=out_dtype,
@@ -266,14 +249,6 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     config: Fp8Config | None = None,
 ) -> torch.Tensor:
-    """x [M, K] quantized per token, times the FP8 weight, in x's dtype: quant_reference.fp8_linear.
-
-    Up to FUSED_QUANT_MAX_M rows (decode) one Triton launch quantizes the activation
-    as it reads it; larger batches quantize once, then run cuBLASLt's FP8 GEMM.
-    """
-    if weight.shape[1] != x.shape[1]:
-        raise ValueError(f"FP8 weight {list(weight.shape)} does not match K={x.shape[1]}")
-    if config is not None or x.shape[0] <= FUSED_QUANT_MAX_M:
-        return _triton_fp8_matmul(x, None, weight, weight_scale, x.dtype, bias, config)
+    """x [M, K] quantized per token, times the FP8 weight, in x's dtype: quant_reference.fp8_linear."""
     x_q, x_scale = quantize_fp8_per_token(x)
-    return fp8_matmul(x_q, x_scale, weight, weight_scale, x.dtype, bias)
+    return fp8_matmul(x_q, x_scale, weight, weight_scale, x.dtype, bias, config)

@@ -65,6 +65,19 @@ def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, 
 
 
 @triton.jit
+def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """x_tile [BLOCK_M, 8 * ROWS] -> its eight planes [BLOCK_M, ROWS]: plane j holds columns 8r + j."""
+    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # j = 4a + 2b + c; split c, then b, then a
+    x_c0b0, x_c0b1 = tl.split(x_c0)
+    x_c1b0, x_c1b1 = tl.split(x_c1)
+    x0, x4 = tl.split(x_c0b0)
+    x2, x6 = tl.split(x_c0b1)
+    x1, x5 = tl.split(x_c1b0)
+    x3, x7 = tl.split(x_c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, k_per_split,
@@ -101,17 +114,18 @@ def _w4a16_kernel(
             else:
                 zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
             tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # One contiguous (pipelined) load of the activation tile, split into its eight column planes in registers.
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
+        x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
         for j in tl.static_range(4):
             cols_lo = k0 + offs_r * 8 + j
-            if EVEN:
-                x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols_lo[None, :], mask=mask_m[:, None], other=0.0)
-                x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + (cols_lo + 4)[None, :], mask=mask_m[:, None],
-                               other=0.0)
-            else:
-                x_lo = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols_lo[None, :],
-                               mask=mask_m[:, None] & (cols_lo < k_end)[None, :], other=0.0)
-                x_hi = tl.load(x_ptr + offs_m[:, None] * stride_xm + (cols_lo + 4)[None, :],
-                               mask=mask_m[:, None] & (cols_lo + 4 < k_end)[None, :], other=0.0)
+            x_lo = x_planes[j]
+            x_hi = x_planes[j + 4]
             if SCALE_PER_TILE:
                 w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
                 tile = tl.dot(x_lo, w_lo, tile, input_precision=DOT_PRECISION)

@@ -138,8 +138,8 @@ def test_fp8_matmul_matches_reference(m, out_dtype):
 
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp8_linear_quantizes_inside_the_kernel(m, dtype):
-    # The decode path: per-token scales and the e4m3 cast happen in the GEMM's own loads, K split in two.
+def test_fp8_linear_matches_reference(m, dtype):
+    # What a layer calls: per-token quantization, then the Triton GEMM with K split in two.
     k, n = 160, 48
     weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=10))
     x = random(m, k, dtype=dtype, seed=11) * torch.logspace(-2, 1, k, device=DEVICE).to(dtype)
