@@ -152,8 +152,9 @@ def decode_stack_rows(batches: list[int]) -> list[dict]:
 
 def sweep_rows(batches: list[int]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
-    w4_tiles = [(64, 128, 4), (128, 128, 4), (128, 256, 4), (256, 128, 8), (128, 128, 8), (64, 256, 4)]
-    fp8_tiles = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 256, 8), (32, 256, 4), (32, 512, 4)]
+    w4_tiles = [(64, 128, 4, 4, False), (64, 128, 4, 3, False), (32, 128, 4, 4, False), (128, 128, 4, 4, False),
+                (64, 128, 4, 4, True), (128, 128, 4, 4, True), (128, 128, 8, 3, True)]
+    fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
         copies = weight_copies(k, n)
@@ -162,13 +163,13 @@ def sweep_rows(batches: list[int]) -> list[dict]:
             bf16 = graph_us([gemm_calls("bf16", x, w) for w in copies])
             candidates = []
             block_m = max(16, min(128, triton.next_power_of_2(m)))
-            for block_n, block_k, warps in w4_tiles:
-                for split in (0, 1, 2, 4):
-                    candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, 4 if m <= 64 else 3, split)))
             if m <= 64:
-                for block_n, block_k, warps in fp8_tiles:
-                    for split in (0, 1, 2, 4):
-                        candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
+                for block_n, block_k, warps, stages, swap in w4_tiles:
+                    for split in (0, 2, 4):
+                        candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split, swap)))
+            for block_n, block_k, warps in fp8_tiles:
+                for split in (0, 1, 2) if m <= 64 else (1,):
+                    candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
             for fmt, config in candidates:
                 try:
                     us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)

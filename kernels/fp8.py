@@ -28,7 +28,7 @@ from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
-TRITON_MAX_M = 16  # fp8_linear: batches up to this take the split-K Triton GEMM, larger ones cuBLASLt
+TRITON_MAX_M = 64  # batches up to this take the split-K Triton GEMM, larger ones cuBLASLt (faster there)
 MAX_ROW_BLOCK = 16384  # quantize_fp8_per_token reads rows up to this long once (registers), longer ones twice
 
 

@@ -27,6 +27,7 @@ from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
+PROGRAMS_PER_SM = 4  # split K until this many programs per SM: decode tiles are latency-bound, more hide it
 MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
 # How weights become 16-bit floats (see _dequantize_pair); MAGIC is the float whose mantissa the nibble fills.
@@ -78,13 +79,22 @@ def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _dot(x, w, acc, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + x @ w, or with SWAP_AB acc^T + w^T @ x^T: the dequantized weight is then the left
+    operand, which Hopper's wgmma reads from registers (the right one must be in shared memory)."""
+    if SWAP_AB:
+        return tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PRECISION)
+    return tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _w4a16_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
     # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
@@ -96,7 +106,7 @@ def _w4a16_kernel(
     offs_r = tl.arange(0, ROWS)
     mask_m, mask_n = offs_m < M, offs_n < N
     out_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -113,7 +123,7 @@ def _w4a16_kernel(
                 zero = tl.load(zeros_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             else:
                 zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
-            tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tile = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
         # One contiguous (pipelined) load of the activation tile, split into its eight column planes in registers.
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN:
@@ -128,8 +138,8 @@ def _w4a16_kernel(
             x_hi = x_planes[j + 4]
             if SCALE_PER_TILE:
                 w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
-                tile = tl.dot(x_lo, w_lo, tile, input_precision=DOT_PRECISION)
-                tile = tl.dot(x_hi, w_hi, tile, input_precision=DOT_PRECISION)
+                tile = _dot(x_lo, w_lo, tile, SWAP_AB, DOT_PRECISION)
+                tile = _dot(x_hi, w_hi, tile, SWAP_AB, DOT_PRECISION)
             else:  # groups smaller than the tile, or in any order (g_idx): scale every weight
                 for half in tl.static_range(2):
                     cols = cols_lo + 4 * half
@@ -146,9 +156,11 @@ def _w4a16_kernel(
                         zero_rows = SYM_ZERO
                     q = ((packed >> (4 * (j + 4 * half))) & 0xF).to(tl.float32)
                     w = ((q - zero_rows) * scale_rows.to(tl.float32)).to(out_dtype)
-                    acc = tl.dot(x_hi if half else x_lo, w, acc, input_precision=DOT_PRECISION)
+                    acc = _dot(x_hi if half else x_lo, w, acc, SWAP_AB, DOT_PRECISION)
         if SCALE_PER_TILE:
-            acc += tile * scale[None, :]
+            acc += tile * (scale[:, None] if SWAP_AB else scale[None, :])
+    if SWAP_AB:
+        acc = tl.trans(acc)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
@@ -165,6 +177,7 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
+    swap_ab: bool = False  # compute (W^T x^T)^T: the weight is the dot's left operand
 
 
 def _interpreted() -> bool:
@@ -190,12 +203,12 @@ def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
 
 
 def _default_split_k(m: int, n: int, k: int, config: W4A16Config) -> int:
-    """About two programs per SM (under the interpreter: two splits, to exercise the path)."""
+    """About PROGRAMS_PER_SM programs per SM (under the interpreter: two splits, to exercise the path)."""
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     k_tiles = triton.cdiv(k, config.block_k)
     if _interpreted():
         return min(2, k_tiles)
-    return choose_split_k(tiles, k_tiles, 2 * multiprocessor_count(torch.cuda.current_device()))
+    return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
 
 
 def w4a16_matmul(
@@ -246,6 +259,7 @@ def w4a16_matmul(
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
+            SWAP_AB=config.swap_ab,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
