@@ -150,10 +150,9 @@ def decode_stack_rows(batches: list[int]) -> list[dict]:
     return rows
 
 
-def sweep_rows(batches: list[int]) -> list[dict]:
+def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
-    w4_tiles = [(64, 128, 4, 4, False), (64, 128, 4, 3, False), (32, 128, 4, 4, False), (128, 128, 4, 4, False),
-                (64, 128, 4, 4, True), (128, 128, 4, 4, True), (128, 128, 8, 3, True)]
+    w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3)]
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
@@ -163,13 +162,14 @@ def sweep_rows(batches: list[int]) -> list[dict]:
             bf16 = graph_us([gemm_calls("bf16", x, w) for w in copies])
             candidates = []
             block_m = max(16, min(128, triton.next_power_of_2(m)))
-            if m <= 64:
-                for block_n, block_k, warps, stages, swap in w4_tiles:
+            if m <= 64 and "w4a16" in formats:
+                for block_n, block_k, warps, stages in w4_tiles:
                     for split in (0, 2, 4):
-                        candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split, swap)))
-            for block_n, block_k, warps in fp8_tiles:
-                for split in (0, 1, 2) if m <= 64 else (1,):
-                    candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
+                        candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split)))
+            if "fp8" in formats:
+                for block_n, block_k, warps in fp8_tiles:
+                    for split in (0, 1, 2) if m <= 64 else (1,):
+                        candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
             for fmt, config in candidates:
                 try:
                     us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--stack-batches", default="1,16,64",
                         help="batches of the 32-layer decode-GEMM stack ('' to skip)")
     parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
+    parser.add_argument("--sweep-formats", default="w4a16,fp8")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--formats", default="bf16,fp8,fp8-channel,fp8-online,awq,gptq,compressed-tensors",
@@ -252,7 +253,7 @@ def main() -> None:
     args = parser.parse_args()
     payload: dict = {"command": " ".join(sys.argv)}
     if args.sweep_batches:
-        payload["sweep"] = sweep_rows([int(b) for b in args.sweep_batches.split(",")])
+        payload["sweep"] = sweep_rows([int(b) for b in args.sweep_batches.split(",")], args.sweep_formats.split(","))
         print_table(payload["sweep"], "Triton tile sweep (µs per GEMM, CUDA graph)")
         save_json(args.out, payload)
     if not args.skip_gemm:

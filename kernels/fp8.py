@@ -7,8 +7,8 @@ fp8_linear is what a layer calls: per-token quantization (one program per row,
 the row read once into registers, the hardware's rounding cast), then the GEMM.
 Decode batches (up to TRITON_MAX_M rows) take a Triton kernel that splits K
 across programs, so the few output tiles still fill the GPU and reading the
-weight is the cost. Larger batches run torch._scaled_mm (cuBLASLt, row-wise
-scales) on GPUs with FP8 tensor cores (compute capability 8.9+) when its shape
+weight is the cost. Larger batches (TRITON_MAX_M* says where the Triton kernel stops
+winning) run torch._scaled_mm (cuBLASLt, row-wise scales) on GPUs with FP8 tensor cores (compute capability 8.9+) when its shape
 and dtype rules hold; otherwise, and under the Triton interpreter, the Triton
 kernel computes the same thing.
 """
@@ -28,7 +28,11 @@ from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
-TRITON_MAX_M = 64  # batches up to this take the split-K Triton GEMM, larger ones cuBLASLt (faster there)
+# The Triton GEMM takes batches up to TRITON_MAX_M rows, and up to TRITON_MAX_M_NARROW rows when N is at
+# most TRITON_NARROW_N; cuBLASLt's was faster beyond (H200 measurements, benchmarks/RESULTS.md).
+TRITON_MAX_M = 64
+TRITON_MAX_M_NARROW = 256
+TRITON_NARROW_N = 4096
 MAX_ROW_BLOCK = 16384  # quantize_fp8_per_token reads rows up to this long once (registers), longer ones twice
 
 
@@ -156,11 +160,14 @@ class Fp8Config:
 
 
 def default_config(m: int) -> Fp8Config:
+    """Tiles by batch size, from the H200 sweep in benchmarks/quant_gpu.py."""
     if _interpreted():
         return Fp8Config(block_m=MIN_DOT, block_n=32, block_k=32, num_warps=1, num_stages=1)
     if m <= 16:
         return Fp8Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
-    return Fp8Config(block_m=min(128, triton.next_power_of_2(m)), block_n=128, block_k=128, num_warps=8, num_stages=3)
+    if m <= 64:
+        return Fp8Config(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=4)
+    return Fp8Config(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=1)
 
 
 def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -233,7 +240,8 @@ def fp8_matmul(
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"FP8 weight {list(weight.shape)} does not match K={k}")
-    if config is None and m > TRITON_MAX_M and _scaled_mm_fits(x_q, weight, out_dtype):
+    triton_faster = m <= TRITON_MAX_M or (m <= TRITON_MAX_M_NARROW and n <= TRITON_NARROW_N)
+    if config is None and not triton_faster and _scaled_mm_fits(x_q, weight, out_dtype):
         y = torch._scaled_mm(
             x_q, weight.t(), scale_a=x_scale.float().reshape(-1, 1).expand(m, 1).contiguous(),
             scale_b=weight_scale.float().reshape(1, n), out_dtype=out_dtype,

@@ -2,8 +2,9 @@
 
 The layout is the one in kernels/quant_reference.py (int32 [K // 8, N], groups
 along K). No dequantized copy of the weight ever exists: each program loads a
-packed [BLOCK_K // 8, BLOCK_N] tile and feeds its eight nibble planes to tl.dot
-in registers. Decode is bound by reading the weight only if dequantizing costs
+packed [BLOCK_K // 8, BLOCK_N] tile and feeds it to tl.dot from registers as
+four [BLOCK_K // 4, BLOCK_N] tiles (nibbles j and j + 4 of each int32 as two
+consecutive K rows), against the matching activation columns. Decode is bound by reading the weight only if dequantizing costs
 a few instructions per weight, so on the GPU two weights are made by one lop3
 and one packed subtract (the "magic number" trick: a nibble ORed into the
 mantissa of 128.0 in bf16 is 128 + q), and the group scale multiplies the
@@ -66,25 +67,32 @@ def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, 
 
 
 @triton.jit
-def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
-    """x_tile [BLOCK_M, 8 * ROWS] -> its eight planes [BLOCK_M, ROWS]: plane j holds columns 8r + j."""
-    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # j = 4a + 2b + c; split c, then b, then a
+def _column_pairs(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """x_tile [BLOCK_M, 8 * ROWS] -> four [BLOCK_M, 2 * ROWS]: pair j holds columns 8r + j, 8r + j + 4 at 2r, 2r + 1."""
+    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # column 8r + 4h + 2b + c; j = 2b + c
     x_c0b0, x_c0b1 = tl.split(x_c0)
     x_c1b0, x_c1b1 = tl.split(x_c1)
-    x0, x4 = tl.split(x_c0b0)
-    x2, x6 = tl.split(x_c0b1)
-    x1, x5 = tl.split(x_c1b0)
-    x3, x7 = tl.split(x_c1b1)
-    return x0, x1, x2, x3, x4, x5, x6, x7
+    return (tl.reshape(x_c0b0, (BLOCK_M, 2 * ROWS)), tl.reshape(x_c1b0, (BLOCK_M, 2 * ROWS)),
+            tl.reshape(x_c0b1, (BLOCK_M, 2 * ROWS)), tl.reshape(x_c1b1, (BLOCK_M, 2 * ROWS)))
 
 
 @triton.jit
-def _dot(x, w, acc, SWAP_AB: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """acc + x @ w, or with SWAP_AB acc^T + w^T @ x^T: the dequantized weight is then the left
-    operand, which Hopper's wgmma reads from registers (the right one must be in shared memory)."""
-    if SWAP_AB:
-        return tl.dot(tl.trans(w), tl.trans(x), acc, input_precision=DOT_PRECISION)
-    return tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+def _scaled_plane(packed, nibble: tl.constexpr, rows, k_end, offs_n, mask_n, scales_ptr, zeros_ptr, g_idx_ptr, N,
+                  GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, SYM_ZERO: tl.constexpr,
+                  OUT_DTYPE: tl.constexpr):
+    """Nibble plane `nibble` of the packed tile (weight rows `rows`), each weight with its own row's group."""
+    if HAS_G_IDX:
+        group_rows = tl.load(g_idx_ptr + rows, mask=rows < k_end, other=0)[:, None]
+    else:
+        group_rows = (rows // GROUP_SIZE)[:, None]
+    group_mask = (rows < k_end)[:, None] & mask_n[None, :]
+    scale = tl.load(scales_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0).to(tl.float32)
+    if HAS_ZEROS:
+        zero = tl.load(zeros_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0).to(tl.float32)
+    else:
+        zero = SYM_ZERO
+    q = ((packed >> (4 * nibble)) & 0xF).to(tl.float32)
+    return ((q - zero) * scale).to(OUT_DTYPE)
 
 
 @triton.jit
@@ -94,7 +102,7 @@ def _w4a16_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-    EVEN: tl.constexpr, SWAP_AB: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
     # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
@@ -106,7 +114,7 @@ def _w4a16_kernel(
     offs_r = tl.arange(0, ROWS)
     mask_m, mask_n = offs_m < M, offs_n < N
     out_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -123,7 +131,7 @@ def _w4a16_kernel(
                 zero = tl.load(zeros_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             else:
                 zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
-            tile = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
+            tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # One contiguous (pipelined) load of the activation tile, split into its eight column planes in registers.
         offs_k = k0 + tl.arange(0, BLOCK_K)
         if EVEN:
@@ -131,36 +139,24 @@ def _w4a16_kernel(
         else:
             x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                              mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
-        x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
+        x_pairs = _column_pairs(x_tile, BLOCK_M, ROWS)
         for j in tl.static_range(4):
-            cols_lo = k0 + offs_r * 8 + j
-            x_lo = x_planes[j]
-            x_hi = x_planes[j + 4]
             if SCALE_PER_TILE:
                 w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
-                tile = _dot(x_lo, w_lo, tile, SWAP_AB, DOT_PRECISION)
-                tile = _dot(x_hi, w_hi, tile, SWAP_AB, DOT_PRECISION)
             else:  # groups smaller than the tile, or in any order (g_idx): scale every weight
-                for half in tl.static_range(2):
-                    cols = cols_lo + 4 * half
-                    if HAS_G_IDX:
-                        group_rows = tl.load(g_idx_ptr + cols, mask=cols < k_end, other=0)[:, None]
-                    else:
-                        group_rows = (cols // GROUP_SIZE)[:, None]
-                    group_mask = (cols < k_end)[:, None] & mask_n[None, :]
-                    scale_rows = tl.load(scales_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0)
-                    if HAS_ZEROS:
-                        zero_rows = tl.load(zeros_ptr + group_rows * N + offs_n[None, :], mask=group_mask,
-                                            other=0.0).to(tl.float32)
-                    else:
-                        zero_rows = SYM_ZERO
-                    q = ((packed >> (4 * (j + 4 * half))) & 0xF).to(tl.float32)
-                    w = ((q - zero_rows) * scale_rows.to(tl.float32)).to(out_dtype)
-                    acc = _dot(x_hi if half else x_lo, w, acc, SWAP_AB, DOT_PRECISION)
+                w_lo = _scaled_plane(packed, j, k0 + offs_r * 8 + j, k_end, offs_n, mask_n, scales_ptr, zeros_ptr,
+                                     g_idx_ptr, N, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, SYM_ZERO, out_dtype)
+                w_hi = _scaled_plane(packed, j + 4, k0 + offs_r * 8 + j + 4, k_end, offs_n, mask_n, scales_ptr,
+                                     zeros_ptr, g_idx_ptr, N, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, SYM_ZERO, out_dtype)
+            # Rows 2r, 2r + 1 of the pair tile are nibbles j, j + 4 of packed row r: the two halves of one
+            # lop3 result, which is how the tensor cores want consecutive K values paired in a register.
+            w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (2 * ROWS, BLOCK_N))
+            if SCALE_PER_TILE:
+                tile = tl.dot(x_pairs[j], w, tile, input_precision=DOT_PRECISION)
+            else:
+                acc = tl.dot(x_pairs[j], w, acc, input_precision=DOT_PRECISION)
         if SCALE_PER_TILE:
-            acc += tile * (scale[:, None] if SWAP_AB else scale[None, :])
-    if SWAP_AB:
-        acc = tl.trans(acc)
+            acc += tile * scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
@@ -177,7 +173,6 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
-    swap_ab: bool = False  # compute (W^T x^T)^T: the weight is the dot's left operand
 
 
 def _interpreted() -> bool:
@@ -259,7 +254,7 @@ def w4a16_matmul(
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
-            SWAP_AB=config.swap_ab,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
+            num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)

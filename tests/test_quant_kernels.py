@@ -200,9 +200,10 @@ def test_fp8_bf16_gpu(m, k, n):
 @pytest.mark.gpu
 @pytest.mark.skipif(not FP8_TENSOR_CORES, reason="needs FP8 tensor cores (compute capability 8.9+)")
 def test_fp8_triton_path_matches_scaled_mm_gpu():
-    # fp16 output is outside _scaled_mm's row-wise rules, so it takes the Triton kernel with native FP8 dots.
+    # 512 rows of bf16 output take _scaled_mm; fp16 output is outside its row-wise rules, so it takes
+    # the Triton kernel with native FP8 dots.
     weight, weight_scale = ref.quantize_fp8_per_channel(random(4096, 4096, dtype=torch.bfloat16))
-    x_q, x_scale = kernels.quantize_fp8_per_token(random(32, 4096, dtype=torch.bfloat16, seed=1))
+    x_q, x_scale = kernels.quantize_fp8_per_token(random(512, 4096, dtype=torch.bfloat16, seed=1))
     triton_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.float16)
     scaled_mm_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     assert relative_error(triton_out, scaled_mm_out) < TOLERANCE[torch.bfloat16]
