@@ -5,8 +5,8 @@
    per-token activation quantization + the FP8 GEMM). Timed as decode runs them: many
    calls in one CUDA graph (no host launch gaps), each on another copy of the weight so
    that none is read from L2. Each result is checked against its torch reference.
-   Then the GEMMs of a whole 8B decode step (32 layers, 128 GEMMs, one graph per format),
-   and with --sweep-batches the Triton tile choices.
+   Then the GEMMs of a whole decode step (8B: 32 layers, 128 GEMMs; 70B: 80 layers, in the
+   formats that fit), one graph per format, and with --sweep-batches the Triton tile choices.
 2. Decode (--decode): random-weight models of a factory shape written in each format by
    engine.testing.quantized (the formats' published layouts), served by LLMEngine;
    ms per decode step at the given batch sizes, as benchmarks.latency measures it.
@@ -14,6 +14,7 @@
 
     python -m benchmarks.quant_gpu --out results/quant_gemm.json
     python -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --sweep-batches 1,16,64 --out sweep.json
+    python -m benchmarks.quant_gpu --skip-gemm --stack-model llama-3.1-70b --stack-formats w4a16 --stack-batches 1,32
     python -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b --formats bf16,fp8,awq --out r.json
     python -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-70b --formats awq --batches 1,32
 """
@@ -44,7 +45,12 @@ from kernels.fp8 import Fp8Config
 from kernels.w4a16 import W4A16Config
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
-LLAMA_8B_LAYERS = 32
+# (K, N) of each layer's GEMMs and the layer count, per model shape of the decode-GEMM stack
+STACK_SHAPES = {
+    "llama-3.1-8b": (LLAMA_8B_GEMMS, 32),
+    "llama-3.1-70b": ({"qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 57344), "down": (28672, 8192)}, 80),
+}
+STACK_FORMATS = ("bf16", "w4a16", "fp8")
 GROUP_SIZE = 128
 L2_FLUSH_BYTES = 256 << 20  # rotate over weight copies at least this large, so no launch reads from L2
 
@@ -57,15 +63,17 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
 class GemmWeights:
     """One linear layer's weight in each format."""
 
-    bf16: torch.Tensor  # [N, K]
-    w4: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # qweight, scales, zeros
-    fp8: tuple[torch.Tensor, torch.Tensor]  # weight, weight_scale
+    bf16: torch.Tensor | None  # [N, K]
+    w4: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # qweight, scales, zeros
+    fp8: tuple[torch.Tensor, torch.Tensor] | None  # weight, weight_scale
 
     @staticmethod
-    def random(k: int, n: int) -> GemmWeights:
+    def random(k: int, n: int, formats: tuple[str, ...] = STACK_FORMATS) -> GemmWeights:
+        """Kept in the given formats only (the 70B shape does not fit in bf16)."""
         weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-        return GemmWeights(weight, ref.quantize_w4(weight, GROUP_SIZE, zero_point=True),
-                           ref.quantize_fp8_per_channel(weight))
+        return GemmWeights(weight if "bf16" in formats else None,
+                           ref.quantize_w4(weight, GROUP_SIZE, zero_point=True) if "w4a16" in formats else None,
+                           ref.quantize_fp8_per_channel(weight) if "fp8" in formats else None)
 
 
 def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config=None) -> Callable[[], torch.Tensor]:
@@ -129,21 +137,22 @@ def gemm_rows(batches: list[int]) -> list[dict]:
     return rows
 
 
-def decode_stack_rows(batches: list[int]) -> list[dict]:
-    """The GEMMs of one Llama-3.1-8B decode step: 32 layers x (qkv, o, gate_up, down), each with its own
-    weights, in one CUDA graph per format. Attention, norms and the bf16 lm_head are left out: they
-    are the same work in every format."""
-    layers = [{name: GemmWeights.random(k, n) for name, (k, n) in LLAMA_8B_GEMMS.items()}
-              for _ in range(LLAMA_8B_LAYERS)]
+def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) -> list[dict]:
+    """The GEMMs of one decode step of a model shape: every layer's qkv, o, gate_up and down, each with
+    its own weights, in one CUDA graph per format. Attention, norms and the bf16 lm_head are left out:
+    they are the same work in every format."""
+    gemms, num_layers = STACK_SHAPES[model]
+    layers = [{name: GemmWeights.random(k, n, formats) for name, (k, n) in gemms.items()} for _ in range(num_layers)]
     rows = []
     for m in batches:
-        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in {k for k, _ in LLAMA_8B_GEMMS.values()}}
-        row = {"M": m}
-        for fmt in ("bf16", "w4a16", "fp8"):
-            calls = [gemm_calls(fmt, xs[k], layer[name]) for layer in layers for name, (k, _) in LLAMA_8B_GEMMS.items()]
+        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in {k for k, _ in gemms.values()}}
+        row = {"model": model, "M": m}
+        for fmt in formats:
+            calls = [gemm_calls(fmt, xs[k], layer[name]) for layer in layers for name, (k, _) in gemms.items()]
             row[f"{fmt}_ms"] = graph_us(calls, replays=5) * len(calls) / 1e3
-        row["w4a16_x"] = row["bf16_ms"] / row["w4a16_ms"]
-        row["fp8_x"] = row["bf16_ms"] / row["fp8_ms"]
+        for fmt in formats:
+            if fmt != "bf16" and "bf16" in formats:
+                row[f"{fmt}_x"] = row["bf16_ms"] / row[f"{fmt}_ms"]
         rows.append(row)
     del layers
     torch.cuda.empty_cache()
@@ -238,7 +247,9 @@ def main() -> None:
     parser.add_argument("--gemm-batches", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--skip-gemm", action="store_true")
     parser.add_argument("--stack-batches", default="1,16,64",
-                        help="batches of the 32-layer decode-GEMM stack ('' to skip)")
+                        help="batches of the decode-GEMM stack ('' to skip)")
+    parser.add_argument("--stack-model", choices=sorted(STACK_SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--stack-formats", default=",".join(STACK_FORMATS))
     parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
     parser.add_argument("--sweep-formats", default="w4a16,fp8")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
@@ -262,8 +273,9 @@ def main() -> None:
                                      "µs per GEMM in a CUDA graph, weights cycled past L2")
         save_json(args.out, payload)
     if args.stack_batches:
-        payload["decode_gemm_stack"] = decode_stack_rows([int(b) for b in args.stack_batches.split(",")])
-        print_table(payload["decode_gemm_stack"], "Llama-3.1-8B decode step's 128 GEMMs (32 layers), ms per step")
+        payload["decode_gemm_stack"] = decode_stack_rows(args.stack_model, tuple(args.stack_formats.split(",")),
+                                                         [int(b) for b in args.stack_batches.split(",")])
+        print_table(payload["decode_gemm_stack"], f"{args.stack_model} decode step's GEMMs, ms per step")
     if args.decode:
         bandwidth = copy_bandwidth_gbs()
         payload["copy_bandwidth_gbs"] = bandwidth
