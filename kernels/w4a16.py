@@ -2,9 +2,8 @@
 
 The layout is the one in kernels/quant_reference.py (int32 [K // 8, N], groups
 along K). No dequantized copy of the weight ever exists: each program loads a
-packed [BLOCK_K // 8, BLOCK_N] tile and feeds it to tl.dot from registers as
-four [BLOCK_K // 4, BLOCK_N] tiles (nibbles j and j + 4 of each int32 as two
-consecutive K rows), against the matching activation columns. Decode is bound by reading the weight only if dequantizing costs
+packed [BLOCK_K // 8, BLOCK_N] tile and feeds its eight nibble planes to tl.dot
+in registers. Decode is bound by reading the weight only if dequantizing costs
 a few instructions per weight, so on the GPU two weights are made by one lop3
 and one packed subtract (the "magic number" trick: a nibble ORed into the
 mantissa of 128.0 in bf16 is 128 + q), and the group scale multiplies the
@@ -28,7 +27,7 @@ from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
-PROGRAMS_PER_SM = 4  # split K until this many programs per SM: decode tiles are latency-bound, more hide it
+PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
 MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
 # How weights become 16-bit floats (see _dequantize_pair); MAGIC is the float whose mantissa the nibble fills.
@@ -67,32 +66,16 @@ def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, 
 
 
 @triton.jit
-def _column_pairs(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
-    """x_tile [BLOCK_M, 8 * ROWS] -> four [BLOCK_M, 2 * ROWS]: pair j holds columns 8r + j, 8r + j + 4 at 2r, 2r + 1."""
-    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # column 8r + 4h + 2b + c; j = 2b + c
+def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """x_tile [BLOCK_M, 8 * ROWS] -> its eight planes [BLOCK_M, ROWS]: plane j holds columns 8r + j."""
+    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # j = 4a + 2b + c; split c, then b, then a
     x_c0b0, x_c0b1 = tl.split(x_c0)
     x_c1b0, x_c1b1 = tl.split(x_c1)
-    return (tl.reshape(x_c0b0, (BLOCK_M, 2 * ROWS)), tl.reshape(x_c1b0, (BLOCK_M, 2 * ROWS)),
-            tl.reshape(x_c0b1, (BLOCK_M, 2 * ROWS)), tl.reshape(x_c1b1, (BLOCK_M, 2 * ROWS)))
-
-
-@triton.jit
-def _scaled_plane(packed, nibble: tl.constexpr, rows, k_end, offs_n, mask_n, scales_ptr, zeros_ptr, g_idx_ptr, N,
-                  GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, SYM_ZERO: tl.constexpr,
-                  OUT_DTYPE: tl.constexpr):
-    """Nibble plane `nibble` of the packed tile (weight rows `rows`), each weight with its own row's group."""
-    if HAS_G_IDX:
-        group_rows = tl.load(g_idx_ptr + rows, mask=rows < k_end, other=0)[:, None]
-    else:
-        group_rows = (rows // GROUP_SIZE)[:, None]
-    group_mask = (rows < k_end)[:, None] & mask_n[None, :]
-    scale = tl.load(scales_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0).to(tl.float32)
-    if HAS_ZEROS:
-        zero = tl.load(zeros_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0).to(tl.float32)
-    else:
-        zero = SYM_ZERO
-    q = ((packed >> (4 * nibble)) & 0xF).to(tl.float32)
-    return ((q - zero) * scale).to(OUT_DTYPE)
+    x0, x4 = tl.split(x_c0b0)
+    x2, x6 = tl.split(x_c0b1)
+    x1, x5 = tl.split(x_c1b0)
+    x3, x7 = tl.split(x_c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -139,22 +122,32 @@ def _w4a16_kernel(
         else:
             x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                              mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
-        x_pairs = _column_pairs(x_tile, BLOCK_M, ROWS)
+        x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
         for j in tl.static_range(4):
+            cols_lo = k0 + offs_r * 8 + j
+            x_lo = x_planes[j]
+            x_hi = x_planes[j + 4]
             if SCALE_PER_TILE:
                 w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
+                tile = tl.dot(x_lo, w_lo, tile, input_precision=DOT_PRECISION)
+                tile = tl.dot(x_hi, w_hi, tile, input_precision=DOT_PRECISION)
             else:  # groups smaller than the tile, or in any order (g_idx): scale every weight
-                w_lo = _scaled_plane(packed, j, k0 + offs_r * 8 + j, k_end, offs_n, mask_n, scales_ptr, zeros_ptr,
-                                     g_idx_ptr, N, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, SYM_ZERO, out_dtype)
-                w_hi = _scaled_plane(packed, j + 4, k0 + offs_r * 8 + j + 4, k_end, offs_n, mask_n, scales_ptr,
-                                     zeros_ptr, g_idx_ptr, N, GROUP_SIZE, HAS_ZEROS, HAS_G_IDX, SYM_ZERO, out_dtype)
-            # Rows 2r, 2r + 1 of the pair tile are nibbles j, j + 4 of packed row r: the two halves of one
-            # lop3 result, which is how the tensor cores want consecutive K values paired in a register.
-            w = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (2 * ROWS, BLOCK_N))
-            if SCALE_PER_TILE:
-                tile = tl.dot(x_pairs[j], w, tile, input_precision=DOT_PRECISION)
-            else:
-                acc = tl.dot(x_pairs[j], w, acc, input_precision=DOT_PRECISION)
+                for half in tl.static_range(2):
+                    cols = cols_lo + 4 * half
+                    if HAS_G_IDX:
+                        group_rows = tl.load(g_idx_ptr + cols, mask=cols < k_end, other=0)[:, None]
+                    else:
+                        group_rows = (cols // GROUP_SIZE)[:, None]
+                    group_mask = (cols < k_end)[:, None] & mask_n[None, :]
+                    scale_rows = tl.load(scales_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0)
+                    if HAS_ZEROS:
+                        zero_rows = tl.load(zeros_ptr + group_rows * N + offs_n[None, :], mask=group_mask,
+                                            other=0.0).to(tl.float32)
+                    else:
+                        zero_rows = SYM_ZERO
+                    q = ((packed >> (4 * (j + 4 * half))) & 0xF).to(tl.float32)
+                    w = ((q - zero_rows) * scale_rows.to(tl.float32)).to(out_dtype)
+                    acc = tl.dot(x_hi if half else x_lo, w, acc, input_precision=DOT_PRECISION)
         if SCALE_PER_TILE:
             acc += tile * scale[None, :]
     if HAS_BIAS:
