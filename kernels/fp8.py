@@ -5,8 +5,9 @@ scale), w_scale per output channel (kernels/quant_reference.py has the layout).
 
 fp8_linear is what a layer calls: per-token quantization (one program per row,
 the row read once into registers, the hardware's rounding cast), then the GEMM.
-Decode batches (up to TRITON_MAX_M rows) take a Triton kernel that splits K
-across programs, so the few output tiles still fill the GPU and reading the
+Decode batches (up to TRITON_MAX_M rows) take a Triton kernel: the weight tile
+is the left operand of an FP8 wgmma (K-major, 16-byte loads), the activation
+the narrow right one, and long K is split across programs so that reading the
 weight is the cost. Larger batches (TRITON_MAX_M* says where the Triton kernel stops
 winning) run torch._scaled_mm (cuBLASLt, row-wise scales) on GPUs with FP8 tensor cores (compute capability 8.9+) when its shape
 and dtype rules hold; otherwise, and under the Triton interpreter, the Triton
@@ -24,13 +25,16 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
-from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
+from kernels.split_k import sum_splits
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
 # The Triton GEMM takes batches up to TRITON_MAX_M rows, and up to TRITON_MAX_M_NARROW rows when N is at
 # most TRITON_NARROW_N; cuBLASLt's was faster beyond (H200 measurements, benchmarks/RESULTS.md).
 TRITON_MAX_M = 64
+# Default K per split: on the H200 one split was fastest at K = 4096 (even with fewer output tiles than
+# SMs) and two at K = 14336 (Llama-3.1-8B down_proj); more splits only added partial-sum traffic.
+K_PER_SPLIT = 7168
 TRITON_MAX_M_NARROW = 256
 TRITON_NARROW_N = 4096
 MAX_ROW_BLOCK = 16384  # quantize_fp8_per_token reads rows up to this long once (registers), longer ones twice
@@ -156,7 +160,7 @@ class Fp8Config:
     block_k: int
     num_warps: int = 4
     num_stages: int = 4
-    split_k: int = 0  # 0: about two programs per SM
+    split_k: int = 0  # 0: about K_PER_SPLIT of K per split
 
 
 def default_config(m: int) -> Fp8Config:
@@ -172,19 +176,18 @@ def default_config(m: int) -> Fp8Config:
 
 def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                        out_dtype: torch.dtype, bias: torch.Tensor | None, config: Fp8Config | None) -> torch.Tensor:
-    """The Triton path: split-K when the output tiles are too few to fill the GPU."""
+    """The Triton path: split-K for long K, where the few output tiles of a decode batch leave SMs idle."""
     m, k = a.shape
     n = weight.shape[0]
     config = config or default_config(m)
     interpreted = _interpreted()
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     k_tiles = triton.cdiv(k, config.block_k)
     if config.split_k:
         split_k = config.split_k
     elif interpreted:
         split_k = min(2, k_tiles)
     else:
-        split_k = choose_split_k(tiles, k_tiles, 2 * multiprocessor_count(a.device.index or 0))
+        split_k = max(1, min(round(k / K_PER_SPLIT), k_tiles))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:
