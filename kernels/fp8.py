@@ -8,10 +8,10 @@ the row read once into registers, the hardware's rounding cast), then the GEMM.
 Decode batches (up to TRITON_MAX_M rows) take a Triton kernel: the weight tile
 is the left operand of an FP8 wgmma (K-major, 16-byte loads), the activation
 the narrow right one, and long K is split across programs so that reading the
-weight is the cost. Larger batches (TRITON_MAX_M* says where the Triton kernel stops
-winning) run torch._scaled_mm (cuBLASLt, row-wise scales) on GPUs with FP8 tensor cores (compute capability 8.9+) when its shape
-and dtype rules hold; otherwise, and under the Triton interpreter, the Triton
-kernel computes the same thing.
+weight is the cost. Larger batches (TRITON_MAX_M* say where the Triton kernel
+stopped winning) run torch._scaled_mm (cuBLASLt, row-wise scales) on GPUs with
+FP8 tensor cores (compute capability 8.9+) when its shape and dtype rules hold;
+otherwise, and under the Triton interpreter, the Triton kernel computes the same.
 """
 
 from __future__ import annotations
