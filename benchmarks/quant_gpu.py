@@ -76,7 +76,10 @@ class GemmWeights:
                            ref.quantize_fp8_per_channel(weight) if "fp8" in formats else None)
 
 
-def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config=None) -> Callable[[], torch.Tensor]:
+KernelConfig = W4A16Config | Fp8Config | None
+
+
+def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None) -> Callable[[], torch.Tensor]:
     """y = x W^T in one format (config: a W4A16Config / Fp8Config to try instead of the default)."""
     if fmt == "bf16":
         return lambda: x @ w.bf16.t()
@@ -105,7 +108,8 @@ def weight_copies(k: int, n: int) -> list[GemmWeights]:
     return [GemmWeights.random(k, n) for _ in range(max(2, -(-L2_FLUSH_BYTES // (2 * k * n))))]
 
 
-def check(fmt: str, x: torch.Tensor, w: GemmWeights, config=None) -> float:
+def check(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None) -> float:
+    """Relative error of a quantized format against its torch reference on the same quantized weight."""
     out = gemm_calls(fmt, x, w, config)()
     if fmt == "w4a16":
         expected = ref.w4a16_matmul(x, *w.w4, GROUP_SIZE)
