@@ -1,15 +1,20 @@
 """Quantized GEMMs and decode on one GPU: W4A16 and FP8 against bf16 in the same run.
 
-1. GEMM: y = x W^T at Llama-3.1-8B's four linear shapes for batch 1..256, timed with
-   CUDA events: bf16 torch matmul, the W4A16 Triton kernel (group 128, zero points),
-   and FP8 (per-token activation quantization + the FP8 GEMM, and the GEMM alone).
-   Each quantized result is checked against its torch reference before it is timed.
+1. GEMM: y = x W^T at Llama-3.1-8B's four linear shapes for batch 1..256: bf16 torch
+   matmul, the W4A16 Triton kernel (group 128, zero points), and FP8 (fp8_linear:
+   per-token activation quantization + the FP8 GEMM). Timed as decode runs them: many
+   calls in one CUDA graph (no host launch gaps), each on another copy of the weight so
+   that none is read from L2. Each result is checked against its torch reference.
+   Then the GEMMs of a whole decode step (8B: 32 layers, 128 GEMMs; 70B: 80 layers, in the
+   formats that fit), one graph per format, and with --sweep-batches the Triton tile choices.
 2. Decode (--decode): random-weight models of a factory shape written in each format by
    engine.testing.quantized (the formats' published layouts), served by LLMEngine;
    ms per decode step at the given batch sizes, as benchmarks.latency measures it.
    The 70B shape is written straight in W4A16 (no 141 GB bf16 copy on disk).
 
     python -m benchmarks.quant_gpu --out results/quant_gemm.json
+    python -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --sweep-batches 1,16,64 --out sweep.json
+    python -m benchmarks.quant_gpu --skip-gemm --stack-model llama-3.1-70b --stack-formats w4a16 --stack-batches 1,32
     python -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b --formats bf16,fp8,awq --out r.json
     python -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-70b --formats awq --batches 1,32
 """
@@ -21,9 +26,12 @@ import gc
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import triton
 
 import kernels
 from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save_json
@@ -33,51 +41,160 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.testing.quantized import QUANTIZED_FORMATS, quantize_model_folder, write_random_quantized_folder
 from kernels import quant_reference as ref
+from kernels.fp8 import Fp8Config
+from kernels.w4a16 import W4A16Config
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
+# (K, N) of each layer's GEMMs and the layer count, per model shape of the decode-GEMM stack
+STACK_SHAPES = {
+    "llama-3.1-8b": (LLAMA_8B_GEMMS, 32),
+    "llama-3.1-70b": ({"qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 57344), "down": (28672, 8192)}, 80),
+}
+STACK_FORMATS = ("bf16", "w4a16", "fp8")
 GROUP_SIZE = 128
+L2_FLUSH_BYTES = 256 << 20  # rotate over weight copies at least this large, so no launch reads from L2
 
 
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.float() - expected.float()).norm() / expected.float().norm())
 
 
+@dataclass
+class GemmWeights:
+    """One linear layer's weight in each format."""
+
+    bf16: torch.Tensor | None  # [N, K]
+    w4: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None  # qweight, scales, zeros
+    fp8: tuple[torch.Tensor, torch.Tensor] | None  # weight, weight_scale
+
+    @staticmethod
+    def random(k: int, n: int, formats: tuple[str, ...] = STACK_FORMATS) -> GemmWeights:
+        """Kept in the given formats only (the 70B shape does not fit in bf16)."""
+        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
+        return GemmWeights(weight if "bf16" in formats else None,
+                           ref.quantize_w4(weight, GROUP_SIZE, zero_point=True) if "w4a16" in formats else None,
+                           ref.quantize_fp8_per_channel(weight) if "fp8" in formats else None)
+
+
+KernelConfig = W4A16Config | Fp8Config | None
+
+
+def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None) -> Callable[[], torch.Tensor]:
+    """y = x W^T in one format (config: a W4A16Config / Fp8Config to try instead of the default)."""
+    if fmt == "bf16":
+        return lambda: x @ w.bf16.t()
+    if fmt == "w4a16":
+        return lambda: kernels.w4a16_matmul(x, *w.w4, GROUP_SIZE, config=config)
+    if fmt == "fp8":
+        return lambda: kernels.fp8_linear(x, *w.fp8, config=config)
+    raise ValueError(fmt)
+
+
+def graph_us(calls: list[Callable[[], torch.Tensor]], replays: int = 10) -> float:
+    """µs per call, the calls captured back to back in one CUDA graph (how decode runs them: no launch gaps)."""
+    for call in calls:  # compile and warm up outside the capture
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    return 1e6 * cuda_time_s(graph.replay, warmup=2, repeat=replays) / len(calls)
+
+
+def weight_copies(k: int, n: int) -> list[GemmWeights]:
+    """Enough random weights of one shape that cycling through them never hits L2 in bf16."""
+    return [GemmWeights.random(k, n) for _ in range(max(2, -(-L2_FLUSH_BYTES // (2 * k * n))))]
+
+
+def check(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None) -> float:
+    """Relative error of a quantized format against its torch reference on the same quantized weight."""
+    out = gemm_calls(fmt, x, w, config)()
+    if fmt == "w4a16":
+        expected = ref.w4a16_matmul(x, *w.w4, GROUP_SIZE)
+    else:
+        expected = ref.fp8_linear(x, *w.fp8)
+    return relative_error(out, expected)
+
+
 def gemm_rows(batches: list[int]) -> list[dict]:
+    """Each Llama-3.1-8B GEMM at each batch: bf16 torch matmul, W4A16 and FP8 (quantize + GEMM), graph-timed."""
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
-        weight = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * k**-0.5
-        qweight, scales, zeros = ref.quantize_w4(weight, GROUP_SIZE, zero_point=True)
-        fp8_weight, fp8_scale = ref.quantize_fp8_per_channel(weight)
+        copies = weight_copies(k, n)
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            w4_error = relative_error(kernels.w4a16_matmul(x, qweight, scales, zeros, GROUP_SIZE),
-                                      ref.w4a16_matmul(x, qweight, scales, zeros, GROUP_SIZE))
-            x_q, x_scale = kernels.quantize_fp8_per_token(x)
-            fp8_error = relative_error(kernels.fp8_matmul(x_q, x_scale, fp8_weight, fp8_scale, torch.bfloat16),
-                                       ref.fp8_matmul(x_q, x_scale, fp8_weight, fp8_scale, torch.bfloat16))
-            bf16_us = 1e6 * cuda_time_s(lambda: x @ weight.t())
-            w4_us = 1e6 * cuda_time_s(lambda: kernels.w4a16_matmul(x, qweight, scales, zeros, GROUP_SIZE))
-            fp8_gemm_us = 1e6 * cuda_time_s(
-                lambda: kernels.fp8_matmul(x_q, x_scale, fp8_weight, fp8_scale, torch.bfloat16))
-
-            def fp8_with_quantization() -> torch.Tensor:
-                q, s = kernels.quantize_fp8_per_token(x)
-                return kernels.fp8_matmul(q, s, fp8_weight, fp8_scale, torch.bfloat16)
-
-            fp8_us = 1e6 * cuda_time_s(fp8_with_quantization)
-            rows.append({
-                "gemm": name, "M": m, "K": k, "N": n, "bf16_us": bf16_us,
-                "w4a16_us": w4_us, "w4a16_speedup": bf16_us / w4_us, "w4a16_weight_GB/s": weight_gbs(qweight, w4_us),
-                "fp8_us": fp8_us, "fp8_speedup": bf16_us / fp8_us, "fp8_gemm_only_us": fp8_gemm_us,
-                "bf16_weight_GB/s": weight_gbs(weight, bf16_us), "w4a16_err": w4_error, "fp8_err": fp8_error,
-            })
-        del weight, qweight, scales, zeros, fp8_weight, fp8_scale
+            row = {"gemm": name, "M": m, "K": k, "N": n}
+            for fmt in ("bf16", "w4a16", "fp8"):
+                row[f"{fmt}_us"] = graph_us([gemm_calls(fmt, x, w) for w in copies])
+            row["w4a16_x"] = row["bf16_us"] / row["w4a16_us"]
+            row["fp8_x"] = row["bf16_us"] / row["fp8_us"]
+            row["bf16_GB/s"] = 2 * k * n / row["bf16_us"] / 1e3
+            row["w4a16_GB/s"] = (k * n // 2 + 4 * (k // GROUP_SIZE) * n) / row["w4a16_us"] / 1e3
+            row["fp8_GB/s"] = k * n / row["fp8_us"] / 1e3
+            row["w4a16_err"] = check("w4a16", x, copies[0])
+            row["fp8_err"] = check("fp8", x, copies[0])
+            rows.append(row)
+        del copies
         torch.cuda.empty_cache()
     return rows
 
 
-def weight_gbs(weight: torch.Tensor, microseconds: float) -> float:
-    return weight.numel() * weight.element_size() / (microseconds * 1e-6) / 1e9
+def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) -> list[dict]:
+    """The GEMMs of one decode step of a model shape: every layer's qkv, o, gate_up and down, each with
+    its own weights, in one CUDA graph per format. Attention, norms and the bf16 lm_head are left out:
+    they are the same work in every format."""
+    gemms, num_layers = STACK_SHAPES[model]
+    layers = [{name: GemmWeights.random(k, n, formats) for name, (k, n) in gemms.items()} for _ in range(num_layers)]
+    rows = []
+    for m in batches:
+        xs = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for k in {k for k, _ in gemms.values()}}
+        row = {"model": model, "M": m}
+        for fmt in formats:
+            calls = [gemm_calls(fmt, xs[k], layer[name]) for layer in layers for name, (k, _) in gemms.items()]
+            row[f"{fmt}_ms"] = graph_us(calls, replays=5) * len(calls) / 1e3
+        for fmt in formats:
+            if fmt != "bf16" and "bf16" in formats:
+                row[f"{fmt}_x"] = row["bf16_ms"] / row[f"{fmt}_ms"]
+        rows.append(row)
+    del layers
+    torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
+    """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
+    w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3)]
+    fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
+    rows = []
+    for name, (k, n) in LLAMA_8B_GEMMS.items():
+        copies = weight_copies(k, n)
+        for m in batches:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bf16 = graph_us([gemm_calls("bf16", x, w) for w in copies])
+            candidates = []
+            block_m = max(16, min(128, triton.next_power_of_2(m)))
+            if m <= 64 and "w4a16" in formats:
+                for block_n, block_k, warps, stages in w4_tiles:
+                    for split in (0, 2, 4):
+                        candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split)))
+            if "fp8" in formats:
+                for block_n, block_k, warps in fp8_tiles:
+                    for split in (0, 1, 2) if m <= 64 else (1,):
+                        candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
+            for fmt, config in candidates:
+                try:
+                    us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)
+                    error = check(fmt, x, copies[0], config)
+                except Exception as exc:  # a tile that does not fit in shared memory, etc.
+                    print(f"{name} M={m} {fmt} {config}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
+                    continue
+                rows.append({"gemm": name, "M": m, "format": fmt, "config": str(config), "us": us, "x_bf16": bf16 / us,
+                             "err": error})
+        del copies
+        torch.cuda.empty_cache()
+    return rows
 
 
 def quantized_folder(model: str, fmt: str, root: Path) -> tuple[Path, str | None]:
@@ -133,6 +250,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm-batches", default="1,2,4,8,16,32,64,128,256")
     parser.add_argument("--skip-gemm", action="store_true")
+    parser.add_argument("--stack-batches", default="1,16,64",
+                        help="batches of the decode-GEMM stack ('' to skip)")
+    parser.add_argument("--stack-model", choices=sorted(STACK_SHAPES), default="llama-3.1-8b")
+    parser.add_argument("--stack-formats", default=",".join(STACK_FORMATS))
+    parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
+    parser.add_argument("--sweep-formats", default="w4a16,fp8")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--formats", default="bf16,fp8,fp8-channel,fp8-online,awq,gptq,compressed-tensors",
@@ -144,9 +267,19 @@ def main() -> None:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     payload: dict = {"command": " ".join(sys.argv)}
+    if args.sweep_batches:
+        payload["sweep"] = sweep_rows([int(b) for b in args.sweep_batches.split(",")], args.sweep_formats.split(","))
+        print_table(payload["sweep"], "Triton tile sweep (µs per GEMM, CUDA graph)")
+        save_json(args.out, payload)
     if not args.skip_gemm:
         payload["gemm"] = gemm_rows([int(b) for b in args.gemm_batches.split(",")])
-        print_table(payload["gemm"], f"Llama-3.1-8B GEMMs, bf16 vs W4A16 (group {GROUP_SIZE}) vs FP8 (per token)")
+        print_table(payload["gemm"], f"Llama-3.1-8B GEMMs, bf16 vs W4A16 (group {GROUP_SIZE}) vs FP8 (per token), "
+                                     "µs per GEMM in a CUDA graph, weights cycled past L2")
+        save_json(args.out, payload)
+    if args.stack_batches:
+        payload["decode_gemm_stack"] = decode_stack_rows(args.stack_model, tuple(args.stack_formats.split(",")),
+                                                         [int(b) for b in args.stack_batches.split(",")])
+        print_table(payload["decode_gemm_stack"], f"{args.stack_model} decode step's GEMMs, ms per step")
     if args.decode:
         bandwidth = copy_bandwidth_gbs()
         payload["copy_bandwidth_gbs"] = bandwidth

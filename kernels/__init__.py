@@ -20,6 +20,7 @@ _LAZY = {
     "w4a16_matmul": "kernels.w4a16",
     "quantize_fp8_per_token": "kernels.fp8",
     "fp8_matmul": "kernels.fp8",
+    "fp8_linear": "kernels.fp8",
 }
 
 __all__ = sorted(_LAZY)

@@ -3,26 +3,41 @@
 y = (x_q * x_scale) @ (w_q * w_scale)^T, x_scale per token (or one static
 scale), w_scale per output channel (kernels/quant_reference.py has the layout).
 
-On GPUs with FP8 tensor cores (compute capability 8.9+: Ada, Hopper) the
-matmul is torch._scaled_mm (cuBLASLt) whenever its shape and dtype rules hold;
-otherwise, and under the Triton interpreter, a Triton kernel computes the same
-thing. Per-token quantization of the activation is one Triton pass (amax and
-scaled cast in one read of the row).
+fp8_linear is what a layer calls: per-token quantization (one program per row,
+the row read once into registers, the hardware's rounding cast), then the GEMM.
+Decode batches (up to TRITON_MAX_M rows) take a Triton kernel: the weight tile
+is the left operand of an FP8 wgmma (K-major, 16-byte loads), the activation
+the narrow right one, and long K is split across programs so that reading the
+weight is the cost. Larger batches (TRITON_MAX_M* say where the Triton kernel
+stopped winning) run torch._scaled_mm (cuBLASLt, row-wise scales) on GPUs with
+FP8 tensor cores (compute capability 8.9+) when its shape and dtype rules hold;
+otherwise, and under the Triton interpreter, the Triton kernel computes the same.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+from kernels.split_k import sum_splits
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
+# The Triton GEMM takes batches up to TRITON_MAX_M rows, and up to TRITON_MAX_M_NARROW rows when N is at
+# most TRITON_NARROW_N; cuBLASLt's was faster beyond (H200 measurements, benchmarks/RESULTS.md).
+TRITON_MAX_M = 64
+# Default K per split: on the H200 one split was fastest at K = 4096 (even with fewer output tiles than
+# SMs) and two at K = 14336 (Llama-3.1-8B down_proj); more splits only added partial-sum traffic.
+K_PER_SPLIT = 7168
+TRITON_MAX_M_NARROW = 256
+TRITON_NARROW_N = 4096
+MAX_ROW_BLOCK = 16384  # quantize_fp8_per_token reads rows up to this long once (registers), longer ones twice
 
 
 def _interpreted() -> bool:
@@ -49,21 +64,35 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
+def _to_e4m3(v, EXACT_ROUNDING: tl.constexpr):
+    """float32 v (already clamped to +-448) as e4m3: the hardware's round-to-nearest-even cast on the GPU."""
+    if EXACT_ROUNDING:
+        v = _round_to_e4m3(v)
+    return v.to(tl.float8e4nv)
+
+
+@triton.jit
 def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, stride_x, K, FP8_MAX_VALUE: tl.constexpr,
-                               MIN_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+                               MIN_SCALE: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
+    """One row per program: max |x| / 448 is the row's scale (vLLM's floor keeps zero rows finite).
+
+    When the row fits in one BLOCK it is read once and kept in registers; a longer row is
+    read twice (amax, then the scaled cast), in BLOCK-sized pieces.
+    """
     row = tl.program_id(0)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    amax = tl.abs(x)
+    for start in range(BLOCK, K, BLOCK):
+        more = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(more))
     scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_VALUE, MIN_SCALE)
     tl.store(scale_ptr + row, scale)
     for start in range(0, K, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-        q = _round_to_e4m3(tl.clamp(x / scale, -FP8_MAX_VALUE, FP8_MAX_VALUE))
-        tl.store(out_ptr + row * K + offs, q.to(out_ptr.dtype.element_ty), mask=offs < K)
+        if start > 0:
+            x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
+        q = _to_e4m3(tl.clamp(x / scale, -FP8_MAX_VALUE, FP8_MAX_VALUE), EXACT_ROUNDING)
+        tl.store(out_ptr + row * K + start + offs, q, mask=start + offs < K)
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,43 +101,111 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     out = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
-        block = min(1024 if not _interpreted() else 64, triton.next_power_of_2(k))
-        _quantize_per_token_kernel[(m,)](x, out, scale, x.stride(0), k, FP8_MAX_VALUE=FP8_MAX,
-                                         MIN_SCALE=FP8_MIN_SCALE, BLOCK=block, num_warps=4)
+        interpreted = _interpreted()
+        block = min(64 if interpreted else MAX_ROW_BLOCK, triton.next_power_of_2(k))
+        _quantize_per_token_kernel[(m,)](
+            x, out, scale, x.stride(0), k, FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
+            EXACT_ROUNDING=interpreted, BLOCK=block, num_warps=1 if interpreted else max(4, min(16, block // 1024)))
     return out, scale
 
 
 @triton.jit
 def _fp8_matmul_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K,
-    A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_am, k_per_split,
+    A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    """out[split] = (a_q * a_scale) @ (b * b_scale)^T over this program's K split."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m, mask_n = offs_m < M, offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # b is [N, K] row-major; the tile is read transposed as [BLOCK_K, BLOCK_N].
-        b = tl.load(b_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        if UPCAST:  # the interpreter and pre-Ada GPUs have no FP8 dot
-            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
     if A_SCALE_PER_ROW:
-        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)[:, None]
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=mask_m, other=0.0)
     else:
-        a_scale = tl.load(a_scale_ptr)
-    b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
-    acc = acc * a_scale * b_scale
+        a_scale = tl.load(a_scale_ptr + tl.zeros((BLOCK_M,), dtype=tl.int32))
+    # The weight tile is the dot's left operand, [BLOCK_N, BLOCK_K] as stored (K contiguous: wide loads,
+    # and Hopper's FP8 wgmma wants both operands K-major); the activation tile is the narrow right one.
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+        b_ptrs = b_ptr + offs_n[:, None] * K + offs_k[None, :]
+        if EVEN:
+            a = tl.load(a_ptrs, mask=mask_m[:, None], other=0.0)
+            b = tl.load(b_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0)
+        if UPCAST:  # the interpreter and pre-Ada GPUs have no FP8 dot
+            acc += tl.dot(b.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
+        else:
+            acc = tl.dot(b, tl.trans(a), acc)
+    b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = tl.trans(acc) * a_scale[:, None] * b_scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
+    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@dataclass(frozen=True)
+class Fp8Config:
+    """Tiles, warps and K splits of one Triton FP8 launch (benchmarks sweep these)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 4
+    split_k: int = 0  # 0: about K_PER_SPLIT of K per split
+
+
+def default_config(m: int) -> Fp8Config:
+    """Tiles by batch size, from the H200 sweep in benchmarks/quant_gpu.py."""
+    if _interpreted():
+        return Fp8Config(block_m=MIN_DOT, block_n=32, block_k=32, num_warps=1, num_stages=1)
+    if m <= 16:
+        return Fp8Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
+    if m <= 64:
+        return Fp8Config(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=4)
+    return Fp8Config(block_m=128, block_n=64, block_k=256, num_warps=4, num_stages=4, split_k=1)
+
+
+def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                       out_dtype: torch.dtype, bias: torch.Tensor | None, config: Fp8Config | None) -> torch.Tensor:
+    """The Triton path: split-K for long K, where the few output tiles of a decode batch leave SMs idle."""
+    m, k = a.shape
+    n = weight.shape[0]
+    config = config or default_config(m)
+    interpreted = _interpreted()
+    k_tiles = triton.cdiv(k, config.block_k)
+    if config.split_k:
+        split_k = config.split_k
+    elif interpreted:
+        split_k = min(2, k_tiles)
+    else:
+        split_k = max(1, min(round(k / K_PER_SPLIT), k_tiles))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    if split_k == 1:
+        out = torch.empty(1, m, n, dtype=out_dtype, device=a.device)
+    else:
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
+    if m:
+        weight_scale = weight_scale.float().contiguous()
+        _fp8_matmul_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)](
+            a if a.stride(1) == 1 else a.contiguous(), a_scale.float().contiguous(), weight.contiguous(), weight_scale,
+            bias if bias is not None and split_k == 1 else weight_scale, out,
+            m, n, k, a.stride(0) if a.stride(1) == 1 else k, k_per_split,
+            A_SCALE_PER_ROW=a_scale.numel() != 1, HAS_BIAS=bias is not None and split_k == 1,
+            UPCAST=interpreted or not _has_fp8_tensor_cores(a.device), EVEN=k % config.block_k == 0 and n % config.block_n == 0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+    return out[0] if split_k == 1 else sum_splits(out, bias, out_dtype)
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
@@ -139,29 +236,30 @@ def fp8_matmul(
     weight_scale: torch.Tensor,
     out_dtype: torch.dtype,
     bias: torch.Tensor | None = None,
+    config: Fp8Config | None = None,
 ) -> torch.Tensor:
     """x_q [M, K] fp8, x_scale float32 [M, 1] (or one value), weight fp8 [N, K], weight_scale float32 [N] -> [M, N]."""
     m, k = x_q.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
         raise ValueError(f"FP8 weight {list(weight.shape)} does not match K={k}")
-    if _scaled_mm_fits(x_q, weight, out_dtype):
+    triton_faster = m <= TRITON_MAX_M or (m <= TRITON_MAX_M_NARROW and n <= TRITON_NARROW_N)
+    if config is None and not triton_faster and _scaled_mm_fits(x_q, weight, out_dtype):
         y = torch._scaled_mm(
             x_q, weight.t(), scale_a=x_scale.float().reshape(-1, 1).expand(m, 1).contiguous(),
             scale_b=weight_scale.float().reshape(1, n), out_dtype=out_dtype,
         )
         return y if bias is None else y.add_(bias)
-    out = torch.empty(m, n, dtype=out_dtype, device=x_q.device)
-    if m:
-        interpreted = _interpreted()
-        block_m = MIN_DOT if interpreted or m <= 16 else min(128, triton.next_power_of_2(m))
-        block_n, block_k = (32, 32) if interpreted else (128, 128)
-        upcast = interpreted or not _has_fp8_tensor_cores(x_q.device)
-        _fp8_matmul_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_n))](
-            x_q.contiguous(), x_scale.float().contiguous(), weight.contiguous(), weight_scale.float().contiguous(),
-            bias if bias is not None else weight_scale, out, m, n, k,
-            A_SCALE_PER_ROW=x_scale.numel() != 1, HAS_BIAS=bias is not None, UPCAST=upcast,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=1 if interpreted else 4, num_stages=1 if interpreted else 3,
-        )
-    return out
+    return _triton_fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias, config)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: Fp8Config | None = None,
+) -> torch.Tensor:
+    """x [M, K] quantized per token, times the FP8 weight, in x's dtype: quant_reference.fp8_linear."""
+    x_q, x_scale = quantize_fp8_per_token(x)
+    return fp8_matmul(x_q, x_scale, weight, weight_scale, x.dtype, bias, config)

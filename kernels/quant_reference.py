@@ -142,3 +142,14 @@ def fp8_matmul(
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype)
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x [M, K] quantized per token, then fp8_matmul with the FP8 weight, in x's dtype."""
+    x_q, x_scale = quantize_fp8_per_token(x)
+    return fp8_matmul(x_q, x_scale, weight, weight_scale, x.dtype, bias)

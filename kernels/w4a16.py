@@ -2,8 +2,12 @@
 
 The layout is the one in kernels/quant_reference.py (int32 [K // 8, N], groups
 along K). No dequantized copy of the weight ever exists: each program loads a
-packed [BLOCK_K // 8, BLOCK_N] tile, expands it to [BLOCK_K, BLOCK_N] in
-registers, applies its group's scale and zero, and feeds tl.dot.
+packed [BLOCK_K // 8, BLOCK_N] tile and feeds its eight nibble planes to tl.dot
+in registers. Decode is bound by reading the weight only if dequantizing costs
+a few instructions per weight, so on the GPU two weights are made by one lop3
+and one packed subtract (the "magic number" trick: a nibble ORed into the
+mantissa of 128.0 in bf16 is 128 + q), and the group scale multiplies the
+tile's fp32 dot once instead of every weight.
 
 Decode batches (M of 1..64) give too few output tiles to fill an H200's 132
 SMs, and the GEMM is bound by reading the weight, so K is split across
@@ -12,8 +16,6 @@ programs (split-K) and the fp32 partial sums are added (with the bias) by one mo
 
 from __future__ import annotations
 
-import functools
-import math
 import os
 from dataclasses import dataclass
 
@@ -22,8 +24,58 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
+from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
+PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
+MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
+
+# How weights become 16-bit floats (see _dequantize_pair); MAGIC is the float whose mantissa the nibble fills.
+DEQUANT_PLAIN = tl.constexpr(0)
+DEQUANT_FAST_BF16 = tl.constexpr(1)
+DEQUANT_FAST_FP16 = tl.constexpr(2)
+MAGIC = {DEQUANT_FAST_BF16.value: 128.0, DEQUANT_FAST_FP16.value: 1024.0}
+
+
+@triton.jit
+def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Nibbles 0 and 4 of each int32 of `shifted` (rows j and j + 4 of its eight) as (q - zero), exactly.
+
+    DEQUANT_FAST_*: one lop3 ORs two nibbles into the mantissas of a 16-bit float pair
+    (MAGIC + q each), one packed subtract takes MAGIC + zero off both: two weights in two
+    instructions, no integer-to-float conversion. DEQUANT_PLAIN does the same with
+    Triton arithmetic (the interpreter, fp32).
+    """
+    if DEQUANT == DEQUANT_PLAIN:
+        lo = ((shifted & 0xF).to(tl.float32) - zero).to(OUT_DTYPE)
+        hi = (((shifted >> 16) & 0xF).to(tl.float32) - zero).to(OUT_DTYPE)
+    else:
+        zero16 = (zero + MAGIC).to(OUT_DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        zero_pair = zero16 | (zero16 << 16)
+        if DEQUANT == DEQUANT_FAST_BF16:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $3; "
+                "mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r", [shifted, zero_pair], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $3; "
+                "mov.b32 {$0, $1}, t; }",
+                "=h,=h,r,r", [shifted, zero_pair], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    return lo, hi
+
+
+@triton.jit
+def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """x_tile [BLOCK_M, 8 * ROWS] -> its eight planes [BLOCK_M, ROWS]: plane j holds columns 8r + j."""
+    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # j = 4a + 2b + c; split c, then b, then a
+    x_c0b0, x_c0b1 = tl.split(x_c0)
+    x_c1b0, x_c1b1 = tl.split(x_c1)
+    x0, x4 = tl.split(x_c0b0)
+    x2, x6 = tl.split(x_c0b1)
+    x1, x5 = tl.split(x_c1b0)
+    x3, x7 = tl.split(x_c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
@@ -32,57 +84,76 @@ def _w4a16_kernel(
     M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
+    # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
+    # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
+    # eight dots: plane j [BLOCK_K // 8, BLOCK_N] against the activation columns 8r + j.
+    ROWS: tl.constexpr = BLOCK_K // 8
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
     mask_m, mask_n = offs_m < M, offs_n < N
+    out_dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCK_K):
+        packed_rows = k0 // 8 + offs_r
+        if EVEN:
+            packed = tl.load(qweight_ptr + packed_rows[:, None] * N + offs_n[None, :])
+        else:
+            packed = tl.load(qweight_ptr + packed_rows[:, None] * N + offs_n[None, :],
+                             mask=(packed_rows[:, None] < k_end // 8) & mask_n[None, :], other=0)
+        if SCALE_PER_TILE:  # the tile lies in one group: scale the tile's dot once, not every weight
+            group = k0 // GROUP_SIZE
+            scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            if HAS_ZEROS:
+                zero = tl.load(zeros_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            else:
+                zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
+            tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # One contiguous (pipelined) load of the activation tile, split into its eight column planes in registers.
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        # Eight rows share one int32: load each once, shift its eight nibbles out, and lay them out as rows.
-        offs_packed = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        packed = tl.load(qweight_ptr + offs_packed[:, None] * N + offs_n[None, :],
-                         mask=(offs_packed[:, None] < k_end // 8) & mask_n[None, :], other=0)
-        nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF  # [BLOCK_K // 8, 8, BLOCK_N]
-        q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N)).to(tl.float32)
-        if HAS_G_IDX:
-            group = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)[:, None]
-            group_mask = mask_k[:, None] & mask_n[None, :]
+        if EVEN:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
         else:
-            group = k0 // GROUP_SIZE  # BLOCK_K divides GROUP_SIZE: one group per tile
-            group_mask = mask_n[None, :]
-        scale = tl.load(scales_ptr + group * N + offs_n[None, :], mask=group_mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + group * N + offs_n[None, :], mask=group_mask, other=0.0).to(tl.float32)
-        else:
-            zero = SYM_ZERO
-        w = ((q - zero) * scale).to(x_ptr.dtype.element_ty)
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
+        x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
+        for j in tl.static_range(4):
+            cols_lo = k0 + offs_r * 8 + j
+            x_lo = x_planes[j]
+            x_hi = x_planes[j + 4]
+            if SCALE_PER_TILE:
+                w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
+                tile = tl.dot(x_lo, w_lo, tile, input_precision=DOT_PRECISION)
+                tile = tl.dot(x_hi, w_hi, tile, input_precision=DOT_PRECISION)
+            else:  # groups smaller than the tile, or in any order (g_idx): scale every weight
+                for half in tl.static_range(2):
+                    cols = cols_lo + 4 * half
+                    if HAS_G_IDX:
+                        group_rows = tl.load(g_idx_ptr + cols, mask=cols < k_end, other=0)[:, None]
+                    else:
+                        group_rows = (cols // GROUP_SIZE)[:, None]
+                    group_mask = (cols < k_end)[:, None] & mask_n[None, :]
+                    scale_rows = tl.load(scales_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0)
+                    if HAS_ZEROS:
+                        zero_rows = tl.load(zeros_ptr + group_rows * N + offs_n[None, :], mask=group_mask,
+                                            other=0.0).to(tl.float32)
+                    else:
+                        zero_rows = SYM_ZERO
+                    q = ((packed >> (4 * (j + 4 * half))) & 0xF).to(tl.float32)
+                    w = ((q - zero_rows) * scale_rows.to(tl.float32)).to(out_dtype)
+                    acc = tl.dot(x_hi if half else x_lo, w, acc, input_precision=DOT_PRECISION)
+        if SCALE_PER_TILE:
+            acc += tile * scale[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _sum_splits_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
-    """out = sum of the split-K partials (+ bias), cast to the output dtype, in one launch."""
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for split in range(SPLITS):
-        acc += tl.load(partials_ptr + split * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @dataclass(frozen=True)
@@ -101,39 +172,31 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.cache
-def _multiprocessor_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _largest_block_k(group_size: int, limit: int) -> int:
-    """The largest power of two <= limit that divides the group size (so a tile never straddles groups)."""
-    block = limit
-    while block > MIN_DOT and group_size % block:
-        block //= 2
-    if group_size % block:
-        raise ValueError(f"W4A16 group size {group_size} is not a multiple of {MIN_DOT}")
-    return block
-
-
-def default_config(m: int, group_size: int) -> W4A16Config:
+def default_config(m: int) -> W4A16Config:
+    """Tiles by batch size: decode batches are bound by reading the weight, large ones by the dot."""
     if _interpreted():
-        return W4A16Config(block_m=MIN_DOT, block_n=32, block_k=_largest_block_k(group_size, 32), num_warps=1,
-                           num_stages=1)
-    block_m = min(128, max(MIN_DOT, triton.next_power_of_2(m)))
-    block_n = 64 if m <= 64 else 128
-    block_k = _largest_block_k(group_size, 128 if m <= 64 else 64)
-    return W4A16Config(block_m=block_m, block_n=block_n, block_k=block_k, num_warps=4 if m <= 64 else 8,
-                       num_stages=4 if m <= 64 else 3)
+        return W4A16Config(block_m=MIN_DOT, block_n=32, block_k=MIN_BLOCK_K, num_warps=1, num_stages=1)
+    if m <= 16:
+        return W4A16Config(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if m <= 64:
+        return W4A16Config(block_m=triton.next_power_of_2(m), block_n=64, block_k=128, num_warps=4, num_stages=4)
+    return W4A16Config(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
 
 
-def choose_split_k(m: int, n: int, k: int, config: W4A16Config) -> int:
-    """K splits so that about two programs run per SM, keeping each split at least 4 K-tiles long."""
+def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
+    """The inline-PTX dequantization on GPUs for 16-bit activations with whole-tile groups; plain otherwise."""
+    if _interpreted() or not scale_per_tile or x.dtype not in (torch.bfloat16, torch.float16):
+        return DEQUANT_PLAIN.value
+    return DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value
+
+
+def _default_split_k(m: int, n: int, k: int, config: W4A16Config) -> int:
+    """About PROGRAMS_PER_SM programs per SM (under the interpreter: two splits, to exercise the path)."""
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     k_tiles = triton.cdiv(k, config.block_k)
-    target = 2 * tiles if _interpreted() else 2 * _multiprocessor_count(torch.cuda.current_device())
-    wanted = math.ceil(target / tiles)
-    return max(1, min(wanted, k_tiles // 4 if not _interpreted() else k_tiles, 16))
+    if _interpreted():
+        return min(2, k_tiles)
+    return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
 
 
 def w4a16_matmul(
@@ -149,7 +212,8 @@ def w4a16_matmul(
     """x [M, K] (fp16 / bf16 / fp32) @ the W4A16 weight [K, N] -> [M, N] in x's dtype.
 
     With g_idx the group of each row is looked up (any order); otherwise rows
-    k*G..(k+1)*G-1 form group k and group_size must be a multiple of 16.
+    k*G..(k+1)*G-1 form group k. Groups that are a multiple of the K tile (128, per
+    channel) take the fast path: one scale per tile, weights dequantized two per instruction.
     """
     m, k = x.shape
     n = qweight.shape[1]
@@ -159,8 +223,12 @@ def w4a16_matmul(
         raise ValueError("W4A16 qweight, scales, zeros and g_idx must be contiguous")
     if x.stride(1) != 1:
         x = x.contiguous()
-    config = config or default_config(m, group_size if g_idx is None else MIN_DOT * 8)
-    split_k = config.split_k or choose_split_k(m, n, k, config)
+    config = config or default_config(m)
+    if config.block_k < MIN_BLOCK_K or config.block_k & (config.block_k - 1):
+        raise ValueError(f"W4A16 block_k must be a power of two >= {MIN_BLOCK_K}, not {config.block_k}")
+    scale_per_tile = g_idx is None and group_size % config.block_k == 0
+    dequant = _dequant_mode(x, scale_per_tile)
+    split_k = config.split_k or _default_split_k(m, n, k, config)
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:
@@ -177,13 +245,9 @@ def w4a16_matmul(
             HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
+            EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
+            # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
+            num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
-    if split_k == 1:
-        return out[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m:
-        block = 1024
-        _sum_splits_kernel[(triton.cdiv(m * n, block),)](out, bias if bias is not None else y, y, m * n, n,
-                                                         SPLITS=split_k, HAS_BIAS=bias is not None, BLOCK=block)
-    return y
+    return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)

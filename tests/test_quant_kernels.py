@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from kernels import quant_reference as ref
+from kernels.fp8 import Fp8Config
 from kernels.w4a16 import W4A16Config
 
 CUDA = torch.cuda.is_available()
@@ -75,14 +76,16 @@ def test_w4a16_matches_reference(m, dtype, group_size, zero_point):
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
-def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k):
-    # N not a multiple of the tile, K split into uneven parts: every boundary is masked.
-    k, n, m = 160, 72, 3
-    qweight, scales, zeros = ref.quantize_w4(random(n, k), 32, True)
+@pytest.mark.parametrize("k,group_size", [(160, 32), (384, 128)])
+def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, k, group_size):
+    # N not a multiple of the tile, K split into uneven parts: every boundary is masked. Group 32 is
+    # smaller than the K tile (each weight scaled); group 128 takes the one-scale-per-tile path.
+    n, m = 72, 3
+    qweight, scales, zeros = ref.quantize_w4(random(n, k), group_size, True)
     x, bias = random(m, k, seed=2), random(n, seed=3)
-    config = W4A16Config(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1, split_k=split_k)
-    out = kernels.w4a16_matmul(x, qweight, scales, zeros, 32, bias=bias, config=config)
-    expected = ref.w4a16_matmul(x, qweight, scales, zeros, 32, bias=bias)
+    config = W4A16Config(block_m=16, block_n=32, block_k=128, num_warps=1, num_stages=1, split_k=split_k)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias, config=config)
+    expected = ref.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias)
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
 
 
@@ -131,6 +134,20 @@ def test_fp8_matmul_matches_reference(m, out_dtype):
     assert out.dtype == out_dtype and out.shape == (m, n)
     expected = ref.fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias)
     assert relative_error(out, expected) < TOLERANCE[out_dtype]
+
+
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fp8_linear_matches_reference(m, dtype):
+    # What a layer calls: per-token quantization, then the Triton GEMM with K split in two.
+    k, n = 160, 48
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=10))
+    x = random(m, k, dtype=dtype, seed=11) * torch.logspace(-2, 1, k, device=DEVICE).to(dtype)
+    bias = random(n, seed=12).to(dtype)
+    config = Fp8Config(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
+    out = kernels.fp8_linear(x, weight, weight_scale, bias, config=config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert relative_error(out, ref.fp8_linear(x, weight, weight_scale, bias)) < TOLERANCE[dtype]
 
 
 def test_fp8_matmul_with_one_static_activation_scale():
@@ -183,9 +200,10 @@ def test_fp8_bf16_gpu(m, k, n):
 @pytest.mark.gpu
 @pytest.mark.skipif(not FP8_TENSOR_CORES, reason="needs FP8 tensor cores (compute capability 8.9+)")
 def test_fp8_triton_path_matches_scaled_mm_gpu():
-    # fp16 output is outside _scaled_mm's row-wise rules, so it takes the Triton kernel with native FP8 dots.
+    # 512 rows of bf16 output take _scaled_mm; fp16 output is outside its row-wise rules, so it takes
+    # the Triton kernel with native FP8 dots.
     weight, weight_scale = ref.quantize_fp8_per_channel(random(4096, 4096, dtype=torch.bfloat16))
-    x_q, x_scale = kernels.quantize_fp8_per_token(random(32, 4096, dtype=torch.bfloat16, seed=1))
+    x_q, x_scale = kernels.quantize_fp8_per_token(random(512, 4096, dtype=torch.bfloat16, seed=1))
     triton_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.float16)
     scaled_mm_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     assert relative_error(triton_out, scaled_mm_out) < TOLERANCE[torch.bfloat16]
