@@ -40,7 +40,10 @@ class EngineConfig:
     seed: int = 0  # seeds unseeded sampling, so a whole run is reproducible
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # True: no CUDA graphs
-    overlap_scheduling: bool = True  # schedule step n+1 while step n runs (tensor_parallel_size 1 only)
+    overlap_scheduling: bool = True  # schedule step n+1 while step n runs
+    # tensor parallelism on GPUs: small float32/bfloat16 all-reduces through torch's symmetric-memory
+    # one-shot kernel instead of NCCL (engine.distributed.small_all_reduce); NCCL where it cannot run
+    small_all_reduce: bool = False
     served_model_name: str | None = None  # the name clients use; None: the model path
     tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
     quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says

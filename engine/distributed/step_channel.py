@@ -57,9 +57,11 @@ ALIGNMENT = 8
 class StepChannel:
     """Broadcasts {name: field} dicts with a fixed key order from rank 0 over a gloo group."""
 
-    def __init__(self, field_names: Sequence[str], group: dist.ProcessGroup):
+    def __init__(self, field_names: Sequence[str], group: dist.ProcessGroup, pin: bool = False):
+        """`pin`: receive into page-locked memory, so that the fields copy to a GPU asynchronously."""
         self.field_names = tuple(field_names)
         self.group = group
+        self.pin = pin
         self._header = torch.empty(2 + SLOTS_PER_FIELD * len(self.field_names), dtype=torch.int64)
 
     def send(self, command: Command, fields: Mapping[str, Field] | None = None) -> None:
@@ -83,7 +85,8 @@ class StepChannel:
     def receive(self) -> tuple[Command, dict[str, Field]]:
         dist.broadcast(self._header, SOURCE_RANK, group=self.group)
         header = self._header.tolist()
-        payload = torch.empty(header[1], dtype=torch.uint8)
+        # From torch's caching host allocator: a block is reused only once its copies have ended.
+        payload = torch.empty(header[1], dtype=torch.uint8, pin_memory=self.pin)
         if header[1]:
             dist.broadcast(payload, SOURCE_RANK, group=self.group)
         fields: dict[str, Field] = {}
@@ -110,6 +113,8 @@ def _encode(name: str, value: Field) -> tuple[list[int], torch.Tensor | None]:
         raise TypeError(f"field {name!r}: {value.dtype} tensors of {value.dim()} dims cannot be sent")
     slots[:3] = [Kind.TENSOR, DTYPES.index(value.dtype), value.dim()]
     slots[3 : 3 + value.dim()] = value.shape
+    if value.numel() == 0:  # (an empty tensor's strides may not allow the byte view below)
+        return slots, torch.empty(0, dtype=torch.uint8)
     data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     return slots, torch.nn.functional.pad(data, (0, _aligned(data.numel()) - data.numel()))
 
