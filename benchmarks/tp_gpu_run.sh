@@ -7,13 +7,16 @@
 # and batch-8 decode against its roofline and TTFT at 1k.
 # Every step runs on its own under a time limit, so one failure or overrun leaves the
 # others' results; the random weights are written in the background while the tests run
-# (the 70B folder only where /dev/shm has room for it).
+# (the 70B folder only where /dev/shm has room for it), and nothing is timed until they are.
 #
 #   OUT=out bash benchmarks/tp_gpu_run.sh   (logs and JSON: $OUT/results.tgz, refreshed after every step)
 #
 # BUDGET (seconds, default 525) caps the whole run: a step gets what is left of it at most.
 # SMALL / LARGE / GEN_DEVICE / MODEL_ROOT / DTYPE override the shapes and where weights are drawn
-# and kept (a CPU smoke run of the plumbing: SMALL=tiny LARGE=tiny GEN_DEVICE=cpu DTYPE=float32).
+# and kept; BATCHES / LARGE_BATCHES / NEW_TOKENS / TTFT_LEN / REQUESTS / LENGTH_SCALE shrink the runs and
+# SLOW multiplies every step's time limit. A CPU smoke run of the plumbing (BUDGET=1500):
+#   SMALL=tiny LARGE=tiny GEN_DEVICE=cpu DTYPE=float32 BATCHES=1,2 LARGE_BATCHES=1,2 NEW_TOKENS=4 \
+#   TTFT_LEN=64 REQUESTS=4 LENGTH_SCALE=0.05 SLOW=4
 set -u
 # NVLink multicast stays off: it can take a shared host's GPUs out of service.
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -27,7 +30,7 @@ RES=$(mktemp -d)
 START=$SECONDS
 
 step() {  # step NAME SECONDS COMMAND...: output in NAME.log of the results
-  local name=$1 limit=$2 left=$((BUDGET - (SECONDS - START) - 5))
+  local name=$1 limit=$(($2 * ${SLOW:-1})) left=$((BUDGET - (SECONDS - START) - 5))
   shift 2
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 15 ]; then echo "=== $name SKIPPED (budget spent)"; return 1; fi
@@ -69,11 +72,20 @@ WRITER=$!
 
 step tests_multigpu 150 $PY -m pytest -q -s -p no:cacheprovider -o addopts="" -m multigpu \
   tests/test_tensor_parallel_gpu.py
-# The 8B runs wait for its folder only (the 70B one may still be being written).
-until [ -f "$ROOT/$SMALL/model.safetensors.index.json" ] || ! kill -0 $WRITER 2>/dev/null; do sleep 2; done
+# The writer (CPU threads, and GPU 1) must be done before anything is timed: it gets WRITE_WAIT
+# more seconds, then the 70B folder is given up.
+deadline=$((SECONDS + ${WRITE_WAIT:-90}))
+while kill -0 $WRITER 2>/dev/null && [ $SECONDS -lt $deadline ]; do sleep 2; done
+if kill -0 $WRITER 2>/dev/null; then
+  echo "=== weights not written in time (t=$((SECONDS - START)) s): the $LARGE run is left out"
+  pkill -P $WRITER; kill $WRITER; wait $WRITER
+  rm -rf "${ROOT:?}/$LARGE"
+fi
+cat "$RES/write_models.log"
 
 S=(--model "$SMALL" --model-root "$ROOT" --dtype "$DTYPE")
-LAT=(--batches 1,32 --prompt-len 128 --new-tokens 64 --ttft-lens 1024)
+NEW_TOKENS=${NEW_TOKENS:-64}
+LAT=(--batches "${BATCHES:-1,32}" --prompt-len 128 --new-tokens "$NEW_TOKENS" --ttft-lens "${TTFT_LEN:-1024}")
 step latency_tp1 55 $PY -m benchmarks.latency "${S[@]}" "${LAT[@]}" --out "$RES/latency_tp1.json"
 step latency_tp2 60 $PY -m benchmarks.latency "${S[@]}" "${LAT[@]}" --tensor-parallel-size 2 \
   --out "$RES/latency_tp2.json"
@@ -84,12 +96,11 @@ for tp in 1 2; do
     --num-requests "${REQUESTS:-64}" --tensor-parallel-size $tp --length-scale "${LENGTH_SCALE:-1}" \
     --out "$RES/throughput_tp$tp.json"
 done
-wait $WRITER; cat "$RES/write_models.log"
 if [ -f "$ROOT/$LARGE/model.safetensors.index.json" ]; then
   # Each GPU holds half of the 70B weights (~71 GB): the KV cache gets the rest.
   [ "$LARGE" = "$SMALL" ] || rm -rf "${ROOT:?}/$SMALL"
   step latency_70b_tp2 200 $PY -m benchmarks.latency --model "$LARGE" --model-root "$ROOT" --dtype "$DTYPE" \
-    --batches 1,8 --prompt-len 128 --new-tokens 32 --ttft-lens 1024 --tensor-parallel-size 2 \
-    --out "$RES/latency_70b_tp2.json"
+    --batches "${LARGE_BATCHES:-1,8}" --prompt-len 128 --new-tokens "$NEW_TOKENS" \
+    --ttft-lens "${TTFT_LEN:-1024}" --tensor-parallel-size 2 --out "$RES/latency_70b_tp2.json"
 fi
 echo "=== done (t=$((SECONDS - START)) s)"

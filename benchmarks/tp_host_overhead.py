@@ -7,10 +7,10 @@ Two parts, both on CPU (gloo) by default:
   from them (ModelInputs.from_fields) and the two ranks meet in an all-gather.
   Reported per step: rank 0's send, the worker's input building, and the round trip.
 - engine: decode steps of a small random model at tp=1 and tp=2, with overlap
-  scheduling on and off. Rank 0's step is split, by timing its parts (medians
-  over the decode steps): prepare_step (input arrays from the persistent batch),
+  scheduling on and off: the mean step time, and the median time per call of
+  rank 0's parts: prepare_step (input arrays from the persistent batch),
   channel send, execute_model (copy in and forward, which waits in its
-  collectives for the workers), sample, and the rest (scheduling, update).
+  collectives for the workers) and sample; the rest is scheduling and update.
 
     python -m benchmarks.tp_host_overhead --model tiny --batches 1,8 --out tp_host.json
 """
@@ -151,8 +151,6 @@ def engine_rows(folder: Path, args: argparse.Namespace, batches: list[int], tp: 
             row = {"tp": tp, "overlap": overlap, "batch": batch, "step_ms": step["ms_per_step"]}
             for name in ("prepare_step", "channel_send", "execute_model", "sample"):
                 row[f"{name}_ms"] = 1e3 * statistics.median(parts[name]) if parts[name] else 0.0
-            row["rest_ms"] = row["step_ms"] - sum(row[f"{n}_ms"] for n in ("prepare_step", "channel_send",
-                                                                        "execute_model", "sample"))
             rows.append(row)
     finally:
         engine.shutdown()

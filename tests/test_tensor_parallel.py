@@ -99,7 +99,8 @@ def _probe_step(seed: int, crash_rank: int = -1, stall_rank: int = -1) -> dict:
         "ids": torch.randint(0, 1000, (num_tokens,), generator=generator),
         "table": torch.randint(0, 50, (2, 3 + seed), generator=generator, dtype=torch.int32),
         "mask": torch.rand(3, generator=generator) > 0.5,
-        "weights": torch.randn(2, 2, generator=generator).to(torch.bfloat16),
+        # seed 5: 40 KB, more than fits in the channel's first broadcast
+        "weights": torch.randn(2, 2 if seed < 5 else 10_000, generator=generator).to(torch.bfloat16),
         "count": seed * 1000 + 7,
         "flag": seed % 2 == 0,
         "absent": None,
