@@ -1,7 +1,8 @@
 """The main function of a tensor-parallel worker process (ranks 1..N-1).
 
 A worker builds the same ModelRunner as rank 0 on its own slice of the model,
-then replays every step rank 0 sends until told to shut down, when it leaves
+then replays every step rank 0 sends (and receives the ids rank 0 sampled in
+it, which the next step's inputs may refer to) until told to shut down, when it leaves
 the process groups together with rank 0. It reports a failure to the
 supervisor as text before exiting, and exits by itself when its parent dies,
 so no worker outlives the engine that started it.
