@@ -12,6 +12,8 @@ Where the time goes: the engine's wall time per decode step against the GPU
 time of replaying that step's CUDA graph alone; "host share" is the part of the
 step the graph does not explain (host work the overlap did not hide: scheduling,
 input preparation, sampling launches, detokenizing).
+"gpu_idle" is measured at every tp size: the share of the decode steps' time
+that rank 0's GPU waited for the host between one step's work and the next's.
 
 With --tensor-parallel-size N the weight bytes and the roofline are one GPU's
 (each reads its shard), and the graph replay is not timed: rank 0's graph
@@ -72,15 +74,60 @@ def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_toke
                            output_kind=OutputKind.FINAL_ONLY)
     scheduler = engine.core.scheduler
     decode = []
+    gpu = StepEvents(engine) if engine.config.device.startswith("cuda") else None
     while engine.has_unfinished_requests():
         decoding = not scheduler.waiting and len(scheduler.running) == batch and all(
             not seq.is_prefilling and seq.num_output_tokens < new_tokens for seq in scheduler.running
         )
         start = time.perf_counter()
+        if gpu is not None:
+            gpu.recording = decoding
         engine.step()
         if decoding:
             decode.append(time.perf_counter() - start)
-    return {"batch": batch, "decode_steps": len(decode), "ms_per_step": 1e3 * sum(decode) / max(1, len(decode))}
+    if gpu is not None:
+        gpu.detach()
+    row = {"batch": batch, "decode_steps": len(decode), "ms_per_step": 1e3 * sum(decode) / max(1, len(decode))}
+    row["gpu_idle"] = f"{100 * gpu.idle_share():.0f}%" if gpu is not None else None
+    return row
+
+
+class StepEvents:
+    """CUDA events around each decode step's launch on rank 0, for the share of time its GPU
+    waits for the host: the gaps between one step's work ending and the next one's starting.
+
+    Unlike the graph replay (tp=1 only) this works at every tp size; a rank 0 waiting in an
+    all-reduce for a late worker counts as busy.
+    """
+
+    def __init__(self, engine: LLMEngine):
+        self.recording = False
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        executor = engine.core.executor
+        launch = executor.execute
+
+        def recorded_launch(batch):
+            if not self.recording:
+                return launch(batch)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = launch(batch)
+            end.record()
+            self.events.append((start, end))
+            return result
+
+        self._executor = executor
+        executor.execute = recorded_launch
+
+    def detach(self) -> None:
+        del self._executor.execute  # the class's own method again
+
+    def idle_share(self) -> float:
+        if len(self.events) < 2:
+            return 0.0
+        torch.cuda.synchronize()
+        gaps = sum(end.elapsed_time(start) for (_, end), (start, _) in zip(self.events, self.events[1:]))
+        return max(0.0, gaps) / self.events[0][0].elapsed_time(self.events[-1][1])
 
 
 def graph_replay_ms(engine: LLMEngine, batch: int) -> float | None:
@@ -121,6 +168,9 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-cudagraph-capture-size", type=int, help="default: the engine's")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--small-all-reduce", action="store_true",
+                        help="one-shot symmetric-memory all-reduces for small messages (tensor parallelism)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
@@ -131,7 +181,8 @@ def main() -> None:
                           max_num_seqs=max(batches), max_model_len=max([*ttft_lens, args.prompt_len]) + args.new_tokens,
                           max_num_batched_tokens=max([8192, *ttft_lens]),
                           max_cudagraph_capture_size=args.max_cudagraph_capture_size,
-                          tensor_parallel_size=args.tensor_parallel_size)
+                          tensor_parallel_size=args.tensor_parallel_size, small_all_reduce=args.small_all_reduce,
+                          gpu_memory_utilization=args.gpu_memory_utilization)
     engine = LLMEngine(config)
     vocab = token_id_limit(folder)
     on_gpu = engine.config.device.startswith("cuda")

@@ -139,8 +139,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE}, at most --max-num-batched-tokens).")
     engine.add_argument("--overlap-scheduling", action=argparse.BooleanOptionalAction,
                         default=ENGINE_DEFAULTS["overlap_scheduling"],
-                        help="Schedule and prepare step n+1 while the GPU runs step n (default: on; "
-                             "with tensor parallelism every step waits for its tokens).")
+                        help="Schedule and prepare step n+1 while the GPU runs step n (default: on).")
+    engine.add_argument("--small-all-reduce", action=argparse.BooleanOptionalAction,
+                        default=ENGINE_DEFAULTS["small_all_reduce"],
+                        help="With tensor parallelism on GPUs: small float32/bfloat16 all-reduces (decode "
+                             "steps) through torch's symmetric-memory one-shot kernel over NVLink instead of "
+                             "NCCL; NCCL where a GPU pair has no peer access (default: off).")
     engine.add_argument("--seed", type=int, default=ENGINE_DEFAULTS["seed"],
                         help="Seed for requests without their own seed (default: %(default)s).")
 

@@ -50,7 +50,10 @@ class EngineConfig:
     # Largest step (tokens) replayed from a CUDA graph; None: DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE.
     # Never above max_num_batched_tokens; decode graphs also stop at max_num_seqs sequences.
     max_cudagraph_capture_size: int | None = None
-    overlap_scheduling: bool = True  # schedule step n+1 while step n runs (tensor_parallel_size 1 only)
+    overlap_scheduling: bool = True  # schedule step n+1 while step n runs
+    # tensor parallelism on GPUs: small float32/bfloat16 all-reduces through torch's symmetric-memory
+    # one-shot kernel instead of NCCL (engine.distributed.small_all_reduce); NCCL where it cannot run
+    small_all_reduce: bool = False
     served_model_name: str | None = None  # the name clients use; None: the model path
     tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
     quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says

@@ -1,10 +1,10 @@
 """EngineCore: tokenized requests in, one schedule -> execute -> update per step(), token deltas out.
 
 The core owns the scheduler, the KV blocks and the model (through the
-Executor); it knows nothing of text. With overlap scheduling (the default at
-tensor_parallel_size 1) a step is launched before the previous one's tokens
-are read back, so the host's scheduling and input preparation for step n+1
-run while the GPU computes step n:
+Executor); it knows nothing of text. With overlap scheduling (the default) a
+step is launched before the previous one's tokens are read back, so the host's
+scheduling and input preparation for step n+1 run while the GPU computes step
+n (tensor-parallel workers get step n's tokens from rank 0 on the device):
 
     step():  schedule(n+1) -> launch(n+1) -> read step n's tokens -> update(n) -> deltas of step n
 
@@ -72,9 +72,7 @@ class EngineCore:
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             kv_window=self.model_config.kv_window,
         )
-        # Tensor-parallel workers build their inputs from the broadcast fields alone, so every
-        # input token must be known on the host: with tp > 1 each step waits for its tokens.
-        self.overlap = self.config.overlap_scheduling and self.config.tensor_parallel_size == 1
+        self.overlap = self.config.overlap_scheduling
         self.requests: dict[str, Request] = {}
         self.prompt_tokens_total = 0
         self._in_flight: tuple[ScheduledBatch, InFlightStep] | None = None
@@ -164,7 +162,9 @@ class EngineCore:
         return outputs
 
     def _update(self, batch: ScheduledBatch, in_flight: InFlightStep) -> list[SequenceDelta]:
-        deltas = self.scheduler.update(batch, in_flight.result())
+        sampled = in_flight.result()
+        self.executor.check_health()  # tokens of a step during which a rank died are not kept
+        deltas = self.scheduler.update(batch, sampled)
         for delta in deltas:
             if delta.finish_reason is not None:
                 request = self.requests.get(delta.request_id)

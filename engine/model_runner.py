@@ -29,7 +29,8 @@ from engine.block_manager import cdiv
 from engine.config import EngineConfig
 from engine.core_messages import TokenLogprobs
 from engine.cuda_graphs import CudaGraphs, StepCounts
-from engine.distributed.parallel_state import min_across_ranks
+from engine.distributed import small_all_reduce
+from engine.distributed.parallel_state import broadcast_from_rank0, min_across_ranks
 from engine.distributed.step_channel import Field
 from engine.errors import ConfigError
 from engine.input_batch import InputBatch, StepArrays
@@ -52,6 +53,8 @@ STEP_FIELDS = (
     "block_tables",
     "max_query_len",
     "max_seq_len",
+    "placeholder_dst",
+    "placeholder_src",
 )
 
 
@@ -81,7 +84,10 @@ class ModelInputs:
 
 
 def step_fields(arrays: StepArrays) -> dict[str, Field]:
-    return {name: getattr(arrays, name) for name in STEP_FIELDS}
+    fields = {name: getattr(arrays, name) for name in STEP_FIELDS}
+    fields["placeholder_dst"] = torch.from_numpy(arrays.placeholder_dst)
+    fields["placeholder_src"] = torch.from_numpy(arrays.placeholder_src)
+    return fields
 
 
 class InFlightStep:
@@ -136,6 +142,8 @@ class ModelRunner:
         self.model = load_model(
             model_config.path, model_config, config.torch_dtype, self.device, quantization=config.quantization
         )
+        if config.small_all_reduce and config.tensor_parallel_size > 1:
+            small_all_reduce.enable(self.device, config.torch_dtype)
         # Tensor-parallel ranks must agree on the cache size: the scheduler on rank 0 allocates for all.
         self.num_kv_blocks = min_across_ranks(config.num_kv_blocks or self._default_num_kv_blocks())
         self.kv_cache = self._allocate_kv_cache(self.num_kv_blocks)
@@ -146,7 +154,8 @@ class ModelRunner:
         self._input_batch: InputBatch | None = None
         self._sampling_state: SamplingState | None = None
         self._step: StepArrays | None = None
-        self._previous_sampled: torch.Tensor | None = None  # last step's token ids, on the device
+        # Last step's token ids, on the device (on every rank: tensor-parallel workers receive rank 0's).
+        self._previous_sampled: torch.Tensor | None = None
         self._previous_sample_rows: dict[int, int] = {}  # seq_id -> index in _previous_sampled
 
     @property
@@ -188,7 +197,7 @@ class ModelRunner:
         """Logits at each sampling position (None when no sequence samples this step)."""
         inputs = ModelInputs.from_fields(fields, self.device)
         with torch.inference_mode():
-            self._fill_placeholders(inputs.input_ids)
+            self._fill_placeholders(inputs.input_ids, fields)
             args = (inputs.input_ids, inputs.positions, inputs.attn_metadata)
             hidden = self.cuda_graphs.run(*args) if self.cuda_graphs else None
             if hidden is None:
@@ -209,19 +218,30 @@ class ModelRunner:
         sampling = self._sampling_state.batch(seqs, params, step.sampling_rows)
         with torch.inference_mode():
             output = self.sampler(logits, sampling, self._sampling_state.penalties)
+            broadcast_from_rank0(output.token_ids)  # the tensor-parallel workers' next placeholders
         self._previous_sampled = output.token_ids
         self._previous_sample_rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
         return InFlightStep(output, logprobs_wanted, self.device)
 
-    # Rank 0's step state ----------------------------------------------------------------------
-
-    def _fill_placeholders(self, input_ids: torch.Tensor) -> None:
-        """Write the tokens the previous step sampled, still on the device, into this step's inputs."""
-        step = self._step
-        if step is None or not len(step.placeholder_dst):
+    def receive_sampled(self, fields: dict[str, Field]) -> None:
+        """Tensor-parallel workers, after execute_model: the ids rank 0 sampled in this step, which
+        the next step's placeholders read when rank 0 schedules it before they reach the host."""
+        num_sampled = fields["logits_indices"].numel()
+        if num_sampled == 0:
             return
-        dst = device_tensor(step.placeholder_dst.tolist(), torch.int64, self.device)
-        src = device_tensor(step.placeholder_src.tolist(), torch.int64, self.device)
+        token_ids = torch.empty(num_sampled, dtype=torch.int64, device=self.device)
+        broadcast_from_rank0(token_ids)
+        self._previous_sampled = token_ids
+
+    # Step state ---------------------------------------------------------------------------------
+
+    def _fill_placeholders(self, input_ids: torch.Tensor, fields: dict[str, Field]) -> None:
+        """Write the tokens the previous step sampled, still on the device, into this step's inputs."""
+        dst, src = fields["placeholder_dst"], fields["placeholder_src"]
+        if not dst.numel():
+            return
+        dst = device_tensor(dst.tolist(), torch.int64, self.device)
+        src = device_tensor(src.tolist(), torch.int64, self.device)
         input_ids[dst] = self._previous_sampled[src]
 
     @property

@@ -120,3 +120,76 @@ def test_a_rank_killed_mid_run_fails_the_engine_and_the_next_one_starts(tiny_fol
         assert len(_greedy(again)) == len(PROMPTS)
     finally:
         again.llm_engine.shutdown()
+
+
+# The one-shot all-reduce for small messages (engine.distributed.small_all_reduce) ----------------
+
+
+def _small_all_reduce_rank(rank: int, port: int, failures) -> None:
+    """One rank: the one-shot sum equals NCCL's, eagerly and replayed from a CUDA graph."""
+    from engine.distributed import parallel_state, small_all_reduce
+
+    try:
+        parallel_state.init_distributed(rank, 2, parallel_state.connect_store(port, 2), "cuda")
+        device = torch.device("cuda", rank)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert small_all_reduce.enable(device, dtype), "symmetric memory could not be set up"
+            small = small_all_reduce.active()
+            generator = torch.Generator(device=device).manual_seed(rank)
+            for shape in ((1, 4096), (7, 1000), (32, 4096), (small_all_reduce.MAX_BYTES // dtype.itemsize,)):
+                x = torch.randn(shape, generator=generator, device=device).to(dtype)
+                assert small.can_reduce(x)
+                expected = x.clone()
+                dist.all_reduce(expected)
+                torch.testing.assert_close(small(x), expected)
+            static = torch.randn(8, 4096, device=device, dtype=dtype)
+            small(static)  # warm-up outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = small(small(static) * 0.5)
+            for _ in range(3):
+                static.copy_(torch.randn(8, 4096, generator=generator, device=device).to(dtype))
+                expected = static.clone()
+                dist.all_reduce(expected)
+                expected *= 0.5
+                dist.all_reduce(expected)
+                graph.replay()
+                torch.testing.assert_close(out, expected)
+            graph.reset()
+            small_all_reduce._release()
+        parallel_state.destroy_distributed(coordinated=True)
+    except BaseException as error:  # noqa: BLE001 - reported to the test process
+        failures.put(f"rank {rank}: {error!r}")
+        raise
+
+
+def test_one_shot_small_all_reduce_equals_nccl_eagerly_and_in_graphs():
+    import multiprocessing
+
+    from engine.distributed import parallel_state
+
+    store = parallel_state.create_store(2)  # served from here; both ranks connect to it
+    context = multiprocessing.get_context("spawn")
+    failures = context.Queue()
+    ranks = [context.Process(target=_small_all_reduce_rank, args=(rank, store.port, failures)) for rank in (0, 1)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(120)
+    errors = [failures.get() for _ in range(failures.qsize())]
+    assert not errors, errors
+    assert [p.exitcode for p in ranks] == [0, 0]
+
+
+def test_tp2_with_the_small_all_reduce_gives_the_greedy_tokens_of_tp1(tiny_folder):
+    from engine.distributed import small_all_reduce
+
+    expected = _greedy(_llm(tiny_folder, 1))
+    llm = _llm(tiny_folder, 2, small_all_reduce=True)
+    try:
+        assert small_all_reduce.active() is not None, "fell back to NCCL (see the log for why)"
+        assert llm.llm_engine.core.model_runner.decode_graphs.graphs
+        assert _greedy(llm) == expected
+    finally:
+        llm.llm_engine.shutdown()
+    assert small_all_reduce.active() is None

@@ -83,16 +83,16 @@ class Executor:
         return self._ranks.dead_reason if self._ranks else None
 
     def execute(self, batch: Any) -> Any:
-        """One step: rank 0 prepares the inputs, every rank runs the model, rank 0 samples."""
+        """One step: rank 0 prepares the inputs, every rank runs the model, rank 0 samples.
+
+        Returns without waiting for the device. A rank that dies during the step has NCCL
+        aborted under it, which ends the collectives early: whoever reads the step's tokens
+        calls check_health() once they have arrived, and drops them if a rank died meanwhile.
+        """
         if self._ranks is None:
             return self.runner.sample(self.runner.execute_model(self.runner.prepare_step(batch)), batch)
         with self._ranks.step_lock:
-            result = self.runner.sample(self.execute_model(self.runner.prepare_step(batch)), batch)
-            # A rank that dies during the step has NCCL aborted under it, which ends the collectives
-            # early: once the step's work is done, its tokens are dropped if a rank died meanwhile.
-            parallel_state.synchronize()
-            self.check_health()
-        return result
+            return self.runner.sample(self.execute_model(self.runner.prepare_step(batch)), batch)
 
     def execute_model(self, fields: dict[str, Field]) -> Any:
         """Runs one forward pass on every rank; returns what rank 0's runner returns."""

@@ -222,3 +222,9 @@ def min_across_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MIN, group=metadata_group())
     return int(t.item())
+
+
+def broadcast_from_rank0(tensor: torch.Tensor) -> None:
+    """Rank 0's `tensor` into every rank's, on the model's group (queued on the stream, no host wait)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, 0)

@@ -3,10 +3,12 @@
 A message is a command plus a fixed, ordered set of named fields agreed when
 the channel is made; each field holds a tensor (any dtype, up to MAX_DIMS
 dims), an int, a bool, or None. Sending costs two gloo broadcasts on CPU
-tensors: a fixed-size int64 header (command, payload size, and each field's
-kind, dtype and shape or value) and one byte payload with every tensor's
-bytes back to back
-(each padded to 8 bytes). Receivers rebuild the tensors as views of that payload.
+tensors at most: one fixed-size message of an int64 header (command, payload
+size, and each field's kind, dtype and shape or value) followed by the byte
+payload, every tensor's bytes back to back (each padded to 8 bytes), and a
+second broadcast with the payload only when it does not fit in the message
+(INLINE_BYTES). Receivers rebuild the tensors as views of the payload, in
+page-locked memory on GPU workers.
 """
 
 from __future__ import annotations
@@ -52,15 +54,20 @@ class Kind(enum.IntEnum):
 SLOTS_PER_FIELD = 3 + MAX_DIMS
 SOURCE_RANK = 0
 ALIGNMENT = 8
+# Payload bytes that travel in the same broadcast as the header: a decode step of 64 sequences
+# with 1k-token block tables fits; a bigger payload follows in a second broadcast.
+INLINE_BYTES = 32 * 1024
 
 
 class StepChannel:
     """Broadcasts {name: field} dicts with a fixed key order from rank 0 over a gloo group."""
 
-    def __init__(self, field_names: Sequence[str], group: dist.ProcessGroup):
+    def __init__(self, field_names: Sequence[str], group: dist.ProcessGroup, pin: bool = False):
+        """`pin`: receive into page-locked memory, so that the fields copy to a GPU asynchronously."""
         self.field_names = tuple(field_names)
         self.group = group
-        self._header = torch.empty(2 + SLOTS_PER_FIELD * len(self.field_names), dtype=torch.int64)
+        self.pin = pin
+        self._header_bytes = 8 * (2 + SLOTS_PER_FIELD * len(self.field_names))
 
     def send(self, command: Command, fields: Mapping[str, Field] | None = None) -> None:
         fields = fields or {}
@@ -74,17 +81,25 @@ class StepChannel:
             header += slots
             if data is not None:
                 payload.append(data)
-        header[1] = sum(p.numel() for p in payload)
-        self._header.copy_(torch.tensor(header, dtype=torch.int64))
-        dist.broadcast(self._header, SOURCE_RANK, group=self.group)
-        if payload:
+        size = header[1] = sum(p.numel() for p in payload)
+        message = torch.empty(self._header_bytes + INLINE_BYTES, dtype=torch.uint8)
+        message[: self._header_bytes].view(torch.int64).copy_(torch.tensor(header, dtype=torch.int64))
+        if payload and size <= INLINE_BYTES:
+            torch.cat(payload, out=message[self._header_bytes : self._header_bytes + size])
+        dist.broadcast(message, SOURCE_RANK, group=self.group)
+        if size > INLINE_BYTES:
             dist.broadcast(torch.cat(payload), SOURCE_RANK, group=self.group)
 
     def receive(self) -> tuple[Command, dict[str, Field]]:
-        dist.broadcast(self._header, SOURCE_RANK, group=self.group)
-        header = self._header.tolist()
-        payload = torch.empty(header[1], dtype=torch.uint8)
-        if header[1]:
+        # From torch's caching host allocator: a block is reused only once its copies have ended.
+        message = torch.empty(self._header_bytes + INLINE_BYTES, dtype=torch.uint8, pin_memory=self.pin)
+        dist.broadcast(message, SOURCE_RANK, group=self.group)
+        header = message[: self._header_bytes].view(torch.int64).tolist()
+        size = header[1]
+        if size <= INLINE_BYTES:
+            payload = message[self._header_bytes : self._header_bytes + size]
+        else:
+            payload = torch.empty(size, dtype=torch.uint8, pin_memory=self.pin)
             dist.broadcast(payload, SOURCE_RANK, group=self.group)
         fields: dict[str, Field] = {}
         offset = 0
@@ -110,6 +125,8 @@ def _encode(name: str, value: Field) -> tuple[list[int], torch.Tensor | None]:
         raise TypeError(f"field {name!r}: {value.dtype} tensors of {value.dim()} dims cannot be sent")
     slots[:3] = [Kind.TENSOR, DTYPES.index(value.dtype), value.dim()]
     slots[3 : 3 + value.dim()] = value.shape
+    if value.numel() == 0:  # (an empty tensor's strides may not allow the byte view below)
+        return slots, torch.empty(0, dtype=torch.uint8)
     data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
     return slots, torch.nn.functional.pad(data, (0, _aligned(data.numel()) - data.numel()))
 

@@ -1,7 +1,8 @@
 """The main function of a tensor-parallel worker process (ranks 1..N-1).
 
 A worker builds the same ModelRunner as rank 0 on its own slice of the model,
-then replays every step rank 0 sends until told to shut down, when it leaves
+then replays every step rank 0 sends (and receives the ids rank 0 sampled in
+it, which the next step's inputs may refer to) until told to shut down, when it leaves
 the process groups together with rank 0. It reports a failure to the
 supervisor as text before exiting, and exits by itself when its parent dies,
 so no worker outlives the engine that started it.
@@ -37,6 +38,9 @@ class StepRunner(Protocol):
     def sample(self, result: Any, batch: Any) -> Any:
         """Rank 0: next tokens from what its execute_model returned."""
 
+    def receive_sampled(self, fields: dict[str, Field]) -> None:
+        """Ranks 1..N-1, after execute_model: what rank 0's sample shares with them."""
+
 
 # Builds this rank's runner from the engine config, after the process groups exist
 # (layers read their rank and the group size from torch.distributed).
@@ -71,12 +75,13 @@ def run_worker(
         parallel_state.init_distributed(rank, world_size, store, device)
         runner = make_runner(config)
         parallel_state.barrier()
-        channel = StepChannel(field_names, parallel_state.metadata_group())
+        channel = StepChannel(field_names, parallel_state.metadata_group(), pin=device.startswith("cuda"))
         while True:
             command, fields = channel.receive()
             if command is Command.SHUTDOWN:
                 break
             runner.execute_model(fields)
+            runner.receive_sampled(fields)
     except BaseException:
         # Exit at once: rank 0 learns of a death from the exit, and a process that still holds
         # NCCL communicators and CUDA graphs could hang in the interpreter's own teardown.

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from engine.distributed import small_all_reduce
+
 
 def tp_rank_and_size(tp_rank: int | None = None, tp_size: int | None = None) -> tuple[int, int]:
     """Explicit values win; otherwise the default process group's, else (0, 1)."""
@@ -31,6 +33,11 @@ def divide(numerator: int, denominator: int) -> int:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """The sum of every rank's `x`: in place through NCCL/gloo, or a new tensor from the
+    one-shot kernel for small messages where engine.distributed.small_all_reduce is enabled."""
+    small = small_all_reduce.active()
+    if small is not None and small.can_reduce(x):
+        return small(x)
     dist.all_reduce(x)
     return x
 
