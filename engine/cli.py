@@ -130,6 +130,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         default=ENGINE_DEFAULTS["overlap_scheduling"],
                         help="Schedule and prepare step n+1 while the GPU runs step n (default: on; "
                              "with tensor parallelism every step waits for its tokens).")
+    engine.add_argument("--max-logprobs", type=int, default=ENGINE_DEFAULTS["max_logprobs"],
+                        help="The most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; "
+                             "-1: the whole vocabulary (default: %(default)s).")
     engine.add_argument("--seed", type=int, default=ENGINE_DEFAULTS["seed"],
                         help="Seed for requests without their own seed (default: %(default)s).")
 
