@@ -47,8 +47,13 @@ class StepArrays:
     prompt_logprob_targets: torch.Tensor  # [N] int64: ... of these prompt tokens (the next position's)
 
 
+_NO_POSITIONS = torch.empty(0, dtype=torch.int64)  # most steps: nobody asked for prompt logprobs
+
+
 def prompt_logprob_positions(batch: ScheduledBatch, first_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """The flat token indices of the batch's prompt-logprob spans, and the prompt token each one predicts."""
+    if not batch.prompt_logprob_spans:
+        return _NO_POSITIONS, _NO_POSITIONS
     indices: list[int] = []
     targets: list[int] = []
     for i, first, end in batch.prompt_logprob_spans:

@@ -52,8 +52,9 @@ def bad_word_bans(seqs: list[Sequence], newest_tokens: Callable[[], torch.Tensor
     """The bans of the rows' bad words that fit in their output so far (vLLM matches output tokens only)."""
     candidates = []
     for row, seq in enumerate(seqs):
-        num_past = seq.num_output_tokens - 1  # the token being sampled is counted already
-        candidates += [(row, num_past, word) for word in seq.params.bad_words_token_ids or () if len(word) - 1 <= num_past]
+        if seq.params.bad_words_token_ids:
+            num_past = seq.num_output_tokens - 1  # the token being sampled is counted already
+            candidates += [(row, num_past, word) for word in seq.params.bad_words_token_ids if len(word) - 1 <= num_past]
     if not candidates:
         return None
     width = max(len(word) - 1 for _, _, word in candidates)
