@@ -217,7 +217,7 @@ class ResponseFormat:
             ranked = sorted(entry.items(), key=lambda item: item[1], reverse=True)
             body.append({
                 str(token_id): {"logprob": _finite(lp), "rank": prompt_rank if token_id == prompt_token else rank,
-                                "decoded_token": self.token_label(token_id)}
+                                "decoded_token": self.token_text(token_id)}
                 for rank, (token_id, lp) in enumerate(ranked, start=1)
             })
         return body
