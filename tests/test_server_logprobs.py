@@ -101,6 +101,8 @@ def test_chat_prompt_logprobs_and_top_logprobs_minus_one_cover_the_vocabulary(cl
     """vLLM's own server test (tests/entrypoints/openai, with --max-logprobs at the vocabulary size)."""
     vocab_size = offline.llm_engine.model_config.vocab_size
     messages = [{"role": "user", "content": "Beijing is the capital of which country?"}]
+    plain = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=1)
+    assert plain.prompt_logprobs is None  # present and null unless asked, as vLLM answers
     completion = client.chat.completions.create(model=SERVED_NAME, messages=messages, max_tokens=1,
                                                 extra_body={"prompt_logprobs": -1})
     prompt_logprobs = completion.model_extra["prompt_logprobs"]

@@ -255,9 +255,8 @@ class CompletionFormat(ResponseFormat):
             "logprobs": self.logprobs_body(self.prefix_logprob_entries(final) + entries, 0) if entries is not None else None,
             "finish_reason": output.finish_reason,
             "stop_reason": output.stop_reason,
+            "prompt_logprobs": self.prompt_logprobs_body(final) if self.options.prompt_logprobs else None,
         }
-        if self.options.prompt_logprobs:
-            choice["prompt_logprobs"] = self.prompt_logprobs_body(final)
         if self.options.return_token_ids:
             choice.update(prompt_token_ids=final.prompt_token_ids, token_ids=output.token_ids)
         return choice
@@ -314,8 +313,8 @@ class ChatFormat(ResponseFormat):
         body = super().response(finals)
         if self.options.return_token_ids:
             body["prompt_token_ids"] = finals[0].prompt_token_ids
-        if self.options.prompt_logprobs:
-            body["prompt_logprobs"] = self.prompt_logprobs_body(finals[0])
+        # Always present, null unless asked (vLLM's shape: clients read the attribute).
+        body["prompt_logprobs"] = self.prompt_logprobs_body(finals[0]) if self.options.prompt_logprobs else None
         return body
 
     def choice(self, index: int, prompt_index: int, final: RequestOutput, output: CompletionOutput) -> dict:
