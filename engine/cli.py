@@ -145,6 +145,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="With tensor parallelism on GPUs: small float32/bfloat16 all-reduces (decode "
                              "steps) through torch's symmetric-memory one-shot kernel over NVLink instead of "
                              "NCCL; NCCL where a GPU pair has no peer access (default: off).")
+    engine.add_argument("--max-logprobs", type=int, default=ENGINE_DEFAULTS["max_logprobs"],
+                        help="The most logprobs (logprobs, top_logprobs, prompt_logprobs) a request may ask for; "
+                             "-1: the whole vocabulary (default: %(default)s).")
     engine.add_argument("--seed", type=int, default=ENGINE_DEFAULTS["seed"],
                         help="Seed for requests without their own seed (default: %(default)s).")
 

@@ -16,6 +16,7 @@ import torch
 from engine.errors import ConfigError
 from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.model_config import DTYPES, auto_dtype
+from engine.sampling import DEFAULT_MAX_LOGPROBS
 
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 
@@ -57,6 +58,7 @@ class EngineConfig:
     served_model_name: str | None = None  # the name clients use; None: the model path
     tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
     quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most (prompt) logprobs a request may ask for; -1: the whole vocabulary
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -91,6 +93,8 @@ class EngineConfig:
             raise ConfigError(
                 f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset), got {self.quantization!r}"
             )
+        if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs must be -1 (the whole vocabulary) or an integer >= 0, got {self.max_logprobs!r}")
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 

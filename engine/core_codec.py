@@ -23,6 +23,7 @@ from engine.core_messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineStats,
+    PromptLogprobs,
     RequestScheduled,
     SequenceDelta,
 )
@@ -126,8 +127,14 @@ def _decode_params(values: list) -> SamplingParams:
 
 
 def _delta(delta: SequenceDelta) -> list:
+    prompt = delta.prompt_logprobs
     return [delta.request_id, delta.index, delta.new_token_ids, delta.new_logprobs, delta.finish_reason,
-            delta.stop_reason]
+            delta.stop_reason, None if prompt is None else [prompt.entries, prompt.ranks]]
+
+
+def _decode_delta(fields: list) -> SequenceDelta:
+    *head, prompt = fields
+    return SequenceDelta(*head, prompt_logprobs=None if prompt is None else PromptLogprobs(*prompt))
 
 
 def _outputs(outputs: EngineCoreOutputs) -> list:
@@ -164,7 +171,7 @@ def encode(message: ToCore | FromCore) -> bytes:
 
 def _decode_outputs(deltas: list, scheduled: list, stats: list | None) -> EngineCoreOutputs:
     return EngineCoreOutputs(
-        deltas=[SequenceDelta(*d) for d in deltas],
+        deltas=[_decode_delta(d) for d in deltas],
         scheduled=[RequestScheduled(*s) for s in scheduled],
         stats=EngineStats(*stats) if stats is not None else None,
     )

@@ -15,11 +15,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
-from engine.sampling import SamplingParams
+from engine.sampling import DEFAULT_MAX_LOGPROBS, SamplingParams, num_top_logprobs
 
 # One entry per generated token: {token_id: logprob} holding the chosen token
 # plus the top-`logprobs` alternatives.
 TokenLogprobs = dict[int, float]
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of a run of prompt tokens (vLLM's prompt_logprobs), each given the tokens before it.
+
+    entries[i]: {token_id: logprob} holding the prompt token first, then the top-k
+    (all of them for k = -1); ranks[i]: the prompt token's rank in its distribution
+    (1: the most likely; tokens of equal logprob share the lower rank, as vLLM counts).
+    """
+
+    entries: list[TokenLogprobs] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=list)
+
+    def extend(self, more: PromptLogprobs) -> None:
+        self.entries.extend(more.entries)
+        self.ranks.extend(more.ranks)
 
 
 @dataclass
@@ -43,6 +60,8 @@ class SequenceDelta:
     new_logprobs: list[TokenLogprobs] | None = None  # one entry per new token when logprobs were asked
     finish_reason: str | None = None  # "stop" | "length" | "abort"; None while running
     stop_reason: int | None = None  # the stop token id that ended it (stop strings: the front end)
+    # With prompt_logprobs: those of prompt tokens 1.., whole, on completion 0's first token.
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass
@@ -101,6 +120,7 @@ class CoreLimits:
     eos_token_ids: tuple[int, ...]
     max_num_batched_tokens: int
     kv_window: int | None = None  # every layer's sliding window: blocks behind it are freed as it moves
+    max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most top logprobs a request may ask for (all: vocab_size)
 
     def check_prompt(self, token_ids: list[int], params: SamplingParams) -> int:
         """Raises InvalidRequestError for a prompt the engine cannot serve; returns the resolved max_tokens."""
@@ -110,9 +130,17 @@ class CoreLimits:
         vocab_size = self.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in token_ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab_size})", param="prompt")
-        for param, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        bad_word_ids = [t for word in params.bad_words_token_ids or () for t in word]
+        for param, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                           ("bad_words", bad_word_ids)):
             if any(t >= vocab_size for t in ids):
                 raise InvalidRequestError(f"{param} names token ids outside the vocabulary [0, {vocab_size})", param=param)
+        for param, kind in (("logprobs", "sample"), ("prompt_logprobs", "prompt")):
+            wanted = getattr(params, param)
+            if wanted is not None and num_top_logprobs(wanted, vocab_size) > self.max_logprobs:
+                raise InvalidRequestError(
+                    f"Requested {kind} logprobs of {num_top_logprobs(wanted, vocab_size)}, which is greater than "
+                    f"max allowed: {self.max_logprobs} (the server's --max-logprobs)", param=param)
         if len(token_ids) >= max_len:
             raise InvalidRequestError(
                 f"the prompt has {len(token_ids)} tokens; this model's maximum context length is "

@@ -29,6 +29,7 @@ from engine.distributed import Executor, check_tensor_parallel
 from engine.errors import InvalidRequestError
 from engine.model_config import load_model_config
 from engine.model_runner import STEP_FIELDS, InFlightStep, ModelRunner
+from engine.sampling import num_top_logprobs
 from engine.scheduler import ScheduledBatch, Scheduler
 from engine.sequence import Request
 from engine.tokenizer_loader import load_tokenizer
@@ -71,6 +72,7 @@ class EngineCore:
             eos_token_ids=self.model_config.eos_token_ids,
             max_num_batched_tokens=self.config.max_num_batched_tokens,
             kv_window=self.model_config.kv_window,
+            max_logprobs=num_top_logprobs(self.config.max_logprobs, self.model_config.vocab_size),
         )
         self.overlap = self.config.overlap_scheduling
         self.requests: dict[str, Request] = {}

@@ -43,6 +43,24 @@ class StepArrays:
     sampling_rows: np.ndarray  # [S] the rows of the sampling sequences, in batch order
     placeholder_dst: np.ndarray  # token indices whose id is still on the device ...
     placeholder_src: np.ndarray  # ... and the row of the previous step's sampled ids that holds it
+    prompt_logits_indices: torch.Tensor  # [N] int64: token indices whose logits give prompt logprobs ...
+    prompt_logprob_targets: torch.Tensor  # [N] int64: ... of these prompt tokens (the next position's)
+
+
+_NO_POSITIONS = torch.empty(0, dtype=torch.int64)  # most steps: nobody asked for prompt logprobs
+
+
+def prompt_logprob_positions(batch: ScheduledBatch, first_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat token indices of the batch's prompt-logprob spans, and the prompt token each one predicts."""
+    if not batch.prompt_logprob_spans:
+        return _NO_POSITIONS, _NO_POSITIONS
+    indices: list[int] = []
+    targets: list[int] = []
+    for i, first, end in batch.prompt_logprob_spans:
+        offset = int(first_tokens[i]) - batch.starts[i]
+        indices.extend(range(offset + first, offset + end))
+        targets.extend(batch.seqs[i].token_ids[first + 1 : end + 1])
+    return torch.tensor(indices, dtype=torch.int64), torch.tensor(targets, dtype=torch.int64)
 
 
 class _StagingSet:
@@ -169,6 +187,7 @@ class InputBatch:
         num_sampling = int(samples.sum())
         logits_indices = staging.logits_indices[:num_sampling]
         logits_indices.numpy()[:] = (cu_tokens - 1)[samples]
+        prompt_indices, prompt_targets = prompt_logprob_positions(batch, cu_tokens - num_new)
         arrays = StepArrays(
             input_ids=input_ids,
             positions=positions,
@@ -182,6 +201,8 @@ class InputBatch:
             sampling_rows=rows[samples],
             placeholder_dst=np.asarray(placeholder_dst, dtype=np.int64),
             placeholder_src=np.asarray(placeholder_src, dtype=np.int64),
+            prompt_logits_indices=prompt_indices,
+            prompt_logprob_targets=prompt_targets,
         )
         return arrays, new_rows
 

@@ -27,7 +27,7 @@ import torch
 from engine.attention_metadata import AttentionMetadata
 from engine.block_manager import cdiv
 from engine.config import EngineConfig
-from engine.core_messages import TokenLogprobs
+from engine.core_messages import PromptLogprobs, TokenLogprobs
 from engine.cuda_graphs import CudaGraphs, StepCounts
 from engine.distributed import small_all_reduce
 from engine.distributed.parallel_state import broadcast_from_rank0, min_across_ranks
@@ -35,9 +35,11 @@ from engine.distributed.step_channel import Field
 from engine.errors import ConfigError
 from engine.input_batch import InputBatch, StepArrays
 from engine.kv_cache_sizing import default_cpu_kv_cache_blocks
+from engine.layers.prompt_logprobs import PROMPT_LOGITS_CHUNK, PromptLogprobTensors, compute_prompt_logprobs
 from engine.layers.sampler import Sampler, SamplerOutput
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
+from engine.sampling import num_top_logprobs
 from engine.sampling_batch import SamplingState, device_tensor
 from engine.scheduler import SampledTokens, ScheduledBatch
 
@@ -55,6 +57,9 @@ STEP_FIELDS = (
     "max_seq_len",
     "placeholder_dst",
     "placeholder_src",
+    "prompt_logits_indices",
+    "prompt_logprob_targets",
+    "num_prompt_logprobs",
 )
 
 
@@ -83,22 +88,40 @@ class ModelInputs:
         return cls(tensor("input_ids"), tensor("positions"), metadata, tensor("logits_indices"))
 
 
-def step_fields(arrays: StepArrays) -> dict[str, Field]:
-    fields = {name: getattr(arrays, name) for name in STEP_FIELDS}
+def step_fields(arrays: StepArrays, num_prompt_logprobs: int) -> dict[str, Field]:
+    fields = {name: getattr(arrays, name) for name in STEP_FIELDS if name != "num_prompt_logprobs"}
     fields["placeholder_dst"] = torch.from_numpy(arrays.placeholder_dst)
     fields["placeholder_src"] = torch.from_numpy(arrays.placeholder_src)
-    return fields
+    return fields | {"num_prompt_logprobs": num_prompt_logprobs}
+
+@dataclass
+class StepLogits:
+    """What a forward pass hands to sampling: logits where sequences sample, prompt logprobs where asked."""
+
+    logits: torch.Tensor | None  # [S, vocab]; None when no sequence samples this step
+    prompt_logprobs: PromptLogprobTensors | None = None
+
+
+def _with_top(ids: list[int], values: list[float], wanted: int) -> TokenLogprobs:
+    """{token: logprob}: the first (chosen or prompt) token, then the top `wanted` ones."""
+    entry = {ids[0]: values[0]}
+    for token_id, value in zip(ids[1 : wanted + 1], values[1 : wanted + 1]):
+        entry.setdefault(token_id, value)
+    return entry
 
 
 class InFlightStep:
-    """A step's sampled tokens on their way to the host; result() waits for them."""
+    """A step's sampled tokens (and prompt logprobs) on their way to the host; result() waits for them.
 
-    def __init__(self, output: SamplerOutput | None, logprobs_wanted: list[int | None], device: torch.device):
+    prompt_spans: (index in the batch's seqs, positions, top-k wanted) of each prompt-logprob span, in
+    the order of the rows of `prompt`.
+    """
+
+    def __init__(self, output: SamplerOutput | None, logprobs_wanted: list[int | None], device: torch.device,
+                 prompt: PromptLogprobTensors | None = None, prompt_spans: list[tuple[int, int, int]] | None = None):
         self._logprobs_wanted = logprobs_wanted
+        self._prompt_spans = prompt_spans or []
         self._event: torch.cuda.Event | None = None
-        if output is None:
-            self._token_ids, self._logprob_ids, self._logprobs = torch.empty(0, dtype=torch.int64), None, None
-            return
         pin = device.type == "cuda"
 
         def to_host(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -107,9 +130,15 @@ class InFlightStep:
             host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=pin)
             return host.copy_(tensor, non_blocking=pin)
 
-        self._token_ids = to_host(output.token_ids)
-        self._logprob_ids = to_host(output.logprob_token_ids)
-        self._logprobs = to_host(output.logprobs)
+        if output is None:
+            self._token_ids, self._logprob_ids, self._logprobs = torch.empty(0, dtype=torch.int64), None, None
+        else:
+            self._token_ids = to_host(output.token_ids)
+            self._logprob_ids = to_host(output.logprob_token_ids)
+            self._logprobs = to_host(output.logprobs)
+        self._prompt = None
+        if prompt is not None:
+            self._prompt = PromptLogprobTensors(to_host(prompt.token_ids), to_host(prompt.logprobs), to_host(prompt.ranks))
         if pin:
             self._event = torch.cuda.Event()
             self._event.record()
@@ -117,20 +146,25 @@ class InFlightStep:
     def result(self) -> SampledTokens:
         if self._event is not None:
             self._event.synchronize()
-        token_ids = self._token_ids.numpy()
-        if self._logprobs is None:
-            return SampledTokens(token_ids)
-        ids, values = self._logprob_ids.tolist(), self._logprobs.tolist()
-        logprobs: list[TokenLogprobs | None] = []
-        for row, wanted in enumerate(self._logprobs_wanted):
-            if wanted is None:
-                logprobs.append(None)
-                continue
-            entry = {ids[row][0]: values[row][0]}
-            for token_id, value in zip(ids[row][1 : wanted + 1], values[row][1 : wanted + 1]):
-                entry.setdefault(token_id, value)
-            logprobs.append(entry)
-        return SampledTokens(token_ids, logprobs)
+        sampled = SampledTokens(self._token_ids.numpy(), prompt_logprobs=self._prompt_logprobs())
+        if self._logprobs is not None:
+            ids, values = self._logprob_ids.tolist(), self._logprobs.tolist()
+            sampled.logprobs = [
+                None if wanted is None else _with_top(ids[row], values[row], wanted)
+                for row, wanted in enumerate(self._logprobs_wanted)
+            ]
+        return sampled
+
+    def _prompt_logprobs(self) -> dict[int, PromptLogprobs]:
+        if self._prompt is None:
+            return {}
+        ids, values, ranks = self._prompt.token_ids.tolist(), self._prompt.logprobs.tolist(), self._prompt.ranks.tolist()
+        spans, row = {}, 0
+        for index, count, wanted in self._prompt_spans:
+            rows = range(row, row + count)
+            spans[index] = PromptLogprobs([_with_top(ids[r], values[r], wanted) for r in rows], ranks[row : row + count])
+            row += count
+        return spans
 
 
 class ModelRunner:
@@ -157,6 +191,7 @@ class ModelRunner:
         # Last step's token ids, on the device (on every rank: tensor-parallel workers receive rank 0's).
         self._previous_sampled: torch.Tensor | None = None
         self._previous_sample_rows: dict[int, int] = {}  # seq_id -> index in _previous_sampled
+        self._inputs: ModelInputs | None = None  # the last step's inputs on the device (bad words read them)
 
     @property
     def kv_block_shape(self) -> tuple[int, int, int]:
@@ -191,11 +226,17 @@ class ModelRunner:
         self._step, new_rows = self._input_batch.prepare(batch, self._previous_sample_rows)
         for row in new_rows:
             self._sampling_state.add_row(row, self._input_batch.seqs[row])
-        return step_fields(self._step)
+        return step_fields(self._step, max((wanted for _, _, wanted in self._prompt_spans(batch)), default=0))
 
-    def execute_model(self, fields: dict[str, Field]) -> torch.Tensor | None:
-        """Logits at each sampling position (None when no sequence samples this step)."""
-        inputs = ModelInputs.from_fields(fields, self.device)
+    def _prompt_spans(self, batch: ScheduledBatch) -> list[tuple[int, int, int]]:
+        """(index in the batch, positions, top-k wanted) of the batch's prompt-logprob spans."""
+        vocab_size = self.model_config.vocab_size
+        return [(i, end - first, num_top_logprobs(batch.seqs[i].params.prompt_logprobs, vocab_size))
+                for i, first, end in batch.prompt_logprob_spans]
+
+    def execute_model(self, fields: dict[str, Field]) -> StepLogits:
+        """Logits at each sampling position, and the prompt logprobs the step's prompt spans ask for."""
+        inputs = self._inputs = ModelInputs.from_fields(fields, self.device)
         with torch.inference_mode():
             self._fill_placeholders(inputs.input_ids, fields)
             args = (inputs.input_ids, inputs.positions, inputs.attn_metadata)
@@ -203,25 +244,36 @@ class ModelRunner:
             if hidden is None:
                 self._eager_steps += 1
                 hidden = self.model(*args)
+            prompt_indices = fields["prompt_logits_indices"]
+            prompt_logprobs = None
+            if prompt_indices.numel():
+                targets = fields["prompt_logprob_targets"].to(self.device)
+                prompt_logprobs = compute_prompt_logprobs(self.model.compute_logits, hidden[prompt_indices.to(self.device)],
+                                                          targets, fields["num_prompt_logprobs"])
             if inputs.logits_indices.numel() == 0:
-                return None
-            return self.model.compute_logits(hidden[inputs.logits_indices])
+                return StepLogits(None, prompt_logprobs)
+            return StepLogits(self.model.compute_logits(hidden[inputs.logits_indices]), prompt_logprobs)
 
-    def sample(self, logits: torch.Tensor | None, batch: ScheduledBatch) -> InFlightStep:
+    def sample(self, step_logits: StepLogits, batch: ScheduledBatch) -> InFlightStep:
         """Samples on the device and starts copying the tokens back; does not wait for them."""
         step = self._step
         seqs = [self._input_batch.seqs[row] for row in step.sampling_rows]
-        logprobs_wanted = [seq.params.logprobs for seq in seqs]
-        if logits is None:
-            return InFlightStep(None, logprobs_wanted, self.device)
+        vocab_size = self.model_config.vocab_size
+        logprobs_wanted = [None if seq.params.logprobs is None else num_top_logprobs(seq.params.logprobs, vocab_size)
+                           for seq in seqs]
+        prompt = (step_logits.prompt_logprobs, self._prompt_spans(batch))
+        if step_logits.logits is None:
+            return InFlightStep(None, logprobs_wanted, self.device, *prompt)
         params = self._input_batch.sampling_parameters(step.sampling_rows)
-        sampling = self._sampling_state.batch(seqs, params, step.sampling_rows)
+        inputs = self._inputs
+        sampling = self._sampling_state.batch(seqs, params, step.sampling_rows,
+                                              lambda: inputs.input_ids[inputs.logits_indices])
         with torch.inference_mode():
-            output = self.sampler(logits, sampling, self._sampling_state.penalties)
+            output = self.sampler(step_logits.logits, sampling, self._sampling_state.penalties)
             broadcast_from_rank0(output.token_ids)  # the tensor-parallel workers' next placeholders
         self._previous_sampled = output.token_ids
         self._previous_sample_rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        return InFlightStep(output, logprobs_wanted, self.device)
+        return InFlightStep(output, logprobs_wanted, self.device, *prompt)
 
     def receive_sampled(self, fields: dict[str, Field]) -> None:
         """Tensor-parallel workers, after execute_model: the ids rank 0 sampled in this step, which
@@ -337,3 +389,9 @@ class ModelRunner:
             hidden = self.model(input_ids, positions.to(self.device), metadata)
             rows = torch.full((self.config.max_num_seqs,), num_tokens - 1, device=self.device)
             self.model.compute_logits(hidden[rows])
+            # A chunk of prompt logprobs with the most top logprobs a request may ask for.
+            positions = hidden[:PROMPT_LOGITS_CHUNK]
+            targets = torch.zeros(len(positions), dtype=torch.int64, device=self.device)
+            vocab_size = self.model_config.vocab_size
+            most = min(num_top_logprobs(self.config.max_logprobs, vocab_size), vocab_size)
+            compute_prompt_logprobs(self.model.compute_logits, positions, targets, most)

@@ -13,11 +13,20 @@ streams send); FINAL_ONLY, one output when the request ends.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass, field
 
-from engine.core_messages import CoreLimits, EngineCoreOutputs, EngineCoreRequest, SequenceDelta, TokenLogprobs
+from engine.bad_words import bad_words_token_ids
+from engine.core_messages import (
+    CoreLimits,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    PromptLogprobs,
+    SequenceDelta,
+    TokenLogprobs,
+)
 from engine.detokenizer import Detokenizer, TextState, find_stop_string
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from engine.sampling import SamplingParams
@@ -84,6 +93,8 @@ class RequestState:
     metrics: RequestMetrics
     completions: list[_Completion]
     num_cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None  # of prompt tokens 1.., once the prefill has ended
+    prompt_logprobs_sent: bool = False  # DELTA outputs hand them out once
 
     @classmethod
     def new(
@@ -107,7 +118,7 @@ class RequestState:
 
     def output(self, progressed: list[_Completion]) -> RequestOutput:
         completions = progressed if self.kind is OutputKind.DELTA else self.completions
-        return RequestOutput(
+        output = RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=self.prompt_token_ids,
@@ -116,6 +127,12 @@ class RequestState:
             metrics=self.metrics,
             num_cached_tokens=self.num_cached_tokens,
         )
+        if self.prompt_logprobs is not None and not (self.kind is OutputKind.DELTA and self.prompt_logprobs_sent):
+            # vLLM's shape: the first prompt token has nothing before it.
+            output.prompt_logprobs = [None, *self.prompt_logprobs.entries]
+            output.prompt_token_ranks = [None, *self.prompt_logprobs.ranks]
+            self.prompt_logprobs_sent = True
+        return output
 
 
 def new_request(
@@ -132,6 +149,8 @@ def new_request(
     Raises InvalidRequestError before anything reaches the core, so a bad request never disturbs it.
     """
     text, token_ids = (prompt, tokenize_prompt(tokenizer, prompt)) if isinstance(prompt, str) else (None, list(prompt))
+    if params.bad_words and params.bad_words_token_ids is None:
+        params = dataclasses.replace(params, bad_words_token_ids=bad_words_token_ids(tokenizer, params.bad_words))
     max_tokens = limits.check_prompt(token_ids, params)
     state = RequestState.new(request_id, text, token_ids, params, kind, arrival_time)
     return state, EngineCoreRequest(request_id, token_ids, params, arrival_time, max_tokens)
@@ -175,6 +194,8 @@ class OutputProcessor:
             state = self.requests.get(delta.request_id)
             if state is None:
                 continue
+            if delta.prompt_logprobs is not None:
+                state.prompt_logprobs = delta.prompt_logprobs
             completion = state.completions[delta.index]
             if completion.finished:
                 continue  # a stop string ended it; the core had a step in flight

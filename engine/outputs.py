@@ -47,6 +47,10 @@ class RequestOutput:
     finished: bool = False
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With prompt_logprobs (vLLM's shape): None for the first prompt token, then {token_id: logprob} of the
+    # prompt token and the top-k; prompt_token_ranks: each prompt token's rank (1: the most likely).
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    prompt_token_ranks: list[int | None] | None = None
 
     @classmethod
     def empty_like(cls, delta: RequestOutput) -> RequestOutput:
@@ -74,6 +78,8 @@ class RequestOutput:
                 old.logprobs.extend(new.logprobs)
             old.cumulative_logprob = new.cumulative_logprob
             old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_token_ranks = delta.prompt_logprobs, delta.prompt_token_ranks
         self.finished = delta.finished
         self.metrics = delta.metrics
         self.num_cached_tokens = delta.num_cached_tokens

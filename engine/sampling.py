@@ -44,6 +44,15 @@ class StructuredOutputSpec:
         return cls("json", json.dumps(schema), param, compact)
 
 
+# The most top logprobs a request may ask for unless the engine is told otherwise (vLLM's --max-logprobs).
+DEFAULT_MAX_LOGPROBS = 20
+
+
+def num_top_logprobs(wanted: int, vocab_size: int) -> int:
+    """A logprobs or prompt_logprobs count with -1 (vLLM: the whole vocabulary) resolved."""
+    return vocab_size if wanted == -1 else wanted
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -61,11 +70,16 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16  # None: up to the model's context length
     min_tokens: int = 0
-    logprobs: int | None = None  # number of top logprobs per generated token (0: only the chosen one)
+    logprobs: int | None = None  # top logprobs per generated token (0: only the chosen one; -1: the whole vocabulary)
+    prompt_logprobs: int | None = None  # top logprobs per prompt token, with the prompt token's own (-1: all)
     skip_special_tokens: bool = True
     structured_output: StructuredOutputSpec | None = None  # the completion must match this constraint
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: -100..100)
     allowed_token_ids: list[int] | None = None  # sample only among these
+    # Words never to generate: the last token of a word's tokens is banned after the others (vLLM's bad_words).
+    bad_words: list[str] | None = None
+    # The token ids of bad_words, filled by the front end that tokenizes them (engine.bad_words).
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -117,8 +131,12 @@ class SamplingParams:
             not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)
         ):
             fail("allowed_token_ids", "allowed_token_ids must be a non-empty list of token ids (integers >= 0)")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            fail("logprobs", f"logprobs must be in [0, 20], got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):  # the upper bound is the engine's (CoreLimits.max_logprobs)
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < -1):
+                fail(name, f"{name} must be -1 (the whole vocabulary) or an integer >= 0, got {value!r}")
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            fail("bad_words", "bad_words must be a list of non-blank strings")
         if self.seed is not None and (not isinstance(self.seed, int) or not SEED_MIN <= self.seed <= SEED_MAX):
             fail("seed", f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}], got {self.seed!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):

@@ -8,11 +8,13 @@ sampler's optional passes the batch needs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
-from engine.layers.sampler import PenaltyState, SamplingBatch
-from engine.sampling import SamplingParams
+from engine.layers.sampler import BadWordBans, PenaltyState, SamplingBatch
+from engine.sampling import SamplingParams, num_top_logprobs
 from engine.sequence import Sequence
 
 
@@ -45,6 +47,33 @@ def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> tor
     return host.to(device, non_blocking=True)
 
 
+def bad_word_bans(seqs: list[Sequence], newest_tokens: Callable[[], torch.Tensor],
+                  device: torch.device) -> BadWordBans | None:
+    """The bans of the rows' bad words that fit in their output so far (vLLM matches output tokens only)."""
+    candidates = []
+    for row, seq in enumerate(seqs):
+        if seq.params.bad_words_token_ids:
+            num_past = seq.num_output_tokens - 1  # the token being sampled is counted already
+            candidates += [(row, num_past, word) for word in seq.params.bad_words_token_ids if len(word) - 1 <= num_past]
+    if not candidates:
+        return None
+    width = max(len(word) - 1 for _, _, word in candidates)
+    prefixes, history = [], []
+    for row, num_past, word in candidates:
+        seq = seqs[row]
+        # The output before the newest token is known on the host; the newest may be on the device.
+        before = seq.token_ids[seq.num_prompt_tokens : seq.num_prompt_tokens + num_past - 1][-(width - 1):] if width > 1 else []
+        history.append([-2] * (width - 1 - len(before)) + before)
+        prefixes.append([-1] * (width - len(word) + 1) + word[:-1])
+    return BadWordBans(
+        rows=device_tensor([row for row, _, _ in candidates], torch.int64, device),
+        token_ids=device_tensor([word[-1] for _, _, word in candidates], torch.int64, device),
+        prefixes=device_tensor(prefixes, torch.int64, device).view(len(candidates), width),
+        history=device_tensor(history, torch.int64, device).view(len(candidates), max(width - 1, 0)),
+        last_tokens=newest_tokens() if width else None,
+    )
+
+
 class SamplingState:
     """Rank 0's sampling state that outlives a step: seeded generators and penalty token counts.
 
@@ -70,13 +99,14 @@ class SamplingState:
                 self.penalties = PenaltyState(self.num_rows, self.vocab_size, self.device)
             self.penalties.reset_row(row, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids)
 
-    def batch(self, seqs: list[Sequence], params: torch.Tensor, rows: np.ndarray) -> SamplingBatch:
+    def batch(self, seqs: list[Sequence], params: torch.Tensor, rows: np.ndarray,
+              newest_tokens: Callable[[], torch.Tensor]) -> SamplingBatch:
         """seqs sample this step, in batch order, from persistent rows `rows`; params holds their
-        sampling rows (host; page-locked on CUDA)."""
+        sampling rows (host; page-locked on CUDA); newest_tokens() gives each one's newest token, on the device."""
         device = self.device
         greedy = [seq.params.greedy for seq in seqs]
         penalized = [i for i, seq in enumerate(seqs) if has_penalties(seq.params)]
-        wanted = [seq.params.logprobs for seq in seqs if seq.params.logprobs is not None]
+        wanted = [num_top_logprobs(seq.params.logprobs, self.vocab_size) for seq in seqs if seq.params.logprobs is not None]
         return SamplingBatch(
             params=params.to(device, non_blocking=True),
             greedy=None if all(greedy) else device_tensor(greedy, torch.bool, device),
@@ -101,6 +131,7 @@ class SamplingState:
                 (i, device_tensor(allowed, torch.int64, device))
                 for i, seq in enumerate(seqs) if (allowed := seq.params.allowed_token_ids)
             ],
+            bad_words=bad_word_bans(seqs, newest_tokens, device),
         )
 
     def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:

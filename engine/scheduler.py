@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from engine.block_manager import FREED_BLOCK, BlockManager
-from engine.core_messages import RequestScheduled, SequenceDelta, TokenLogprobs
+from engine.core_messages import PromptLogprobs, RequestScheduled, SequenceDelta, TokenLogprobs
 from engine.sequence import Request, Sequence, SequenceStatus
 
 
@@ -47,6 +47,8 @@ class ScheduledBatch:
     newly_scheduled: list[RequestScheduled] = field(default_factory=list)
     released: list[int] = field(default_factory=list)  # seq ids that left the running set since the last batch
     computing_prompt: set[int] = field(default_factory=set)  # seq ids with prompt tokens in this step
+    # (index in seqs, first, end): the prompt positions [first, end) whose logits give prompt logprobs.
+    prompt_logprob_spans: list[tuple[int, int, int]] = field(default_factory=list)
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         """Schedule seq's next tokens: they count as computed, and a sampled token as a placeholder."""
@@ -57,6 +59,13 @@ class ScheduledBatch:
         self.samples.append(samples)
         if seq.num_computed_tokens < seq.num_prompt_tokens:
             self.computing_prompt.add(seq.seq_id)
+        request = seq.request
+        if seq is request.leader and request.needs_prompt_logprobs:
+            first = max(seq.num_computed_tokens, request.prompt_logprob_positions)
+            end = min(seq.num_computed_tokens + num_new_tokens, seq.num_prompt_tokens - 1)
+            if end > first:
+                self.prompt_logprob_spans.append((len(self.seqs) - 1, first, end))
+                request.prompt_logprob_positions = end
         seq.num_computed_tokens += num_new_tokens
         seq.num_placeholders += samples
 
@@ -78,6 +87,7 @@ class SampledTokens:
 
     token_ids: np.ndarray  # [num_sampling] int64
     logprobs: list[TokenLogprobs | None] | None = None  # None: no sequence asked for logprobs
+    prompt_logprobs: dict[int, PromptLogprobs] = field(default_factory=dict)  # index in the batch's seqs -> logprobs
 
 
 @dataclass
@@ -174,7 +184,7 @@ class Scheduler:
     def _reusable_prefix(self, seq: Sequence, leader_prefilling: bool) -> list[int]:
         """Computed blocks seq can start from: prefix-cache hits, else its leader's prompt blocks
         (once a step before this one computed them)."""
-        cached = self.block_manager.find_cached_prefix(seq)
+        cached = [] if seq.request.needs_prompt_logprobs else self.block_manager.find_cached_prefix(seq)
         leader = seq.request.leader
         if cached or seq is leader or leader.status is not SequenceStatus.RUNNING or leader_prefilling:
             return cached
@@ -205,7 +215,10 @@ class Scheduler:
         deltas = []
         token_ids = sampled.token_ids.tolist()
         row = 0
-        for seq, samples in zip(batch.seqs, batch.samples):
+        for i, (seq, samples) in enumerate(zip(batch.seqs, batch.samples)):
+            prompt_logprobs = sampled.prompt_logprobs.get(i)
+            if prompt_logprobs is not None and not seq.is_finished:
+                seq.request.prompt_logprobs.extend(prompt_logprobs)
             if not samples:
                 if not seq.is_finished:
                     self._computed(seq)
@@ -226,6 +239,9 @@ class Scheduler:
             delta = SequenceDelta(seq.request.request_id, seq.index, [token], None, seq.finish_reason, seq.stop_reason)
             if logprobs is not None:
                 delta.new_logprobs = [logprobs]
+            first_token = len(seq.token_ids) == seq.num_prompt_tokens + 1  # the known ones: a placeholder may follow
+            if seq is seq.request.leader and first_token and seq.request.prompt_logprobs is not None:
+                delta.prompt_logprobs = seq.request.prompt_logprobs
             deltas.append(delta)
         return deltas
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.core_messages import EngineCoreRequest
+from engine.core_messages import EngineCoreRequest, PromptLogprobs
 from engine.sampling import SamplingParams
 
 if TYPE_CHECKING:  # xgrammar is imported only once a request asks for a structured output
@@ -112,6 +112,16 @@ class Request:
         self.scheduled = False  # reported once, when its first step is scheduled
         self.num_cached_tokens = 0
         self.seqs = [Sequence(self, i) for i in range(self.params.n)]
+        # With prompt_logprobs: the leader's prompt positions whose logits are scheduled so far (the logits at
+        # position p give prompt token p + 1), and the logprobs read back so far.
+        self.prompt_logprob_positions = 0
+        self.prompt_logprobs = PromptLogprobs() if self.params.prompt_logprobs is not None else None
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs are asked for and some positions are not scheduled yet: a cached block has no
+        logits, so such a request does not start from the prefix cache (as in vLLM)."""
+        return self.prompt_logprobs is not None and self.prompt_logprob_positions < len(self.prompt_token_ids) - 1
 
     @property
     def leader(self) -> Sequence:

@@ -20,6 +20,7 @@ from engine.core_messages import (
     EngineCoreOutputs,
     EngineCoreRequest,
     EngineStats,
+    PromptLogprobs,
     RequestScheduled,
     SequenceDelta,
 )
@@ -29,7 +30,8 @@ from engine.sampling import SamplingParams, StructuredOutputSpec
 EVERY_SAMPLING_FIELD = SamplingParams(
     n=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, presence_penalty=0.5, frequency_penalty=-0.25,
     repetition_penalty=1.1, seed=1234, stop=["\n\n", "END"], stop_token_ids=[7, 9], include_stop_str_in_output=True,
-    ignore_eos=True, max_tokens=None, min_tokens=2, logprobs=5, skip_special_tokens=False,
+    ignore_eos=True, max_tokens=None, min_tokens=2, logprobs=5, skip_special_tokens=False, prompt_logprobs=-1,
+    allowed_token_ids=[3, 4], bad_words=["bad", "very bad"], bad_words_token_ids=[[5], [6, 5]],
 )
 STATS = EngineStats(num_waiting=2, num_running=5, kv_cache_usage=0.375, num_blocks_total=512, num_blocks_free=320,
                     prefix_cache_queries=900, prefix_cache_hits=128, num_preemptions=1, num_chunked_prefills=4,
@@ -49,13 +51,14 @@ MESSAGES = [
     CoreReady(CoreLimits(max_model_len=4096, vocab_size=32000, block_size=16, num_kv_blocks=999,
                          eos_token_ids=(2, 32000), max_num_batched_tokens=8192), STATS),
     CoreReady(CoreLimits(max_model_len=32768, vocab_size=32000, block_size=16, num_kv_blocks=99,
-                         eos_token_ids=(2,), max_num_batched_tokens=512, kv_window=4096), STATS),
+                         eos_token_ids=(2,), max_num_batched_tokens=512, kv_window=4096, max_logprobs=32000), STATS),
     StepOutputs(EngineCoreOutputs(), 0),
     StepOutputs(EngineCoreOutputs(stats=STATS), 3),
     StepOutputs(
         EngineCoreOutputs(
             deltas=[
-                SequenceDelta("r", 0, [11, 12], [{11: -0.5, 3: -1.25}, {12: -0.125}]),
+                SequenceDelta("r", 0, [11, 12], [{11: -0.5, 3: -1.25}, {12: -0.125}],
+                              prompt_logprobs=PromptLogprobs([{4: -3.5, 1: -0.25}, {9: -0.75}], [7, 1])),
                 SequenceDelta("r", 1, [2], None, finish_reason="stop", stop_reason=2),
                 SequenceDelta("s", 0, [9], None, finish_reason="length"),
                 SequenceDelta("t", 0, [], None, finish_reason="abort"),

@@ -76,6 +76,37 @@ def test_overlap_scheduling_gives_the_same_tokens_on_the_gpu(tiny_folder):
     assert preempted == reference and preemptions > 0
 
 
+def test_prompt_logprobs_and_bad_words_on_the_gpu_match_transformers(tiny_folder):
+    """Chunked prefills with prompt logprobs, bad words read against the newest token on the device, CUDA
+    graphs and overlap scheduling, in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import LLM, SamplingParams
+    from engine.bad_words import bad_words_token_ids
+
+    llm = LLM(model=str(tiny_folder), device="cuda", dtype="float32", gpu_memory_utilization=0.3,
+              max_num_batched_tokens=32, max_logprobs=-1)
+    tokenizer = llm.get_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder, dtype=torch.float32).cuda().eval()
+    model.generation_config.eos_token_id = None
+    for prompt in PROMPTS:
+        free = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0].token_ids
+        words = [tokenizer.decode(free[4:6])]
+        params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, prompt_logprobs=5, bad_words=words)
+        output = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)[0]
+        ids = torch.tensor([prompt], device="cuda")
+        with torch.inference_mode():
+            reference = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+            expected = model.generate(ids, do_sample=False, max_new_tokens=16,
+                                      bad_words_ids=bad_words_token_ids(tokenizer, words), pad_token_id=0)
+        assert output.outputs[0].token_ids == expected[0, len(prompt):].tolist()
+        assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(prompt)
+        for j, entry in enumerate(output.prompt_logprobs[1:], start=1):
+            for token_id, value in entry.items():
+                assert value == pytest.approx(reference[j - 1, token_id].item(), abs=1e-3)
+
+
 def test_teacher_forced_bf16_agrees_with_transformers(tmp_path):
     from benchmarks.gpu_correctness import compare
     from benchmarks.workloads import model_folder

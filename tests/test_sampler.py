@@ -30,17 +30,21 @@ def make_sampler(seed=0) -> Sampler:
     return Sampler(seed=seed, device=CPU)
 
 
-def prepare(seqs: list[Sequence]):
-    """What the runner does for a step: rows in the sampling state, then the step's SamplingBatch."""
+def prepare(seqs: list[Sequence], newest: list[int] | None = None):
+    """What the runner does for a step: rows in the sampling state, then the step's SamplingBatch.
+
+    newest: each row's newest token as the device holds it (default: the last one the host knows).
+    """
     state = SamplingState(len(seqs), VOCAB, (EOS,), CPU)
     for row, seq in enumerate(seqs):
         state.add_row(row, seq)
     params = torch.tensor([sampling_row(seq.params) for seq in seqs], dtype=torch.float32)
-    return state, state.batch(seqs, params, np.arange(len(seqs)))
+    newest = newest or [seq.token_ids[-1] for seq in seqs]
+    return state, state.batch(seqs, params, np.arange(len(seqs)), lambda: torch.tensor(newest))
 
 
-def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> SampledTokens:
-    state, batch = prepare(seqs)
+def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], newest: list[int] | None = None) -> SampledTokens:
+    state, batch = prepare(seqs, newest)
     output = sampler(logits, batch, state.penalties)
     return InFlightStep(output, [seq.params.logprobs for seq in seqs], CPU).result()
 
@@ -180,3 +184,38 @@ def test_logit_bias_and_allowed_token_ids_steer_every_row_alone():
     for _ in range(20):
         chosen = tokens(make_sampler(), logits, seqs)
         assert chosen[0] == 3 and chosen[1] in (4, 9) and chosen[2] == logits[2].argmax().item()
+
+
+def banned_by_vllm_rule(words: list[list[int]], output: list[int]) -> set[int]:
+    """vLLM's bad-words rule, written out: a word's last token is banned when the output ends with the rest."""
+    return {word[-1] for word in words if len(word) - 1 <= len(output) and output[len(output) - len(word) + 1 :] == word[:-1]}
+
+
+@pytest.mark.parametrize("newest_on_device", [False, True])
+def test_bad_words_ban_the_last_token_after_the_others_as_vllm_does(newest_on_device):
+    """Rows with different outputs; with overlap scheduling the newest output token is only on the device."""
+    words = [[5], [11, 12], [3, 4, 13], [20, 21, 22, 14]]
+    outputs = [[], [11], [3, 4], [9, 3, 4], [20, 21, 22], [21, 22], [1, 2]]
+    logits = torch.zeros(len(outputs), VOCAB)
+    seqs, newest = [], []
+    for output in outputs:
+        if newest_on_device and output:
+            seq = make_seq(SamplingParams(temperature=0.0, bad_words_token_ids=words), output=output[:-1])
+            seq.num_placeholders = 2  # the previous step's token, then the one being sampled
+        else:
+            seq = make_seq(SamplingParams(temperature=0.0, bad_words_token_ids=words), output=output)
+        seqs.append(seq)
+        newest.append(output[-1] if output else seq.token_ids[-1])
+    state, batch = prepare(seqs, newest)
+    masked = logits.clone()
+    batch.bad_words.mask(masked)
+    banned = [{t for t in range(VOCAB) if masked[row, t] == float("-inf")} for row in range(len(outputs))]
+    assert banned == [banned_by_vllm_rule(words, output) for output in outputs]
+    assert banned[:5] == [{5}, {5, 12}, {5, 13}, {5, 13}, {5, 14}]  # the rule bans more than single words here
+
+
+def test_a_bad_word_steers_sampling_away_from_its_last_token():
+    logits = random_logits(1)
+    favourite = logits[0].argmax().item()
+    seq = make_seq(SamplingParams(temperature=0.0, bad_words_token_ids=[[favourite]]))
+    assert tokens(make_sampler(), logits, [seq]) != [favourite]

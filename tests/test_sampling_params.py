@@ -3,6 +3,7 @@
 import pytest
 
 from engine.config import EngineConfig
+from engine.core_messages import CoreLimits
 from engine.errors import ConfigError, InvalidRequestError
 from engine.sampling import SamplingParams
 
@@ -21,7 +22,9 @@ from engine.sampling import SamplingParams
         ("presence_penalty", 3.0),
         ("frequency_penalty", -2.5),
         ("repetition_penalty", 0.0),
-        ("logprobs", 21),
+        ("logprobs", -2),
+        ("prompt_logprobs", -2),
+        ("bad_words", ["  "]),
         ("stop", [""]),
         ("stop_token_ids", [-1]),
         ("seed", 1.5),
@@ -32,6 +35,20 @@ def test_invalid_sampling_params_name_the_field(field, value):
         SamplingParams(**{field: value})
     assert error.value.param == field
     assert field in str(error.value)
+
+
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_logprobs_beyond_the_engines_max_logprobs_name_the_field(field):
+    limits = CoreLimits(max_model_len=64, vocab_size=100, block_size=16, num_kv_blocks=8, eos_token_ids=(2,),
+                        max_num_batched_tokens=64, max_logprobs=20)
+    limits.check_prompt([1, 2], SamplingParams(**{field: 20}))
+    for too_many in (21, -1):  # -1: the whole vocabulary, 100
+        with pytest.raises(InvalidRequestError, match="greater than max allowed: 20") as error:
+            limits.check_prompt([1, 2], SamplingParams(**{field: too_many}))
+        assert error.value.param == field
+    with pytest.raises(InvalidRequestError) as error:
+        limits.check_prompt([1, 2], SamplingParams(bad_words=["x"], bad_words_token_ids=[[100]]))
+    assert error.value.param == "bad_words"
 
 
 def test_min_tokens_may_not_exceed_max_tokens():
@@ -58,6 +75,7 @@ def test_normalisation():
         ("max_num_batched_tokens", -1),
         ("max_model_len", 0),
         ("tensor_parallel_size", 0),
+        ("max_logprobs", -2),
     ],
 )
 def test_invalid_engine_config_names_the_field(field, value):

@@ -77,7 +77,7 @@ def test_probes_and_metrics_need_no_key(server):
         ({"prompt": "hi", "seed": 2**70}, "seed"),
         ({"prompt": "hi", "seed": 2**63}, "seed"),  # vLLM's range is int64; seed + n - 1 must fit a torch seed
         ({"prompt": "hi", "logprobs": 50}, "logprobs"),
-        ({"prompt": "hi", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "hi", "prompt_logprobs": 50}, "prompt_logprobs"),  # beyond --max-logprobs
         ({"prompt": []}, "prompt"),
         ({"prompt": [[1, 2], []]}, "prompt"),
         ({}, "prompt"),

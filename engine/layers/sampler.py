@@ -8,7 +8,7 @@ copies them back.
 Order, per row: logprobs of the raw logits (what vLLM reports by default);
 repetition penalty (HF: over prompt and output), presence and frequency
 penalties (OpenAI: over the output) from token counts kept on the device;
-logit_bias added and allowed_token_ids enforced; EOS and stop ids masked until
+logit_bias added and allowed_token_ids enforced; bad_words banned; EOS and stop ids masked until
 min_tokens; tokens a structured output's grammar
 does not allow masked; greedy rows take the argmax; the others
 are divided by their temperature, filtered by top-k, top-p and min-p, and
@@ -43,9 +43,37 @@ class SamplingBatch:
     allowed: torch.Tensor | None = None  # [S, ceil(vocab / 32)] int32 token bitmask of structured outputs
     token_bias: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (row, ids, biases)
     only_tokens: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (row, the only ids it may sample)
+    bad_words: BadWordBans | None = None
 
     def column(self, name: str) -> torch.Tensor:
         return self.params[:, _COLUMN[name], None]
+
+
+@dataclass
+class BadWordBans:
+    """Candidate bans, one per (row, bad word) whose word fits in the row's output so far: the word's last
+    token is banned when the output ends with the word's other tokens.
+
+    Words are right-aligned in `prefixes` (-1 pads: anything matches); `history` holds each row's output
+    tokens before its newest one (right-aligned), which may still be on the device (overlap scheduling),
+    so the sampler reads it from `last_tokens`.
+    """
+
+    rows: torch.Tensor  # [K] sample rows
+    token_ids: torch.Tensor  # [K] the token banned on a match
+    prefixes: torch.Tensor  # [K, W] the word's tokens before it
+    history: torch.Tensor  # [K, W - 1] the output tokens before the newest (when W > 0)
+    last_tokens: torch.Tensor | None  # [S] each row's newest token (on the device); None when W is 0
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Sets the logits of the matched bans to -inf (a ban listed twice counts once)."""
+        if self.prefixes.shape[1]:
+            newest = self.last_tokens[self.rows, None]
+            matched = ((self.prefixes == -1) | (self.prefixes == torch.cat([self.history, newest], dim=1))).all(dim=1)
+        else:
+            matched = torch.ones_like(self.rows, dtype=torch.bool)
+        penalty = torch.where(matched, float("-inf"), 0.0)
+        logits.index_put_((self.rows, self.token_ids), penalty, accumulate=True)
 
 
 @dataclass
@@ -99,6 +127,8 @@ class Sampler:
             kept = logits[row, ids]
             logits[row] = float("-inf")
             logits[row, ids] = kept
+        if batch.bad_words is not None:
+            batch.bad_words.mask(logits)
         for row, stop_ids in batch.banned:
             logits[row, stop_ids] = float("-inf")
         if batch.allowed is not None:

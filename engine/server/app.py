@@ -328,7 +328,8 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         prompts = body.prompts
         echo_prompts = [state.prompt_checker.text(p) for p in prompts] if body.echo else None
         response_format = CompletionFormat(settings.served_model_name, state.tokenizer,
-                                           _response_options(body, body.logprobs), echo_prompts=echo_prompts)
+                                           _response_options(body, body.logprobs), echo_prompts=echo_prompts,
+                                           echo_only=body.echo_only)
         return await state.serve(request, body, prompts, response_format)
 
     @app.post("/v1/chat/completions")
@@ -362,4 +363,5 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
 def _response_options(body: CompletionRequest | ChatCompletionRequest, top_logprobs: int | None) -> ResponseOptions:
     return ResponseOptions(n=body.n, top_logprobs=top_logprobs, include_usage=body.include_usage,
                            continuous_usage=body.continuous_usage, return_token_ids=body.return_token_ids,
-                           tokens_as_ids=body.return_tokens_as_token_ids)
+                           tokens_as_ids=body.return_tokens_as_token_ids,
+                           prompt_logprobs=body.prompt_logprobs is not None)

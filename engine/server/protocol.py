@@ -31,8 +31,6 @@ class StreamOptions(BaseModel):
 # Fields OpenAI or vLLM define that this server accepts but cannot honour yet: a request that
 # sets one to anything but its neutral value is a 400 naming it, never silently ignored.
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "bad_words": "the sampler cannot ban token sequences yet",
-    "prompt_logprobs": "the engine does not compute prompt logprobs yet",
     "use_beam_search": "beam search is not implemented yet",
     "spaces_between_special_tokens": "the detokenizer always decodes special tokens without extra spaces",
     "priority": "the scheduler serves requests first come, first served",
@@ -153,6 +151,8 @@ class _SamplingFields(BaseModel):
     structured_outputs: StructuredOutputsField | None = None
     logit_bias: dict[StrictStr, float] | None = None  # OpenAI: token id, as a string -> bias in [-100, 100]
     allowed_token_ids: list[StrictInt] | None = None  # vLLM: sample only among these
+    prompt_logprobs: StrictInt | None = None  # vLLM: top logprobs per prompt token (-1: the whole vocabulary)
+    bad_words: list[StrictStr] | None = None  # vLLM: words never to generate
 
     @property
     def structured_output(self) -> StructuredOutputSpec | None:
@@ -165,6 +165,8 @@ class _SamplingFields(BaseModel):
         reject_unsupported(self.model_extra or {}, UNSUPPORTED_FIELDS)
         if self.stream_options is not None and not self.stream:
             raise InvalidRequestError("stream_options can only be set when stream is true", param="stream_options")
+        if self.prompt_logprobs is not None and self.stream:  # vLLM's rule: they are not streamed
+            raise InvalidRequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
 
     @property
     def include_usage(self) -> bool:
@@ -174,7 +176,8 @@ class _SamplingFields(BaseModel):
     def continuous_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.continuous_usage_stats
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: SamplingDefaults) -> SamplingParams:
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, defaults: SamplingDefaults,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
         """`defaults` (the model's generation config) fill the sampling fields the request leaves unset."""
         given = {
             name: getattr(self, name)
@@ -197,6 +200,8 @@ class _SamplingFields(BaseModel):
             structured_output=self.structured_output,
             logit_bias=_token_biases(self.logit_bias),
             allowed_token_ids=self.allowed_token_ids or None,
+            prompt_logprobs=self.prompt_logprobs if self.prompt_logprobs is not None else prompt_logprobs,
+            bad_words=self.bad_words or None,
             **(defaults.sampling | given),
         )
 
@@ -237,13 +242,17 @@ class CompletionRequest(_SamplingFields):
         if self.suffix:
             raise InvalidRequestError("suffix is not supported: no served model does fill-in-the-middle",
                                       param="suffix")
-        if self.echo and self.logprobs is not None:
-            raise InvalidRequestError(
-                "echo with logprobs is not supported: the engine does not compute prompt logprobs yet", param="echo"
-            )
+
+    @property
+    def echo_only(self) -> bool:
+        """OpenAI's echo with max_tokens 0: the response is the prompt (with its logprobs), nothing generated."""
+        return self.echo and self.max_tokens == 0
 
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
-        return self._sampling_params(self.max_tokens, self.logprobs, defaults)
+        """Echo with logprobs reports the prompt's too; with max_tokens 0 the engine still samples one
+        token, which the response leaves out (as vLLM)."""
+        return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs, defaults,
+                                     prompt_logprobs=self.logprobs if self.echo else None)
 
 
 def prompts_of(value: Any) -> list[Prompt]:

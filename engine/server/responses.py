@@ -9,6 +9,7 @@ index, as OpenAI numbers choices of multi-prompt requests.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -46,6 +47,7 @@ class ResponseOptions:
     continuous_usage: bool = False  # vLLM: usage on every chunk
     return_token_ids: bool = False  # vLLM: prompt and output token ids in the response
     tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprob tokens as "token_id:<id>"
+    prompt_logprobs: bool = False  # vLLM's prompt_logprobs: the prompt's logprobs in their own field
 
 
 @dataclass
@@ -94,11 +96,19 @@ class ResponseFormat:
         """Text that precedes a choice's output (echo)."""
         return ""
 
+    def prefix_logprob_entries(self, final: RequestOutput) -> list[tuple[int, TokenLogprobs | None]]:
+        """Logprob entries that precede a choice's own (echo: the prompt's)."""
+        return []
+
+    def shown(self, output: CompletionOutput) -> CompletionOutput:
+        """What of an output the response shows (all of it, unless the request asked for the prompt alone)."""
+        return output
+
     # --- shared ----------------------------------------------------------------------------
 
     def response(self, finals: list[RequestOutput]) -> dict:
         choices = [
-            self.choice(prompt_index * self.n + output.index, prompt_index, final, output)
+            self.choice(prompt_index * self.n + output.index, prompt_index, final, self.shown(output))
             for prompt_index, final in enumerate(finals)
             for output in final.outputs
         ]
@@ -116,7 +126,7 @@ class ResponseFormat:
                         opening = self.opening_chunk(index, output)
                         if opening is not None:
                             yield sse_event(opening)
-                    choice = self._next_delta(prompt_index, completion, states)
+                    choice = self._next_delta(total, prompt_index, completion, states)
                     if choice is not None:
                         usage = self.usage([total], states[index].tokens_sent) if self.options.continuous_usage else None
                         yield sse_event(self._chunk([choice], usage))
@@ -127,20 +137,23 @@ class ResponseFormat:
             yield sse_event(self._chunk([], usage=self.usage(list(finals.values()))))
         yield DONE_EVENT
 
-    def _next_delta(self, prompt_index: int, output: CompletionOutput, states: dict[int, _ChoiceState]) -> dict | None:
+    def _next_delta(self, total: RequestOutput, prompt_index: int, output: CompletionOutput,
+                    states: dict[int, _ChoiceState]) -> dict | None:
         index = prompt_index * self.n + output.index
         state = states.get(index)
-        prefix = ""
+        prefix, prefix_entries = "", []
         if state is None:
-            prefix = self.text_prefix(prompt_index)
-            state = states[index] = _ChoiceState(text_offset=len(prefix))
+            prefix, prefix_entries = self.text_prefix(prompt_index), self.prefix_logprob_entries(total)
+            state = states[index] = _ChoiceState()
         if state.finished:
             return None
+        output = self.shown(output)
         text = prefix + output.text
         new_token_ids = output.token_ids
         entries = self._logprob_entries(output)
         logprobs = None
         if entries is not None:
+            entries = prefix_entries + entries
             logprobs = self.logprobs_body(entries, state.text_offset)
             state.text_offset += sum(len(self.token_text(token_id)) for token_id, _ in entries)
         state.tokens_sent += len(new_token_ids)
@@ -189,20 +202,49 @@ class ResponseFormat:
         return f"token_id:{token_id}" if self.options.tokens_as_ids else self.token_text(token_id)
 
     def top_alternatives(self, logprobs: TokenLogprobs) -> list[tuple[int, float]]:
+        """The top alternatives, most likely first (top_logprobs -1: every one the engine sent)."""
         ranked = sorted(logprobs.items(), key=lambda item: item[1], reverse=True)
-        return [(token_id, _finite(lp)) for token_id, lp in ranked[: self.top_logprobs]]
+        return [(token_id, _finite(lp)) for token_id, lp in ranked[: None if self.top_logprobs == -1 else self.top_logprobs]]
+
+    def prompt_logprobs_body(self, final: RequestOutput) -> list[dict | None]:
+        """vLLM's prompt_logprobs: per prompt token (None for the first) {token id: logprob, rank, text}."""
+        body: list[dict | None] = []
+        for entry, prompt_rank in zip(final.prompt_logprobs, final.prompt_token_ranks):
+            if entry is None:
+                body.append(None)
+                continue
+            prompt_token = next(iter(entry))  # the prompt token comes first, then the top ones
+            ranked = sorted(entry.items(), key=lambda item: item[1], reverse=True)
+            body.append({
+                str(token_id): {"logprob": _finite(lp), "rank": prompt_rank if token_id == prompt_token else rank,
+                                "decoded_token": self.token_text(token_id)}
+                for rank, (token_id, lp) in enumerate(ranked, start=1)
+            })
+        return body
 
 
 class CompletionFormat(ResponseFormat):
     object_name = chunk_object_name = "text_completion"
     id_prefix = "cmpl"
 
-    def __init__(self, *args: Any, echo_prompts: list[str] | None = None, **kwargs: Any):
+    def __init__(self, *args: Any, echo_prompts: list[str] | None = None, echo_only: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.echo_prompts = echo_prompts
+        self.echo_only = echo_only  # max_tokens 0 with echo: the prompt alone
 
     def text_prefix(self, prompt_index: int) -> str:
         return self.echo_prompts[prompt_index] if self.echo_prompts is not None else ""
+
+    def prefix_logprob_entries(self, final: RequestOutput) -> list[tuple[int, TokenLogprobs | None]]:
+        """With echo, the prompt's tokens lead the logprobs (the first without any, as OpenAI and vLLM)."""
+        if self.echo_prompts is None or self.top_logprobs is None:
+            return []
+        return list(zip(final.prompt_token_ids, final.prompt_logprobs or [None] * len(final.prompt_token_ids)))
+
+    def shown(self, output: CompletionOutput) -> CompletionOutput:
+        if not self.echo_only:
+            return output
+        return dataclasses.replace(output, text="", token_ids=[], logprobs=[] if output.logprobs is not None else None)
 
     def choice(self, index: int, prompt_index: int, final: RequestOutput, output: CompletionOutput) -> dict:
         prefix = self.text_prefix(prompt_index)
@@ -210,9 +252,10 @@ class CompletionFormat(ResponseFormat):
         choice = {
             "index": index,
             "text": prefix + output.text,
-            "logprobs": self.logprobs_body(entries, len(prefix)) if entries is not None else None,
+            "logprobs": self.logprobs_body(self.prefix_logprob_entries(final) + entries, 0) if entries is not None else None,
             "finish_reason": output.finish_reason,
             "stop_reason": output.stop_reason,
+            "prompt_logprobs": self.prompt_logprobs_body(final) if self.options.prompt_logprobs else None,
         }
         if self.options.return_token_ids:
             choice.update(prompt_token_ids=final.prompt_token_ids, token_ids=output.token_ids)
@@ -229,16 +272,21 @@ class CompletionFormat(ResponseFormat):
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": output.finish_reason,
                 "stop_reason": output.stop_reason}
 
-    def logprobs_body(self, entries: list[tuple[int, TokenLogprobs]], text_offset: int) -> dict:
-        """OpenAI's legacy shape; top_logprobs holds the sampled token plus the top alternatives (vLLM's)."""
+    def logprobs_body(self, entries: list[tuple[int, TokenLogprobs | None]], text_offset: int) -> dict:
+        """OpenAI's legacy shape; top_logprobs holds the sampled token plus the top alternatives (vLLM's).
+        An echoed prompt's first token has no logprobs: None in token_logprobs and top_logprobs."""
         body: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for token_id, logprobs in entries:
-            chosen = _finite(logprobs.get(token_id, -math.inf))
             body["tokens"].append(self.token_label(token_id))
-            body["token_logprobs"].append(chosen)
-            top = {self.token_label(token_id): chosen}
-            top.update((self.token_label(t), lp) for t, lp in self.top_alternatives(logprobs))
-            body["top_logprobs"].append(top)
+            if logprobs is None:
+                body["token_logprobs"].append(None)
+                body["top_logprobs"].append(None)
+            else:
+                chosen = _finite(logprobs.get(token_id, -math.inf))
+                body["token_logprobs"].append(chosen)
+                top = {self.token_label(token_id): chosen}
+                top.update((self.token_label(t), lp) for t, lp in self.top_alternatives(logprobs))
+                body["top_logprobs"].append(top)
             body["text_offset"].append(text_offset)
             text_offset += len(self.token_text(token_id))
         return body
@@ -265,6 +313,8 @@ class ChatFormat(ResponseFormat):
         body = super().response(finals)
         if self.options.return_token_ids:
             body["prompt_token_ids"] = finals[0].prompt_token_ids
+        # Always present, null unless asked (vLLM's shape: clients read the attribute).
+        body["prompt_logprobs"] = self.prompt_logprobs_body(finals[0]) if self.options.prompt_logprobs else None
         return body
 
     def choice(self, index: int, prompt_index: int, final: RequestOutput, output: CompletionOutput) -> dict:

@@ -33,6 +33,8 @@ UNSUPPORTED_RESPONSES_FIELDS = {
     "conversation": "responses are not stored; send the whole conversation as input",
     "background": "responses run in the foreground only",
     "prompt": "stored prompt templates are not supported",
+    "prompt_logprobs": "vLLM's sampling extensions are taken by /v1/chat/completions, not here",
+    "bad_words": "vLLM's sampling extensions are taken by /v1/chat/completions, not here",
 }
 
 
