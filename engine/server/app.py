@@ -111,6 +111,8 @@ class ServerState:
             prompts=self.prompt_checker.checked(prompts, body.truncate_prompt_tokens),
             params=params,
             log_fields=request.state.log_fields,
+            beam_search=body.to_beam_search_params(self.settings.sampling_defaults),
+            best_of_n=body.best_of_n,
         )
         try:
             if body.stream:
