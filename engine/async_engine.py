@@ -59,6 +59,7 @@ class AsyncLLMEngine:
         self._load_error: BaseException | None = None
         self._loading: asyncio.Task | None = None
         self._beam_searches: dict[str, BeamSearch] = {}  # running, by request id
+        self._accepting = True
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -83,6 +84,20 @@ class AsyncLLMEngine:
         if self._loading is not None:
             self._loading.cancel()
         self.client.stop()
+
+    async def shutdown(self) -> None:
+        """stop(), letting the core finish its step and exit while the event loop keeps running."""
+        if self._loading is not None:
+            self._loading.cancel()
+        await self.client.shutdown()
+
+    def kill_core(self) -> None:
+        """Ends the engine core now, mid-step if need be (a second SIGTERM): abort_all() first."""
+        self.client.kill_core()
+
+    def stop_accepting(self) -> None:
+        """From now on new requests are refused (503): the server is shutting down."""
+        self._accepting = False
 
     @property
     def error(self) -> BaseException | None:
@@ -261,6 +276,8 @@ class AsyncLLMEngine:
         if self.error is not None:
             raise self.error if isinstance(self.error, EngineDeadError) else EngineDeadError(
                 f"the engine failed: {self.error}")
+        if not self._accepting:
+            raise EngineNotReadyError("the server is shutting down")
         if not self.is_loaded:
             raise EngineNotReadyError("the model is still loading")
         if self.max_pending_requests is not None and self.num_waiting >= self.max_pending_requests:
