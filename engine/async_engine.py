@@ -253,7 +253,9 @@ class AsyncLLMEngine:
         yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids,
                             completion_outputs(search, decode), finished=True, metrics=RequestMetrics(arrival_time))
 
-    async def _next_token_logprobs(self, request_id: str, token_ids: list[int], params: SamplingParams) -> TokenLogprobs | None:
+    async def _next_token_logprobs(
+        self, request_id: str, token_ids: list[int], params: SamplingParams
+    ) -> TokenLogprobs | None:
         """The top logprobs of the token after token_ids; None if the request was aborted."""
         async for output in self._generate(request_id, token_ids, params, None, OutputKind.FINAL_ONLY):
             completion = output.outputs[0]

@@ -63,11 +63,10 @@ class BeamSearchParams:
     early_stopping: EarlyStopping = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.beam_width, int) or isinstance(self.beam_width, bool) or self.beam_width < 1:
-            raise InvalidRequestError(f"beam_width must be an integer >= 1, got {self.beam_width!r}", param="beam_width")
-        if self.max_tokens is not None and (
-                not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool) or self.max_tokens < 1):
-            raise InvalidRequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens")
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if not (value is None and name == "max_tokens") and not _positive_int(value):
+                raise InvalidRequestError(f"{name} must be an integer >= 1, got {value!r}", param=name)
         if self.temperature < 0:
             raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         if self.early_stopping not in (True, False, "never"):
@@ -77,6 +76,15 @@ class BeamSearchParams:
     def num_candidates(self, num_eos_tokens: int) -> int:
         """Continuations kept per step: enough that beam_width survive even if the best all end."""
         return max(2, 1 + num_eos_tokens) * self.beam_width
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _length_penalised(score: np.float32, length: int, length_penalty: float) -> np.float32:
+    """transformers' hypothesis score (in float32, as its tensors)."""
+    return np.float32(score / np.float32(length**length_penalty))
 
 
 @dataclass
@@ -168,7 +176,7 @@ class BeamSearch:
             ends_with_eos = token in self.eos_token_ids
             if ends_with_eos or at_limit:
                 if rank < width and may_finish:
-                    penalised = np.float32(score / np.float32(length ** params.length_penalty))
+                    penalised = _length_penalised(score, length, params.length_penalty)
                     self.finished.append(_Hypothesis(extended, penalised, "stop" if ends_with_eos else "length"))
             else:
                 all_end = False
@@ -180,17 +188,17 @@ class BeamSearch:
         if running and len(self.finished) == width:  # transformers' _check_early_stop_heuristic
             never = params.early_stopping == "never" and params.length_penalty > 0.0
             best_length = params.max_tokens if never else length
-            best_possible = np.float32(running[0].score / np.float32(best_length ** params.length_penalty))
+            best_possible = _length_penalised(running[0].score, best_length, params.length_penalty)
             self._improvable = self._improvable and bool(best_possible > self.finished[-1].score)
         full = params.early_stopping is True and len(self.finished) == width
         self.done = all_end or not running or not self._improvable or full
 
     def abort(self) -> None:
         """Ends the search now: the running beams join the finished hypotheses with finish_reason "abort"."""
-        length = max(self.num_generated, 1)
+        length, penalty = max(self.num_generated, 1), self.params.length_penalty
         self.finished = sorted(
-            self.finished + [_Hypothesis(beam, np.float32(beam.score / np.float32(length ** self.params.length_penalty)),
-                                         "abort") for beam in self.running],
+            self.finished + [_Hypothesis(beam, _length_penalised(beam.score, length, penalty), "abort")
+                             for beam in self.running],
             key=lambda h: -h.score,
         )[: self.params.beam_width]
         self.running, self.done = [], True

@@ -81,6 +81,12 @@ def test_beam_search_refuses_fields_it_cannot_honour(server, body, param):
     assert response.json()["error"]["param"] == param
 
 
+def test_beam_search_takes_a_neutral_response_format(client):
+    response = client.chat.completions.create(model=SERVED_NAME, messages=CHAT, n=2, max_tokens=2,
+                                              response_format={"type": "text"}, extra_body={"use_beam_search": True})
+    assert len(response.choices) == 2
+
+
 @pytest.mark.parametrize(("body", "param"), [
     ({"length_penalty": 0.5}, "length_penalty"), ({"early_stopping": True}, "early_stopping"),
     ({"use_beam_search": True, "early_stopping": "sometimes"}, "early_stopping"),

@@ -185,8 +185,9 @@ class _SamplingFields(BaseModel):
 
     def fields_set_that_beam_search_ignores(self) -> list[str]:
         names = ["stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
-                 "logit_bias", "allowed_token_ids", "response_format", "structured_outputs", "min_tokens"]
-        return [name for name in names if getattr(self, name)]
+                 "logit_bias", "allowed_token_ids", "min_tokens"]
+        constraint = self.structured_output  # response_format, structured_outputs, a forced tool call
+        return [name for name in names if getattr(self, name)] + ([constraint.param] if constraint else [])
 
     @property
     def best_of_n(self) -> int | None:
@@ -495,9 +496,7 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def fields_set_that_beam_search_ignores(self) -> list[str]:
-        forced_call = self.effective_tool_choice not in ("none", "auto")
-        return (super().fields_set_that_beam_search_ignores() + (["logprobs"] if self.logprobs else [])
-                + (["tool_choice"] if forced_call else []))
+        return super().fields_set_that_beam_search_ignores() + (["logprobs"] if self.logprobs else [])
 
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         return self._sampling_params(self.resolved_max_tokens, self.num_top_logprobs, defaults)
