@@ -115,7 +115,7 @@ class LLM:
         engine = self.llm_engine
         searches = [new_search(_prompt_token_ids(engine, _prompt_input(p)), params, engine.core.limits)
                     for p in prompts]
-        longest = max(search.params.max_tokens for search in searches)
+        longest = max((search.params.max_tokens for search in searches), default=0)
         with tqdm(total=longest, desc="Beam search", disable=not use_tqdm) as progress:
             while any(not search.done for search in searches):
                 self._beam_search_step([search for search in searches if not search.done])
