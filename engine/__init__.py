@@ -16,6 +16,7 @@ _LAZY = {
     "EngineStats": "engine.llm_engine",
     "EngineConfig": "engine.config",
     "SamplingParams": "engine.sampling",
+    "BeamSearchParams": "engine.beam_search",
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
 }

@@ -16,13 +16,15 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 
+from engine.beam_search import BeamSearch, BeamSearchParams, completion_outputs, new_search
 from engine.config import EngineConfig
 from engine.core_client import CoreClient
-from engine.core_messages import CoreLimits, EngineStats
+from engine.core_messages import CoreLimits, EngineStats, TokenLogprobs
 from engine.errors import EngineDeadError, InvalidRequestError, KubellmError
 from engine.output_processor import OutputKind, OutputProcessor, new_request
-from engine.outputs import RequestOutput
+from engine.outputs import RequestMetrics, RequestOutput
 from engine.sampling import SamplingParams
 from engine.tokenizer import ChatTemplate, tokenize_prompt
 from engine.tokenizer_loader import load_tokenizer
@@ -56,6 +58,8 @@ class AsyncLLMEngine:
         self.chat_template: ChatTemplate | None = None
         self._load_error: BaseException | None = None
         self._loading: asyncio.Task | None = None
+        self._beam_searches: dict[str, BeamSearch] = {}  # running, by request id
+        self._accepting = True
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -80,6 +84,20 @@ class AsyncLLMEngine:
         if self._loading is not None:
             self._loading.cancel()
         self.client.stop()
+
+    async def shutdown(self) -> None:
+        """stop(), letting the core finish its step and exit while the event loop keeps running."""
+        if self._loading is not None:
+            self._loading.cancel()
+        await self.client.shutdown()
+
+    def kill_core(self) -> None:
+        """Ends the engine core now, mid-step if need be (a second SIGTERM): abort_all() first."""
+        self.client.kill_core()
+
+    def stop_accepting(self) -> None:
+        """From now on new requests are refused (503): the server is shutting down."""
+        self._accepting = False
 
     @property
     def error(self) -> BaseException | None:
@@ -140,7 +158,8 @@ class AsyncLLMEngine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self.client.streams)
+        """Requests running: streams, and beam searches (also between their steps)."""
+        return len(self.client.streams) + len(self._beam_searches)
 
     def apply_chat_template(self, messages: list[dict]) -> str:
         return self.chat_template.render(messages)
@@ -164,6 +183,17 @@ class AsyncLLMEngine:
         request, which frees its KV blocks at the core's next step boundary.
         """
         self.check_accepting()
+        async for output in self._generate(request_id, prompt, params, arrival_time, output_kind):
+            yield output
+
+    async def _generate(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        arrival_time: float | None,
+        output_kind: OutputKind,
+    ) -> AsyncIterator[RequestOutput]:
         if request_id in self.client.streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in flight", param="request_id")
         state, core_request = new_request(self.tokenizer, self.limits, request_id, prompt, params, output_kind,
@@ -182,18 +212,74 @@ class AsyncLLMEngine:
             if not finished:
                 self.abort(request_id)
 
+    async def beam_search(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: BeamSearchParams,
+        arrival_time: float | None = None,
+        skip_special_tokens: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """transformers' beam search (engine.beam_search); yields one RequestOutput, when it ends.
+
+        Each step runs every beam as a one-token request (their common full blocks come from
+        the prefix cache). abort_all ends it with the best beams so far, finish_reason "abort".
+        """
+        self.check_accepting()
+        if request_id in self._beam_searches:
+            raise InvalidRequestError(f"request id {request_id!r} is already in flight", param="request_id")
+        arrival_time = arrival_time or time.monotonic()
+        token_ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        search = new_search(token_ids, params, self.limits)
+        self._beam_searches[request_id] = search
+        try:
+            step = 0
+            while not search.done:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(self._next_token_logprobs(f"{request_id}-{step}-{i}", tokens,
+                                                                         search.step_params()))
+                             for i, tokens in enumerate(search.pending())]
+                results = [task.result() for task in tasks]
+                if search.done:  # aborted while the step ran
+                    break
+                if any(entry is None for entry in results):
+                    search.abort()
+                else:
+                    search.advance(results)
+                step += 1
+        finally:
+            self._beam_searches.pop(request_id, None)
+        decode = partial(self.tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        yield RequestOutput(request_id, prompt if isinstance(prompt, str) else None, token_ids,
+                            completion_outputs(search, decode), finished=True, metrics=RequestMetrics(arrival_time))
+
+    async def _next_token_logprobs(
+        self, request_id: str, token_ids: list[int], params: SamplingParams
+    ) -> TokenLogprobs | None:
+        """The top logprobs of the token after token_ids; None if the request was aborted."""
+        async for output in self._generate(request_id, token_ids, params, None, OutputKind.FINAL_ONLY):
+            completion = output.outputs[0]
+            if completion.finish_reason == "abort":
+                return None
+            return completion.logprobs[0]
+        return None
+
     def abort(self, request_id: str, notify_client: bool = False) -> None:
         """Abort one request. With notify_client its stream ends with finish_reason 'abort'."""
         self.client.abort_requests([request_id], notify_client)
 
     def abort_all(self) -> None:
         """Abort every request in flight; their clients see finish_reason 'abort'."""
+        for search in self._beam_searches.values():
+            search.abort()
         self.client.abort_requests(list(self.client.streams), notify_client=True)
 
     def check_accepting(self) -> None:
         if self.error is not None:
             raise self.error if isinstance(self.error, EngineDeadError) else EngineDeadError(
                 f"the engine failed: {self.error}")
+        if not self._accepting:
+            raise EngineNotReadyError("the server is shutting down")
         if not self.is_loaded:
             raise EngineNotReadyError("the model is still loading")
         if self.max_pending_requests is not None and self.num_waiting >= self.max_pending_requests:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import multiprocessing
 import shutil
@@ -94,18 +95,26 @@ class _CoreProcess:
         return f"the engine core process exited with code {code}"
 
     def stop(self, timeout: float) -> None:
-        """After Shutdown was sent: waits for the core to exit, then SIGTERM, then SIGKILL."""
+        """After Shutdown was sent: waits for the core to exit, then kills it.
+
+        No SIGTERM in between: the core reads it, like Shutdown, only between steps,
+        so a core still in a slow step would ignore it just the same.
+        """
         atexit.unregister(self._terminate)
         self.process.join(timeout)
-        self._terminate(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL now, whatever the core is doing (its tensor-parallel workers exit with it)."""
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
 
     def _terminate(self, timeout: float) -> None:
         if self.process.is_alive():
             self.process.terminate()  # the core stops its tp workers and exits 0
             self.process.join(timeout)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
+        self.kill()
 
 
 class _CoreThread:
@@ -141,6 +150,10 @@ class _CoreThread:
         if self.thread is not None:
             self.thread.join(timeout)
 
+    def kill(self) -> None:
+        """A thread cannot be killed: it stops after its current step."""
+        self._stopping.set()
+
 
 class CoreClient:
     """One engine core, the sockets to it, and the streams of the requests it runs."""
@@ -171,6 +184,7 @@ class CoreClient:
         self._exited: asyncio.Future | None = None
         self._receiver: asyncio.Task | None = None
         self._closed = False
+        self._shutting_down = False  # Shutdown sent: the core's exit is expected, not a death to report
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -199,12 +213,36 @@ class CoreClient:
         assert self.ready is not None, "the engine core is not ready"
         return self.ready.limits
 
+    async def shutdown(self, timeout: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """stop(), waiting for the core to finish its step and exit without blocking the event loop,
+        so that kill_core() (a second signal) still gets through; after `timeout` the core is killed."""
+        if self._closed:
+            return
+        if self._request_shutdown():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._exited), timeout)
+            self._core.kill()
+        self.stop()
+
+    def kill_core(self) -> None:
+        """Ends the core now, even in the middle of a step (the requests in flight are lost)."""
+        self._shutting_down = True
+        self._core.kill()
+
+    def _request_shutdown(self) -> bool:
+        """Sends Shutdown to a running core; False if there is none to tell."""
+        if not self.is_started or self.error is not None or self._exited.done():
+            return False
+        if not self._shutting_down:
+            self._shutting_down = True
+            self._send(Shutdown())
+        return True
+
     def stop(self) -> None:
         """Shuts the core down (its workers too) and fails what is still open; the client is unusable after."""
         if self._closed:
             return
-        if self.is_started and self.error is None and not self._exited.done():
-            self._send(Shutdown())
+        self._request_shutdown()
         self._closed = True
         if self.is_started:
             self._core.stop(SHUTDOWN_TIMEOUT_S)
@@ -296,7 +334,8 @@ class CoreClient:
         """Records why the core is gone (the first reason wins) and ends every open stream with it."""
         if self.error is None:
             self.error = error
-            if self.ready is not None and not self._closed:  # a load failure is reported by whoever waits for it
+            # A load failure is reported by whoever waits for it; an exit asked for is no failure.
+            if self.ready is not None and not (self._closed or self._shutting_down):
                 logger.error("engine core died: %s", error)
         dead = self.error if isinstance(self.error, EngineDeadError) else EngineDeadError(
             f"the engine core died: {self.error}")

@@ -13,6 +13,7 @@ from typing import Union
 
 from tqdm.auto import tqdm
 
+from engine.beam_search import BeamSearch, BeamSearchOutput, BeamSearchParams, new_search
 from engine.config import EngineConfig
 from engine.generation_defaults import AUTO, load_sampling_defaults
 from engine.cpu_threads import configure_cpu_threads
@@ -101,6 +102,39 @@ class LLM:
         texts = [engine.apply_chat_template(conversation) for conversation in conversations]
         return self._run(texts, sampling_params, use_tqdm)
 
+    def beam_search(
+        self,
+        prompts: Prompt | SequenceOf[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """transformers' beam search (engine.beam_search) for each prompt, all prompts' beams batched
+        together; outputs come back in the order of the prompts, each with its best beam_width
+        sequences, best first. A sequence's tokens and text include its prompt, as in vLLM."""
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        engine = self.llm_engine
+        searches = [new_search(_prompt_token_ids(engine, _prompt_input(p)), params, engine.core.limits)
+                    for p in prompts]
+        longest = max((search.params.max_tokens for search in searches), default=0)
+        with tqdm(total=longest, desc="Beam search", disable=not use_tqdm) as progress:
+            while any(not search.done for search in searches):
+                self._beam_search_step([search for search in searches if not search.done])
+                progress.update(1)
+        outputs = [search.output() for search in searches]
+        for output in outputs:
+            for sequence in output.sequences:
+                sequence.text = engine.tokenizer.decode(sequence.tokens)
+        return outputs
+
+    def _beam_search_step(self, searches: list[BeamSearch]) -> None:
+        """Extends every running beam of `searches` by one token: one engine request per beam."""
+        pending = [search.pending() for search in searches]
+        finals = iter(self._run([tokens for beams in pending for tokens in beams],
+                                [search.step_params() for search, beams in zip(searches, pending) for _ in beams],
+                                use_tqdm=False))
+        for search, beams in zip(searches, pending):
+            search.advance([next(finals).outputs[0].logprobs[0] for _ in beams])
+
     def _run(
         self,
         prompts: list[str | list[int]],
@@ -125,6 +159,10 @@ class LLM:
                     finished[output.request_id] = output
                     progress.update(1)
         return [finished[request_id] for request_id in request_ids]
+
+
+def _prompt_token_ids(engine: LLMEngine, prompt: str | list[int]) -> list[int]:
+    return engine.tokenize(prompt) if isinstance(prompt, str) else prompt
 
 
 def _prompt_input(prompt: Prompt) -> str | list[int]:

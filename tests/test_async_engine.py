@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 
 from engine.async_engine import CORE_HANG_TIMEOUT_S, AsyncLLMEngine, QueueFullError
+from engine.beam_search import BeamSearchParams
 from engine.errors import EngineDeadError, InvalidRequestError, ModelLoadError
 from engine.llm import LLM
 from engine.sampling import SamplingParams
@@ -145,6 +146,20 @@ async def test_a_silent_core_fails_health_until_it_speaks_again(engine):
     finally:
         os.kill(core, signal.SIGCONT)
         engine.hang_timeout = CORE_HANG_TIMEOUT_S
+
+
+async def test_abort_all_ends_a_beam_search_with_its_best_beams(engine):
+    """Also between its steps, when none of its one-token requests is in flight."""
+    sent = engine.client.num_requests_sent
+    search = engine.beam_search("beams", "Hello", BeamSearchParams(beam_width=2, max_tokens=1000, ignore_eos=True))
+    task = asyncio.ensure_future(anext(search))
+    while engine.client.num_requests_sent < sent + 3:  # its first step (1 request) is done, the second (2) sent
+        await asyncio.sleep(0.01)
+    engine.abort_all()
+    output = await task
+    assert output.finished and [o.finish_reason for o in output.outputs] == ["abort", "abort"]
+    assert all(0 < len(o.token_ids) < 1000 for o in output.outputs)
+    assert engine.num_in_flight == 0
 
 
 async def test_drain_lets_short_requests_finish_and_aborts_long_ones(engine):

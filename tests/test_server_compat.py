@@ -92,7 +92,7 @@ def test_stream_options_without_stream_is_400(server):
 
 
 @pytest.mark.parametrize(("field", "value"), [
-    ("use_beam_search", True), ("priority", 1), ("spaces_between_special_tokens", False), ("best_of", 3),
+    ("priority", 1), ("spaces_between_special_tokens", False),
     ("suffix", "end"),
 ])
 def test_fields_not_implemented_are_400_naming_them(server, field, value):

@@ -186,7 +186,9 @@ SAMPLING = {
     "structured_outputs": st.fixed_dictionaries({}, optional={"regex": st.text(max_size=4),
                                                               "choice": st.lists(st.text(max_size=3), max_size=2)}),
 }
-COMPLETION_FIELDS = {**SAMPLING, "logprobs": st.integers(-1, 6), "echo": st.booleans()}
+COMPLETION_FIELDS = {**SAMPLING, "logprobs": st.integers(-1, 6), "echo": st.booleans(), "best_of": st.integers(-1, 4),
+                     "use_beam_search": st.booleans(), "length_penalty": st.floats(-2, 2),
+                     "early_stopping": st.sampled_from([True, False, "never"])}
 PROMPT = (st.text(max_size=30) | st.lists(st.text(max_size=10), max_size=3) | st.lists(st.integers(-2, 600), max_size=8)
           | st.lists(st.lists(st.integers(0, 511), max_size=4), max_size=2))
 MESSAGE = st.fixed_dictionaries(

@@ -115,6 +115,58 @@ def test_sigterm_drains_then_exits_zero(serve_process):
         os.kill(engine_core, 0)
 
 
+def stream_in_background(url: str) -> tuple[threading.Thread, list]:
+    """A long stream (far longer than any test), once its first event arrived."""
+    body = {"model": "m", "prompt": "long", "max_tokens": 4000, "ignore_eos": True}
+    started, events = threading.Event(), []
+    client = threading.Thread(target=stream_events, args=(url, body, started, events))
+    client.start()
+    assert started.wait(60)
+    return client, events
+
+
+def assert_ended_with_abort(events: list) -> None:
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_a_step_that_never_ends_does_not_keep_streams_open_past_the_timeout():
+    """--shutdown-timeout 0 while the core is inside a step (stopped with SIGSTOP: the slowest step
+    there is): the stream still ends with "abort" and [DONE], and the stuck core is killed."""
+    with serving("--shutdown-timeout", "0") as (process, url):
+        client, events = stream_in_background(url)
+        [engine_core] = spawned_children(process.pid)
+        os.kill(engine_core, signal.SIGSTOP)
+        process.send_signal(signal.SIGTERM)
+        client.join(60)
+        assert_ended_with_abort(events)
+        assert process.wait(60) == 0
+        assert "Traceback" not in process.stderr.read()
+    with pytest.raises(ProcessLookupError):
+        os.kill(engine_core, 0)
+
+
+def test_a_second_signal_during_the_drain_aborts_and_exits_zero():
+    """The first SIGTERM drains (for up to an hour here, while the core is stuck in a step); a second
+    signal (here SIGINT, Ctrl-C's) ends the streams with "abort", kills the core and exits 0."""
+    with serving("--shutdown-timeout", "3600") as (process, url):
+        client, events = stream_in_background(url)
+        [engine_core] = spawned_children(process.pid)
+        os.kill(engine_core, signal.SIGSTOP)
+        process.send_signal(signal.SIGTERM)
+        while httpx.get(f"{url}/ready").status_code == 200:  # the first signal was taken: draining
+            time.sleep(0.01)
+        assert client.is_alive() and events[-1] != "[DONE]"  # the drain waits for the stream
+        process.send_signal(signal.SIGINT)
+        client.join(60)
+        assert_ended_with_abort(events)
+        assert process.wait(60) == 0
+        log = process.stderr.read()
+        assert "Traceback" not in log and "received SIGINT again" in log
+    with pytest.raises(ProcessLookupError):
+        os.kill(engine_core, 0)
+
+
 def _descendants(pid: int) -> set[int]:
     """Every process below `pid`, whichever of their threads started them."""
     found: set[int] = set()

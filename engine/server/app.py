@@ -89,10 +89,15 @@ class ServerState:
         while self.engine.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self.engine.num_in_flight:
-            self.engine.abort_all()
+            self.abort_all()
             abort_deadline = time.monotonic() + ABORT_FLUSH_SECONDS
             while self.engine.num_in_flight and time.monotonic() < abort_deadline:
                 await asyncio.sleep(0.05)
+
+    def abort_all(self) -> None:
+        """Ends every request now with finish_reason "abort", and refuses any that was still on its way in."""
+        self.engine.stop_accepting()
+        self.engine.abort_all()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.settings.served_model_name:
@@ -111,6 +116,8 @@ class ServerState:
             prompts=self.prompt_checker.checked(prompts, body.truncate_prompt_tokens),
             params=params,
             log_fields=request.state.log_fields,
+            beam_search=body.to_beam_search_params(self.settings.sampling_defaults),
+            best_of_n=body.best_of_n,
         )
         try:
             if body.stream:
@@ -274,7 +281,7 @@ def build_app(engine: AsyncLLMEngine, settings: ServerSettings) -> FastAPI:
         if not engine.is_started:
             engine.start()
         yield
-        engine.stop()
+        await engine.shutdown()
 
     app = FastAPI(title="kubellm", version=kubellm_version(), lifespan=lifespan)
     app.root_path = settings.root_path  # as vLLM sets it: routes answer with and without the prefix

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from engine.async_engine import AsyncLLMEngine
+from engine.beam_search import BeamSearchParams
 from engine.output_processor import OutputKind
 from engine.outputs import RequestOutput
 from engine.sampling import SamplingParams
@@ -78,17 +79,22 @@ class Generation:
     params: SamplingParams
     log_fields: dict  # filled in when the generation ends, for the request's log line
     arrival: float = field(default_factory=time.monotonic)
+    beam_search: BeamSearchParams | None = None  # set: beam search instead of sampling `params`
+    best_of_n: int | None = None  # set: of params.n outputs per prompt return the n most likely (best_of)
 
     def __post_init__(self) -> None:
         self._progress = [_Progress(self.arrival) for _ in self.prompts]
-        streams = [
-            self.engine.generate(f"{self.engine_request_id}-{i}", prompt, self.params, arrival_time=self.arrival,
-                                 output_kind=OutputKind.DELTA)
-            for i, prompt in enumerate(self.prompts)
-        ]
-        self._merged = merge(streams)
+        self._merged = merge([self._stream(f"{self.engine_request_id}-{i}", prompt)
+                              for i, prompt in enumerate(self.prompts)])
         self._buffered: list[tuple[int, RequestOutput]] = []
         self._finished = False
+
+    def _stream(self, request_id: str, prompt: str | list[int]) -> AsyncIterator[RequestOutput]:
+        if self.beam_search is not None:
+            return self.engine.beam_search(request_id, prompt, self.beam_search, arrival_time=self.arrival,
+                                           skip_special_tokens=self.params.skip_special_tokens)
+        return self.engine.generate(request_id, prompt, self.params, arrival_time=self.arrival,
+                                    output_kind=OutputKind.DELTA)
 
     async def start(self) -> None:
         """Waits until the engine accepted every prompt (its first output arrived).
@@ -132,7 +138,8 @@ class Generation:
         """The whole output of every prompt, in prompt order (for non-streaming responses)."""
         async for _ in self.outputs():
             pass
-        return [progress.total for progress in self._progress]
+        finals = [progress.total for progress in self._progress]
+        return finals if self.best_of_n is None else [most_likely(final, self.best_of_n) for final in finals]
 
     def total(self, prompt_index: int) -> RequestOutput:
         """Everything prompt `prompt_index` produced so far (what a client has been sent, in one piece)."""
@@ -188,6 +195,13 @@ class Generation:
             generation_time_s=_rounded(time.monotonic() - self.arrival),
             finish_reasons=[o.finish_reason for f in finals for o in f.outputs],
         )
+
+
+def most_likely(final: RequestOutput, n: int) -> RequestOutput:
+    """best_of: the n outputs with the highest cumulative logprob, best first, numbered 0..n-1."""
+    ranked = sorted(final.outputs, key=lambda output: -output.cumulative_logprob)[:n]
+    outputs = [replace(output, index=index) for index, output in enumerate(ranked)]
+    return replace(final, outputs=outputs)
 
 
 def token_counts(finals: Sequence[RequestOutput]) -> tuple[int, int]:

@@ -8,11 +8,12 @@ with the same messages.
 from __future__ import annotations
 
 import json
-
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
+from engine.beam_search import BeamSearchParams, EarlyStopping
 from engine.errors import InvalidRequestError
 from engine.generation_defaults import SamplingDefaults
 from engine.sampling import SEED_MAX, SEED_MIN, SamplingParams
@@ -31,7 +32,6 @@ class StreamOptions(BaseModel):
 # Fields OpenAI or vLLM define that this server accepts but cannot honour yet: a request that
 # sets one to anything but its neutral value is a 400 naming it, never silently ignored.
 UNSUPPORTED_FIELDS: dict[str, str] = {
-    "use_beam_search": "beam search is not implemented yet",
     "spaces_between_special_tokens": "the detokenizer always decodes special tokens without extra spaces",
     "priority": "the scheduler serves requests first come, first served",
     "logits_processors": "custom logits processors are not supported",
@@ -153,6 +153,10 @@ class _SamplingFields(BaseModel):
     allowed_token_ids: list[StrictInt] | None = None  # vLLM: sample only among these
     prompt_logprobs: StrictInt | None = None  # vLLM: top logprobs per prompt token (-1: the whole vocabulary)
     bad_words: list[StrictStr] | None = None  # vLLM: words never to generate
+    # vLLM: beam search of width n, ranked and stopped as transformers' generate(num_beams=n) does
+    use_beam_search: StrictBool = False
+    length_penalty: float = 1.0
+    early_stopping: EarlyStopping = False
 
     @property
     def structured_output(self) -> StructuredOutputSpec | None:
@@ -167,6 +171,45 @@ class _SamplingFields(BaseModel):
             raise InvalidRequestError("stream_options can only be set when stream is true", param="stream_options")
         if self.prompt_logprobs is not None and self.stream:  # vLLM's rule: they are not streamed
             raise InvalidRequestError("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+        self._check_beam_search()
+
+    def _check_beam_search(self) -> None:
+        """Beam search ranks the model's raw log-probabilities: fields that change them or end a beam
+        otherwise than by EOS or max_tokens are a 400 with it, and its own fields are one without it."""
+        if not self.use_beam_search:
+            for name, neutral in (("length_penalty", 1.0), ("early_stopping", False)):
+                if getattr(self, name) != neutral:
+                    raise InvalidRequestError(f"{name} only applies to beam search (use_beam_search: true)",
+                                              param=name)
+            return
+        for name in self.fields_set_that_beam_search_ignores():
+            raise InvalidRequestError(f"{name} cannot be combined with use_beam_search", param=name)
+
+    def fields_set_that_beam_search_ignores(self) -> list[str]:
+        names = ["stop", "stop_token_ids", "presence_penalty", "frequency_penalty", "repetition_penalty",
+                 "logit_bias", "allowed_token_ids", "min_tokens", "bad_words", "prompt_logprobs"]
+        constraint = self.structured_output  # response_format, structured_outputs, a forced tool call
+        return [name for name in names if getattr(self, name)] + ([constraint.param] if constraint else [])
+
+    @property
+    def best_of_n(self) -> int | None:
+        """n, when more candidates are generated than returned (completions' best_of); None otherwise."""
+        return None
+
+    def beam_search_params(self, max_tokens: int | None, defaults: SamplingDefaults) -> BeamSearchParams | None:
+        """use_beam_search: a search of width n (None without it)."""
+        if not self.use_beam_search:
+            return None
+        temperature = self.temperature if self.temperature is not None else defaults.sampling.get("temperature", 0.0)
+        return BeamSearchParams(
+            beam_width=self.n,
+            max_tokens=max_tokens if max_tokens is not None else defaults.max_tokens,
+            ignore_eos=self.ignore_eos,
+            temperature=temperature,
+            length_penalty=self.length_penalty,
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            early_stopping=self.early_stopping,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -236,9 +279,14 @@ class CompletionRequest(_SamplingFields):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.best_of is not None and self.best_of != self.n:
-            raise InvalidRequestError("best_of other than n is not supported: the engine does not rank "
-                                      "candidates by likelihood yet", param="best_of")
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequestError(f"best_of must be at least n ({self.n}), got {self.best_of}", param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise InvalidRequestError("best_of cannot be streamed: the best candidates are known only at the end",
+                                      param="best_of")
+        if self.best_of is not None and self.best_of > self.n and self.use_beam_search:
+            raise InvalidRequestError("best_of cannot be combined with use_beam_search (n is the beam width)",
+                                      param="best_of")
         if self.suffix:
             raise InvalidRequestError("suffix is not supported: no served model does fill-in-the-middle",
                                       param="suffix")
@@ -248,11 +296,27 @@ class CompletionRequest(_SamplingFields):
         """OpenAI's echo with max_tokens 0: the response is the prompt (with its logprobs), nothing generated."""
         return self.echo and self.max_tokens == 0
 
+    @property
+    def best_of_n(self) -> int | None:
+        """n, when best_of asks for more candidates than that (the n most likely are returned)."""
+        return self.n if self.best_of is not None and self.best_of > self.n else None
+
+    def fields_set_that_beam_search_ignores(self) -> list[str]:
+        return super().fields_set_that_beam_search_ignores() + (["logprobs"] if self.logprobs is not None else [])
+
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
         """Echo with logprobs reports the prompt's too; with max_tokens 0 the engine still samples one
-        token, which the response leaves out (as vLLM)."""
-        return self._sampling_params(1 if self.echo_only else self.max_tokens, self.logprobs, defaults,
-                                     prompt_logprobs=self.logprobs if self.echo else None)
+        token, which the response leaves out (as vLLM). With best_of, best_of candidates are generated."""
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        prompt_logprobs = self.logprobs if self.echo else None
+        if self.best_of_n is None:
+            return self._sampling_params(max_tokens, self.logprobs, defaults, prompt_logprobs=prompt_logprobs)
+        # The candidates are ranked by cumulative logprob, which the engine sums only when logprobs are on.
+        params = self._sampling_params(max_tokens, self.logprobs or 0, defaults, prompt_logprobs=prompt_logprobs)
+        return replace(params, n=self.best_of)
+
+    def to_beam_search_params(self, defaults: SamplingDefaults) -> BeamSearchParams | None:
+        return self.beam_search_params(self.max_tokens, defaults)
 
 
 def prompts_of(value: Any) -> list[Prompt]:
@@ -437,9 +501,18 @@ class ChatCompletionRequest(_SamplingFields, ChatTemplateFields):
         schema = forced_calls_schema(self.tool_definitions, named, parallel=self.parallel_tool_calls is not False)
         return StructuredOutputSpec.json_schema(schema, "tool_choice", compact=True)
 
+    @property
+    def resolved_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def fields_set_that_beam_search_ignores(self) -> list[str]:
+        return super().fields_set_that_beam_search_ignores() + (["logprobs"] if self.logprobs else [])
+
     def to_sampling_params(self, defaults: SamplingDefaults) -> SamplingParams:
-        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-        return self._sampling_params(max_tokens, self.num_top_logprobs, defaults)
+        return self._sampling_params(self.resolved_max_tokens, self.num_top_logprobs, defaults)
+
+    def to_beam_search_params(self, defaults: SamplingDefaults) -> BeamSearchParams | None:
+        return self.beam_search_params(self.resolved_max_tokens, defaults)
 
 
 class TokenizeCompletionRequest(BaseModel):

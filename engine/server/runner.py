@@ -26,7 +26,12 @@ CONNECTION_CLOSE_TIMEOUT = 5
 
 
 class DrainingServer(uvicorn.Server):
-    """The first SIGTERM/SIGINT drains the app; a second one exits at once."""
+    """The first SIGTERM/SIGINT drains the app; a second one ends it at once.
+
+    At once, yet cleanly: the requests still running end with finish_reason
+    "abort", the engine core is killed mid-step (its workers leave with it), and
+    the process exits 0 once the aborted streams have been sent.
+    """
 
     def __init__(self, app: FastAPI, host: str, port: int):
         super().__init__(
@@ -47,9 +52,12 @@ class DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Not calling super(): it records the signal and re-raises it after shutdown, which
         # would make the process die of SIGTERM instead of exiting 0 after a clean drain.
-        if self._draining or self._loop is None:
+        if self._loop is None:
             self.should_exit = True
-            self.force_exit = self._draining
+            return
+        if self._draining:
+            logger.info("received %s again: aborting what runs and exiting now", signal.Signals(sig).name)
+            self._loop.call_soon_threadsafe(self._exit_now)
             return
         self._draining = True
         logger.info("received %s: draining", signal.Signals(sig).name)
@@ -59,6 +67,11 @@ class DrainingServer(uvicorn.Server):
         task = asyncio.ensure_future(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _exit_now(self) -> None:
+        self.state.abort_all()
+        self.state.engine.kill_core()
+        self.should_exit = True
 
     async def _drain_then_exit(self) -> None:
         await self.state.drain()
