@@ -70,7 +70,7 @@ write_models() {
 write_models >"$RES/write_models.log" 2>&1 &
 WRITER=$!
 
-step tests_multigpu 150 $PY -m pytest -q -s -p no:cacheprovider -o addopts="" -m multigpu \
+step tests_multigpu 180 $PY -m pytest -q -s -p no:cacheprovider -o addopts="" -m multigpu \
   tests/test_tensor_parallel_gpu.py
 # The writer (CPU threads, and GPU 1) must be done before anything is timed: it gets WRITE_WAIT
 # more seconds, then the 70B folder is given up.

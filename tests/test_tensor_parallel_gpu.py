@@ -188,7 +188,8 @@ def test_tp2_with_the_small_all_reduce_gives_the_greedy_tokens_of_tp1(tiny_folde
     llm = _llm(tiny_folder, 2, small_all_reduce=True)
     try:
         assert small_all_reduce.active() is not None, "fell back to NCCL (see the log for why)"
-        assert llm.llm_engine.core.model_runner.decode_graphs.graphs
+        graphs = llm.llm_engine.core.model_runner.cuda_graphs
+        assert graphs.decode.graphs and graphs.mixed.graphs  # the one-shot kernel captured in both
         assert _greedy(llm) == expected
     finally:
         llm.llm_engine.shutdown()
