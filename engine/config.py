@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
+from engine.layers.quantization.kv_cache import check_kv_cache_dtype, kv_cache_torch_dtype
 from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.model_config import DTYPES, auto_dtype
 
@@ -44,6 +45,7 @@ class EngineConfig:
     served_model_name: str | None = None  # the name clients use; None: the model path
     tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
     quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8" / "fp8_e4m3": float8_e4m3fn with scales
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -77,6 +79,7 @@ class EngineConfig:
             raise ConfigError(
                 f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or unset), got {self.quantization!r}"
             )
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
@@ -85,6 +88,10 @@ class EngineConfig:
         if self.dtype == "auto":
             raise ConfigError("dtype is not resolved yet; call EngineConfig.resolve() first")
         return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)
 
     @property
     def name(self) -> str:
