@@ -57,23 +57,28 @@ def per_layer_scales(num_layers: int, k: float, v: float) -> dict[str, torch.Ten
             for name, value in ((f"model.layers.{i}.self_attn.k_scale", k), (f"model.layers.{i}.self_attn.v_scale", v))}
 
 
-def fp8_rounding_attention(k_scale: float, v_scale: float):
-    """transformers attention over K/V rounded as an FP8 cache stores them."""
+def fp8_rounding_attention(scales: list[tuple[float, float]]):
+    """transformers attention over K/V rounded as an FP8 cache stores them; scales: (k, v) of each layer."""
+
+    def round_like_the_cache(x: torch.Tensor, scale: float) -> torch.Tensor:
+        return dequantize_kv(quantize_kv(x, FP8_DTYPE, torch.tensor(scale)), x.dtype, torch.tensor(scale))
 
     def attend(module, query, key, value, *args, **kwargs):
-        key = dequantize_kv(quantize_kv(key, FP8_DTYPE, torch.tensor(k_scale)), key.dtype, torch.tensor(k_scale))
-        value = dequantize_kv(quantize_kv(value, FP8_DTYPE, torch.tensor(v_scale)), value.dtype,
-                              torch.tensor(v_scale))
+        k_scale, v_scale = scales[module.layer_idx]
+        key, value = round_like_the_cache(key, k_scale), round_like_the_cache(value, v_scale)
         return sdpa_attention_forward(module, query, key, value, *args, **kwargs)
 
     return attend
 
 
-def transformers_model(folder: Path, fp8_scales: tuple[float, float] | None):
+def transformers_model(folder: Path, fp8_scales: tuple[float, float] | list[tuple[float, float]] | None):
+    """transformers on the folder; with fp8_scales (one pair for every layer, or one per layer) K/V are FP8-rounded."""
     implementation = "sdpa"
     if fp8_scales is not None:
-        implementation = f"fp8_kv_{fp8_scales[0]}_{fp8_scales[1]}".replace(".", "_")
-        AttentionInterface.register(implementation, fp8_rounding_attention(*fp8_scales))
+        num_layers = load_model_config(folder).num_hidden_layers
+        per_layer = fp8_scales if isinstance(fp8_scales, list) else [fp8_scales] * num_layers
+        implementation = "fp8_kv_" + "_".join(f"{k:.6g}_{v:.6g}" for k, v in per_layer).replace(".", "p")
+        AttentionInterface.register(implementation, fp8_rounding_attention(per_layer))
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation=implementation).eval()
 
 
@@ -121,6 +126,29 @@ def test_checkpoint_scales_are_loaded_and_used(source, tmp_path):
     assert relative_error(ours, theirs) < SAME_ROUNDING
     # v_scale 0.011 clamps V at 448 * 0.011 = 4.9: visibly different from scale 1.0.
     assert relative_error(ours, engine_prefill_then_decode(engine_model(source, FP8_DTYPE), PROMPT)) > SAME_ROUNDING
+
+
+# llm-compressor 0.14.0.1 wrote this FP8_DYNAMIC checkpoint with kv_cache_scheme (static per-tensor FP8,
+# calibrated on random ids) from the tiny random Llama (tools/llmcompressor_checkpoints.py fp8-dynamic-kv):
+# its model.layers.N.self_attn.k_scale / v_scale are the calibrated scales. transformers ignores them.
+LLMCOMPRESSOR_KV = Path(__file__).parent / "fixtures" / "llmcompressor" / "fp8-dynamic-kv"
+
+
+def test_llmcompressor_kv_cache_scheme_checkpoint(tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(LLMCOMPRESSOR_KV / "model.safetensors"), "pt") as reader:
+        scales = [(float(reader.get_tensor(f"model.layers.{i}.self_attn.k_scale")),
+                   float(reader.get_tensor(f"model.layers.{i}.self_attn.v_scale"))) for i in range(2)]
+    assert all(0 < scale < 0.1 for pair in scales for scale in pair)  # calibrated, not the default 1.0
+    model = engine_model(LLMCOMPRESSOR_KV, FP8_DTYPE)
+    loaded = [scale.item() for a in model.attention_layers() for scale in (a.k_scale, a.v_scale)]
+    assert loaded == pytest.approx([scale for pair in scales for scale in pair])
+    ours = engine_prefill_then_decode(model, PROMPT)
+    theirs = transformers_logits(transformers_model(LLMCOMPRESSOR_KV, scales), PROMPT)
+    assert relative_error(ours, theirs) < SAME_ROUNDING
+    dense_cache = engine_prefill_then_decode(engine_model(LLMCOMPRESSOR_KV, torch.float32), PROMPT)
+    assert 0 < relative_error(ours, dense_cache) < FP8_ROUNDING
 
 
 @pytest.mark.parametrize(("suffix", "buffers"), [
