@@ -125,6 +125,8 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="Dense dtype (default: bfloat16 on a GPU, float32 on CPU).")
     parser.add_argument("--window", type=int, default=1024, help="Tokens per window (default: %(default)s).")
     parser.add_argument("--chunk", type=int, default=256, help="Prefill chunk (default: %(default)s).")
+    parser.add_argument("--variants", default="dense,fp8,w4a16,fp8-kv,fp8+fp8-kv",
+                        help="Which rows, in order (w4a16 needs --w4a16; default: %(default)s).")
     parser.add_argument("--max-tokens", type=int, help="Use only the text's first N tokens (default: all).")
     parser.add_argument("--out", help="Write the rows and the environment as JSON here.")
     args = parser.parse_args()
@@ -132,23 +134,21 @@ def main() -> None:
 
     folder = dense_folder(args.model, args.work_dir)
     tokens = load_tokenizer(str(folder)).encode(TEXT.read_text(encoding="utf-8"))[: args.max_tokens]
-    variants = [
-        Variant(dtype, folder),
-        Variant("FP8 (online, per-channel weights, per-token activations)", folder, quantization="fp8"),
-    ]
-    if args.w4a16:
-        variants.append(Variant("W4A16 (llm-compressor checkpoint)", args.w4a16))
-    variants += [
-        Variant(f"{dtype} + FP8 KV cache", folder, kv_cache_dtype="fp8"),
-        Variant("FP8 weights + FP8 KV cache", folder, quantization="fp8", kv_cache_dtype="fp8"),
-    ]
+    variants = {
+        "dense": Variant(dtype, folder),
+        "fp8": Variant("FP8 (online, per-channel weights, per-token activations)", folder, quantization="fp8"),
+        "w4a16": Variant("W4A16 (llm-compressor checkpoint)", args.w4a16) if args.w4a16 else None,
+        "fp8-kv": Variant(f"{dtype} + FP8 KV cache", folder, kv_cache_dtype="fp8"),
+        "fp8+fp8-kv": Variant("FP8 weights + FP8 KV cache", folder, quantization="fp8", kv_cache_dtype="fp8"),
+    }
+    chosen = [variants[key] for key in args.variants.split(",") if variants[key] is not None]
     rows = []
-    for variant in variants:
+    for variant in chosen:
         rows.append(perplexity(variant, tokens, args.window, args.chunk, args.device, dtype))
         print(f"{variant.name}: perplexity {rows[-1]['perplexity']:.4f}", flush=True)
-    baseline = rows[0]["perplexity"]
-    for row in rows:
-        row["vs_dense_%"] = 100 * (row["perplexity"] / baseline - 1)
+    if chosen[0] is variants["dense"]:
+        for row in rows:
+            row["vs_dense_%"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
     print_table(rows, f"Perplexity on {TEXT.name} ({len(tokens)} tokens, windows of {args.window}, "
                       f"chunks of {args.chunk}), {folder.name} on {args.device}")
     save_json(args.out, {"model": str(args.model), "text": TEXT.name, "window": args.window, "chunk": args.chunk,
