@@ -10,7 +10,6 @@ rounding itself, bounded loosely (the tiny random model has flat logits).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

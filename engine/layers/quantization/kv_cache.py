@@ -49,10 +49,6 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
     return model_dtype if kv_cache_dtype == "auto" else FP8_DTYPE
 
 
-def is_fp8_cache(cache: torch.Tensor) -> bool:
-    return cache.dtype == FP8_DTYPE
-
-
 def kv_scale_buffers(checkpoint_name: str) -> list[str] | None:
     """The Attention buffers (full names) a checkpoint KV-scale tensor fills; None if it is not one."""
     prefix, found, suffix = checkpoint_name.rpartition(".self_attn.")
