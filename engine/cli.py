@@ -27,6 +27,7 @@ from engine.config import (
 from engine.errors import ConfigError
 from engine.fetch import add_fetch_arguments, run_fetch
 from engine.gguf_metadata import is_gguf_file
+from engine.layers.quantization.kv_cache import KV_CACHE_DTYPES
 from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.server.tool_parsers import TOOL_CALL_PARSERS
 from engine.server.app import kubellm_version
@@ -130,6 +131,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--quantization", choices=QUANTIZATION_METHODS, default=ENGINE_DEFAULTS["quantization"],
                         help="Weight quantization; default: what the checkpoint's config.json says. "
                              "fp8 on a 16-bit checkpoint quantizes it to FP8 while loading.")
+    engine.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=ENGINE_DEFAULTS["kv_cache_dtype"],
+                        help="KV-cache storage: auto (the model's dtype) or fp8 / fp8_e4m3 (float8_e4m3fn, one "
+                             "byte per value, about twice the tokens in the same memory; scaled by the "
+                             "checkpoint's k_scale / v_scale where it has them, else 1.0) (default: %(default)s).")
     engine.add_argument("--enforce-eager", action="store_true", default=ENGINE_DEFAULTS["enforce_eager"],
                         help="Disable CUDA graphs (always eager).")
     engine.add_argument("--max-cudagraph-capture-size", type=int,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.errors import ConfigError
+from engine.layers.quantization.kv_cache import check_kv_cache_dtype, kv_cache_torch_dtype
 from engine.layers.quantization.names import QUANTIZATION_METHODS
 from engine.model_config import DTYPES, auto_dtype
 from engine.sampling import DEFAULT_MAX_LOGPROBS
@@ -59,6 +60,7 @@ class EngineConfig:
     tokenizer: str | None = None  # tokenizer folder; None: the model's own (its folder, or its GGUF metadata)
     quantization: str | None = None  # fp8, awq, gptq, compressed-tensors; None: what config.json says
     max_logprobs: int = DEFAULT_MAX_LOGPROBS  # the most (prompt) logprobs a request may ask for; -1: the whole vocabulary
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8" / "fp8_e4m3": float8_e4m3fn with scales
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -95,6 +97,7 @@ class EngineConfig:
             )
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < -1:
             raise ConfigError(f"max_logprobs must be -1 (the whole vocabulary) or an integer >= 0, got {self.max_logprobs!r}")
+        check_kv_cache_dtype(self.kv_cache_dtype)
         if not isinstance(self.seed, int):
             raise ConfigError(f"seed must be an integer, got {self.seed!r}")
 
@@ -103,6 +106,10 @@ class EngineConfig:
         if self.dtype == "auto":
             raise ConfigError("dtype is not resolved yet; call EngineConfig.resolve() first")
         return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        return kv_cache_torch_dtype(self.kv_cache_dtype, self.torch_dtype)
 
     @property
     def name(self) -> str:

@@ -207,7 +207,7 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         """K and V of every layer for block_size tokens, on this (tensor-parallel) rank."""
         elements = 2 * self.model_config.num_hidden_layers * math.prod(self.kv_block_shape)
-        return elements * self.config.torch_dtype.itemsize
+        return elements * self.config.kv_cache_torch_dtype.itemsize
 
     # A step is split in three so that tensor-parallel workers can run the middle part alone
     # (engine.distributed.Executor): prepare_step and sample run on rank 0 only.
@@ -326,7 +326,7 @@ class ModelRunner:
     def _allocate_kv_cache(self, num_blocks: int) -> torch.Tensor:
         num_layers = self.model_config.num_hidden_layers
         shape = (2, num_layers, num_blocks, *self.kv_block_shape)
-        kv_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+        kv_cache = torch.zeros(shape, dtype=self.config.kv_cache_torch_dtype, device=self.device)
         self.model.bind_kv_cache([(kv_cache[0, i], kv_cache[1, i]) for i in range(num_layers)])
         return kv_cache
 

@@ -31,6 +31,7 @@ class StartupReport:
     kv_blocks: int
     kv_block_tokens: int
     kv_cache_gib: float
+    kv_cache_dtype: str  # the cache's element type: the model's dtype, or float8_e4m3fn (--kv-cache-dtype fp8)
     cuda_graph_batch_sizes: tuple[int, ...]  # decode steps: padded batch sizes
     cuda_graph_token_sizes: tuple[int, ...]  # steps with prompt tokens: padded token counts
     cuda_graph_gib: float  # device memory the capture took (pool, static buffers)
@@ -54,7 +55,7 @@ class StartupReport:
             f"  dtype          {self.dtype} on {self.device} ({self.dtype_reason})",
             f"  max_model_len  {self.max_model_len} tokens",
             f"  KV cache       {self.kv_blocks} blocks x {self.kv_block_tokens} tokens = "
-            f"{self.kv_blocks * self.kv_block_tokens} tokens, {self.kv_cache_gib:.2f} GiB",
+            f"{self.kv_blocks * self.kv_block_tokens} tokens, {self.kv_cache_gib:.2f} GiB, {self.kv_cache_dtype}",
             f"  CUDA graphs    {graphs}",
         ])
 
@@ -96,6 +97,7 @@ def startup_report(engine: EngineCore, requested: EngineConfig, address: str | N
         kv_blocks=runner.num_kv_blocks,
         kv_block_tokens=config.block_size,
         kv_cache_gib=runner.num_kv_blocks * runner.bytes_per_block / 2**30,
+        kv_cache_dtype=str(config.kv_cache_torch_dtype).removeprefix("torch."),
         cuda_graph_batch_sizes=batch_sizes,
         cuda_graph_token_sizes=token_sizes,
         cuda_graph_gib=graphs.memory_bytes / 2**30 if graphs else 0.0,

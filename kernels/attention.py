@@ -27,6 +27,12 @@ What makes them fast on Hopper:
   query, so mixed steps replay from CUDA graphs too, and a step of 256 decode
   rows and one long chunk launches a few hundred programs per KV head rather
   than (longest chunk / BLOCK_Q) x 256 mostly idle ones.
+- An FP8 cache (float8_e4m3fn, --kv-cache-dtype fp8) is read as one byte per
+  element and converted to the query's dtype in registers (exactly: every e4m3
+  value is a bf16/fp16 value); the per-layer scales are not multiplied into
+  each tile but folded into the score scale (k_scale) and the final
+  normalisation (v_scale), which is the same sum in exact arithmetic. They
+  are read from device memory, so CUDA graphs replay with the loaded values.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from kernels.cache import kv_scales
+from kernels.reference import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
 MIN_DOT_M = 16  # the smallest M tl.dot accepts
@@ -79,13 +88,13 @@ def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
 @triton.jit
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, window,
     stride_qb, stride_qh, stride_ob, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -111,6 +120,8 @@ def _decode_kernel(
 
     block_table_row = block_tables_ptr + seq * stride_bt
     cache_head_offset = kv_head * stride_cache_head
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -119,6 +130,7 @@ def _decode_kernel(
         valid = positions < end
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
                              stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is FP8
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
@@ -126,6 +138,8 @@ def _decode_kernel(
     # An empty split (short sequence) has l_i == 0 and acc == 0: it writes zeros
     # with a log-sum-exp of -inf, which the merge weighs as nothing.
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr)
     if NUM_SPLITS == 1:
         tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=head_valid[:, None])
@@ -181,12 +195,12 @@ def _sequence_of_tile(query_start_loc_ptr, tile, num_seqs, BLOCK_Q: tl.constexpr
 @triton.jit(do_not_specialize=["num_seqs"])  # one compiled kernel whatever the batch size
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
-    qk_scale, window, num_seqs,
+    k_scale_ptr, v_scale_ptr, qk_scale, window, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SLIDING: tl.constexpr,
+    SLIDING: tl.constexpr, FP8: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x all GROUP heads of one KV head.
 
@@ -230,6 +244,8 @@ def _prefill_kernel(
 
     block_table_row = block_tables_ptr + seq * stride_bt
     cache_head_offset = kv_head * stride_cache_head
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -238,6 +254,7 @@ def _prefill_kernel(
         valid = (positions >= kv_lo) & (positions < kv_end)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
                              stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is FP8
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if SLIDING:
             attended = (positions[None, :] <= q_pos[:, None]) & (positions[None, :] > q_pos[:, None] - window)
@@ -248,6 +265,8 @@ def _prefill_kernel(
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # l_i is 0 only in padding rows, never stored
+    if FP8:
+        out = out * tl.load(v_scale_ptr)
     o_offs = (q_begin + token)[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
@@ -307,6 +326,8 @@ def paged_decode_attention(
     scale: float,
     config: LaunchConfig | None = None,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # one float32 each; used when the cache is FP8 (None: 1.0)
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Single-token decode over the paged cache, split over the context when the batch is small.
 
@@ -329,14 +350,16 @@ def paged_decode_attention(
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     else:
         partial_out = partial_lse = out  # unused
+    fp8 = k_cache.dtype == FP8_DTYPE
+    k_scale, v_scale = kv_scales(k_scale, v_scale, fp8, q)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, out, partial_out, partial_lse, k_scale, v_scale,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(MIN_DOT_M, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
@@ -366,6 +389,8 @@ def paged_prefill_attention(
     scale: float,
     config: LaunchConfig | None = None,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention over the paged cache (prefill, chunked prefill, prefix hits, mixed).
 
@@ -385,14 +410,17 @@ def paged_prefill_attention(
     config = config or default_prefill_config(head_dim, group)
     # Every sequence's tiles fit (see _sequence_of_tile): sum of cdiv(q_len, block_q) <= T // block_q + B.
     grid = (num_tokens // config.block_q + batch, num_kv_heads)
+    fp8 = k_cache.dtype == FP8_DTYPE
+    k_scale, v_scale = kv_scales(k_scale, v_scale, fp8, q)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out,
+        q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, out, k_scale, v_scale,
         scale * LOG2E, sliding_window or 0, batch,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE_SIZE=page_size,
         BLOCK_Q=config.block_q, BLOCK_M=max(MIN_DOT_M, triton.next_power_of_2(config.block_q * group)),
         BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype), SLIDING=sliding_window is not None,
+        FP8=fp8,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out

@@ -9,7 +9,7 @@ query heads are folded into the query length, [kv_heads, group * q_len, D],
 so K/V are never repeated per query head.
 
 Same signatures as the reference and the Triton kernels (engine.layers.attention
-picks the backend).
+picks the backend). An FP8 cache is dequantized as it is gathered.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import gather_kv, store_kvcache
+from kernels.reference import dequantize_kv, gather_kv, store_kvcache
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kvcache"]
 
@@ -45,6 +45,8 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # [B]
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every sequence's whole context gathered at once, padded positions masked, one SDPA call.
 
@@ -55,8 +57,8 @@ def paged_decode_attention(
     num_blocks = -(-int(seq_lens.max()) // block_size)
     tables = block_tables[:, :num_blocks].long()
     # [B, blocks, block_size, Hkv, D] -> [B, Hkv, L, D]
-    k = k_cache[tables].flatten(1, 2).transpose(1, 2)
-    v = v_cache[tables].flatten(1, 2).transpose(1, 2)
+    k = dequantize_kv(k_cache[tables], q.dtype, k_scale).flatten(1, 2).transpose(1, 2)
+    v = dequantize_kv(v_cache[tables], q.dtype, v_scale).flatten(1, 2).transpose(1, 2)
     positions = torch.arange(num_blocks * block_size, device=q.device)
     lengths = seq_lens[:, None].to(positions.dtype)
     mask = positions[None, :] < lengths
@@ -64,7 +66,7 @@ def paged_decode_attention(
         mask &= positions[None, :] >= lengths - sliding_window
     mask = mask[:, None, None, :]  # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(
-        _grouped(q[:, None], num_kv_heads), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale
+        _grouped(q[:, None], num_kv_heads), k, v, attn_mask=mask, scale=scale
     )
     return _ungrouped(out, 1)[:, 0]
 
@@ -78,6 +80,8 @@ def paged_prefill_attention(
     seq_lens: torch.Tensor,  # [B] int32, context length including this step's tokens
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Varlen causal attention: the one-token queries of a mixed step go through one decode call."""
     starts = query_start_loc.tolist()
@@ -88,7 +92,7 @@ def paged_prefill_attention(
         rows = torch.tensor([starts[b] for b in single], device=q.device)
         picked = torch.tensor(single, device=q.device)
         out[rows] = paged_decode_attention(
-            q[rows], k_cache, v_cache, block_tables[picked], seq_lens[picked], scale, sliding_window
+            q[rows], k_cache, v_cache, block_tables[picked], seq_lens[picked], scale, sliding_window, k_scale, v_scale
         )
     num_kv_heads = k_cache.shape[2]
     lens = seq_lens.tolist()
@@ -96,8 +100,8 @@ def paged_prefill_attention(
         if num_q <= 1:
             continue
         lo, seq_len = starts[b], lens[b]
-        k = gather_kv(k_cache, block_tables[b], seq_len).transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
-        v = gather_kv(v_cache, block_tables[b], seq_len).transpose(0, 1).to(q.dtype)
+        k = dequantize_kv(gather_kv(k_cache, block_tables[b], seq_len), q.dtype, k_scale).transpose(0, 1)  # [Hkv, L, D]
+        v = dequantize_kv(gather_kv(v_cache, block_tables[b], seq_len), q.dtype, v_scale).transpose(0, 1)
         q_pos = torch.arange(seq_len - num_q, seq_len, device=q.device)
         k_pos = torch.arange(seq_len, device=q.device)[None, :]
         causal = k_pos <= q_pos[:, None]  # [Lq, L]

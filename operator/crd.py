@@ -33,6 +33,9 @@ CATEGORIES = ["kubellm"]
 PHASES = ["Pending", "Downloading", "Loading", "Ready", "Degraded", "Failed"]
 CONDITION_TYPES = ["ModelCached", "Available", "Progressing", "Autoscaling", "Routing"]
 AUTOSCALING_MODES = ("keda", "hpa", "keda-http")
+# The engine's --quantization and --kv-cache-dtype choices (tests/test_crd.py checks them against the engine's).
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "compressed-tensors")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 
 DEFAULT_CRD_PATHS = (
     pathlib.Path("manifests/crd.yaml"),
@@ -170,6 +173,13 @@ def engine_schema() -> dict:
                                   enum=["Always", "IfNotPresent", "Never"], default="IfNotPresent"),
         "dtype": string("Weight and activation dtype; auto takes the checkpoint's.",
                         enum=["auto", "float16", "bfloat16", "float32"], default="auto"),
+        "quantization": string("Weight quantization (`--quantization`); unset means what the checkpoint's "
+                               "config.json says. fp8 on a 16-bit checkpoint quantizes it to FP8 while loading; "
+                               "awq, gptq and compressed-tensors must match the checkpoint.",
+                               enum=list(QUANTIZATION_METHODS)),
+        "kvCacheDtype": string("KV-cache storage (`--kv-cache-dtype`): auto keeps the model's dtype; fp8 (or "
+                               "fp8_e4m3) stores float8_e4m3fn with per-layer scales, about twice the tokens in "
+                               "the same memory.", enum=list(KV_CACHE_DTYPES), default="auto"),
         "maxModelLen": integer("Longest sequence (prompt + output tokens) accepted; defaults to the "
                                "model's context length.", minimum=16, maximum=1048576),
         "tensorParallelSize": integer("GPUs one engine shards the model across; resources.gpus must be a "

@@ -214,11 +214,14 @@ def serve_args(target: Target) -> list[str]:
     args = ["serve", model_dir(target), "--host", "0.0.0.0", "--port", str(target.port),
             "--served-model-name", target.served_name,
             "--dtype", engine["dtype"],
+            "--kv-cache-dtype", engine["kvCacheDtype"],
             "--tensor-parallel-size", str(engine["tensorParallelSize"]),
             "--gpu-memory-utilization", str(engine["gpuMemoryUtilization"]),
             "--max-num-seqs", str(engine["maxNumSeqs"]),
             "--enable-prefix-caching" if engine["enablePrefixCaching"] else "--no-enable-prefix-caching",
             "--shutdown-timeout", str(engine["shutdownTimeoutSeconds"])]
+    if "quantization" in engine:
+        args += ["--quantization", engine["quantization"]]
     if "maxModelLen" in engine:
         args += ["--max-model-len", str(engine["maxModelLen"])]
     if "maxPendingRequests" in engine:

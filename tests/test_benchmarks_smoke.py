@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from benchmarks import latency, routing, serving, structured_output, throughput
+from benchmarks import latency, perplexity, routing, serving, structured_output, throughput
 from engine.testing import default_model_path
 
 
@@ -75,3 +75,29 @@ def test_routing_runs_both_policies_against_two_real_replicas(tmp_path, monkeypa
     for row in rows.values():
         assert row["requests"] == 6 and row["errors"] == 0 and row["ttft_p50_ms"] > 0
         assert 0 <= row["prefix_hit_rate"] <= 1 and sum(map(int, row["routed"].split("/"))) == 6
+
+
+def test_perplexity_measures_what_transformers_does(tiny_model_folder, tmp_path, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from engine.config import EngineConfig
+    from engine.engine_core import EngineCore
+
+    folder = tiny_model_folder("llama")
+    tokens = torch.randint(3, 500, (70,), generator=torch.Generator().manual_seed(0)).tolist()
+    core = EngineCore(EngineConfig(model=str(folder), device="cpu", dtype="float32", num_kv_blocks=8,
+                                   max_model_len=128, max_num_batched_tokens=16))
+    ours, count = perplexity.window_nll(core, tokens, chunk=16)  # five chunks, four read earlier ones back
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([tokens])).logits[0]
+    theirs = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(tokens[1:]), reduction="sum")
+    assert count == 69 and ours == pytest.approx(float(theirs), rel=1e-5)
+
+    out = tmp_path / "perplexity.json"
+    run_main(perplexity, monkeypatch, "--model", str(folder), "--device", "cpu", "--window", "48", "--chunk", "16",
+             "--max-tokens", "100", "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["tokens"] for row in rows] == [97] * 4  # windows of 48, 48 and 4 tokens and rows[0]["vs_dense_%"] == 0
+    assert all(1 < row["perplexity"] < 1e4 for row in rows)

@@ -64,13 +64,14 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         "--max-num-batched-tokens", "512", "--block-size", "32", "--num-kv-blocks", "99",
         "--gpu-memory-utilization", "0.5", "--no-enable-prefix-caching", "--tensor-parallel-size", "2",
         "--enforce-eager", "--seed", "5", "--quantization", "fp8", "--max-cudagraph-capture-size", "256",
+        "--kv-cache-dtype", "fp8",
     )
     config = engine_config_from_args(args, str(tmp_path), "served")
     assert dataclasses.asdict(config) == dataclasses.asdict(EngineConfig(
         model=str(tmp_path), dtype="bfloat16", device="cpu", max_model_len=1024, max_num_seqs=7,
         max_num_batched_tokens=512, block_size=32, num_kv_blocks=99, gpu_memory_utilization=0.5,
         enable_prefix_caching=False, tensor_parallel_size=2, enforce_eager=True, seed=5, served_model_name="served",
-        quantization="fp8", max_cudagraph_capture_size=256,
+        quantization="fp8", max_cudagraph_capture_size=256, kv_cache_dtype="fp8",
     ))
     assert serve_args("--enable-prefix-caching").enable_prefix_caching is True
 
@@ -83,6 +84,7 @@ def test_every_engine_flag_reaches_engine_config(tmp_path):
         (["--log-level", "loud"], "--log-level"),
         (["--dtype", "int3"], "--dtype"),
         (["--quantization", "bitsandbytes"], "--quantization"),
+        (["--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype"),
         (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
         (["--max-pending-requests", "0"], "--max-pending-requests"),
         (["--max-num-seqs", "many"], "--max-num-seqs"),

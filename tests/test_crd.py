@@ -20,7 +20,8 @@ MINIMAL = {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}}
 FULL = {
     "model": {"source": "hf://meta-llama/Llama-3.1-8B-Instruct", "revision": "0e9e39f", "servedName": "llama-8b",
               "hfTokenSecret": {"name": "hf-token", "key": "token"}},
-    "engine": {"image": "registry.example/kubellm:1", "dtype": "bfloat16", "maxModelLen": 8192,
+    "engine": {"image": "registry.example/kubellm:1", "dtype": "bfloat16", "quantization": "awq",
+               "kvCacheDtype": "fp8_e4m3", "maxModelLen": 8192,
                "tensorParallelSize": 2, "gpuMemoryUtilization": 0.92, "enablePrefixCaching": False,
                "maxNumSeqs": 128, "maxPendingRequests": 512, "shutdownTimeoutSeconds": 60,
                "extraArgs": ["--seed", "1"], "env": [{"name": "LOG_LEVEL", "value": "debug"}],
@@ -180,6 +181,10 @@ def test_rolling_update_needs_progress(max_surge, max_unavailable, allowed):
 
 @pytest.mark.parametrize("path,value", [
     ("engine.dtype", "float64"),
+    ("engine.quantization", "bitsandbytes"),
+    ("engine.quantization", "FP8"),
+    ("engine.kvCacheDtype", "fp8_e5m2"),
+    ("engine.kvCacheDtype", "int8"),
     ("engine.gpuMemoryUtilization", 1.5),
     ("engine.tensorParallelSize", 0),
     ("replicas", -1),
@@ -190,6 +195,16 @@ def test_rolling_update_needs_progress(max_surge, max_unavailable, allowed):
 ])
 def test_schema_rejects_bad_fields(path, value):
     assert schema_errors(document(with_change(MINIMAL, path, value)))
+
+
+def test_engine_enums_are_the_engine_flag_choices():
+    """The CRD lists --quantization and --kv-cache-dtype choices itself (the operator does not import the engine)."""
+    from engine.layers.quantization.kv_cache import KV_CACHE_DTYPES
+    from engine.layers.quantization.names import QUANTIZATION_METHODS
+
+    engine = crd.engine_schema()["properties"]
+    assert engine["quantization"]["enum"] == list(QUANTIZATION_METHODS)
+    assert engine["kvCacheDtype"]["enum"] == list(KV_CACHE_DTYPES)
 
 
 @pytest.mark.parametrize("name,allowed", [("llama", True), ("a" * 42, True), ("a" * 43, False),

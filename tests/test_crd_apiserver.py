@@ -27,7 +27,7 @@ FREE_FORM_PATHS = {".spec.engine.env[].valueFrom", ".spec.resources.tolerations[
 MINIMAL_SPEC = {"model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct"}}
 MINIMAL_STORED_SPEC = {
     "model": {"source": "hf://Qwen/Qwen2.5-0.5B-Instruct", "revision": "main"},
-    "engine": {"imagePullPolicy": "IfNotPresent", "dtype": "auto", "tensorParallelSize": 1,
+    "engine": {"imagePullPolicy": "IfNotPresent", "dtype": "auto", "kvCacheDtype": "auto", "tensorParallelSize": 1,
                "gpuMemoryUtilization": 0.9, "enablePrefixCaching": True, "maxNumSeqs": 256,
                "shutdownTimeoutSeconds": 30},
     "resources": {"gpus": 1, "gpuResourceName": "nvidia.com/gpu", "shmSize": "2Gi"},

@@ -31,7 +31,7 @@ SPECS = {
                                               "accessMode": "ReadWriteMany"}},
     "engine-options": {"model": HUB, "engine": {
         "image": "registry.example/engine:2", "imagePullPolicy": "Always", "dtype": "bfloat16",
-        "maxModelLen": 4096, "tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "enablePrefixCaching": False,
+        "quantization": "fp8", "kvCacheDtype": "fp8", "maxModelLen": 4096, "tensorParallelSize": 2, "gpuMemoryUtilization": 0.85, "enablePrefixCaching": False,
         "maxNumSeqs": 64, "maxPendingRequests": 100, "shutdownTimeoutSeconds": 120, "extraArgs": ["--seed", "7"],
         "env": [{"name": "A", "value": "1"}, {"name": "B", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}],
         "apiKeySecret": {"name": "keys", "key": "api-key"}}, "resources": {"gpus": 2}},
@@ -188,6 +188,7 @@ def test_engine_command_line_defaults():
     assert flag(args, "--gpu-memory-utilization") == "0.9" and flag(args, "--max-num-seqs") == "256"
     assert "--enable-prefix-caching" in args and flag(args, "--shutdown-timeout") == "30"
     assert "--max-model-len" not in args and "--api-key-file" not in args
+    assert flag(args, "--kv-cache-dtype") == "auto" and "--quantization" not in args
 
 
 def test_engine_command_line_options():
@@ -195,6 +196,7 @@ def test_engine_command_line_options():
     args = container["args"]
     assert container["image"] == "registry.example/engine:2" and container["imagePullPolicy"] == "Always"
     assert flag(args, "--dtype") == "bfloat16" and flag(args, "--max-model-len") == "4096"
+    assert flag(args, "--quantization") == "fp8" and flag(args, "--kv-cache-dtype") == "fp8"
     assert flag(args, "--tensor-parallel-size") == "2" and flag(args, "--gpu-memory-utilization") == "0.85"
     assert "--no-enable-prefix-caching" in args and flag(args, "--max-pending-requests") == "100"
     assert flag(args, "--api-key-file") == "/etc/kubellm/api-key/api-key"

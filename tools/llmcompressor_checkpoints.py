@@ -1,12 +1,13 @@
 """Quantize a model folder with llm-compressor itself (run in a tool venv: pip install torch==2.13.0 llmcompressor).
 
-    python tools/llmcompressor_checkpoints.py SOURCE TARGET SCHEME
+    python tools/llmcompressor_checkpoints.py SOURCE TARGET SCHEME [GROUP_SIZE]
 
-SCHEME: fp8-dynamic (FP8 weights per channel, activations per token), w4a16 (round-to-nearest
-4-bit, symmetric, group 32), gptq-w4a16-asym-actorder-weight (GPTQ with zero points and act order,
-act order "weight", calibrated on random token ids). The group size is 32 so the tiny test models (64 hidden
-features) hold whole groups. Writes compressed-tensors checkpoints with llm-compressor's own
-save_pretrained, as published checkpoints are made.
+SCHEME: fp8-dynamic (FP8 weights per channel, activations per token), fp8-dynamic-kv (the same plus
+llm-compressor's FP8 kv_cache_scheme: per-layer k_scale / v_scale calibrated on random token ids), w4a16 (round-to-nearest
+4-bit, symmetric), gptq-w4a16-asym-actorder-weight (GPTQ with zero points and act order,
+act order "weight", calibrated on random token ids). GROUP_SIZE defaults to 32 so the tiny test models
+(64 hidden features) hold whole groups; SmolLM2-135M (576 hidden features) takes 64. Writes
+compressed-tensors checkpoints with llm-compressor's own save_pretrained, as published checkpoints are made.
 """
 
 import shutil
@@ -20,25 +21,36 @@ from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModif
 from transformers import AutoModelForCausalLM
 
 
-def group_scheme(symmetric: bool, actorder: str | None = None) -> dict:
-    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": 32}
+def group_scheme(symmetric: bool, group_size: int, actorder: str | None = None) -> dict:
+    weights = {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group", "group_size": group_size}
     if actorder:
         weights["actorder"] = actorder
     return {"group_0": {"targets": ["Linear"], "weights": weights}}
 
 
-def main(source: str, target: str, scheme: str) -> None:
+def random_calibration(vocab_size: int) -> Dataset:
+    ids = torch.randint(3, vocab_size, (16, 32)).tolist()
+    return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 16})
+
+
+def main(source: str, target: str, scheme: str, group_size: str = "32") -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     calibration = None
     if scheme == "fp8-dynamic":
         recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"])
+    elif scheme == "fp8-dynamic-kv":
+        kv_scheme = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+        recipe = QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"],
+                                      kv_cache_scheme=kv_scheme)
+        calibration = random_calibration(model.config.vocab_size)
     elif scheme == "w4a16":
-        recipe = QuantizationModifier(config_groups=group_scheme(symmetric=True), ignore=["lm_head"])
+        groups = group_scheme(symmetric=True, group_size=int(group_size))
+        recipe = QuantizationModifier(config_groups=groups, ignore=["lm_head"])
     elif scheme == "gptq-w4a16-asym-actorder-weight":
-        recipe = GPTQModifier(config_groups=group_scheme(symmetric=False, actorder="weight"), ignore=["lm_head"])
-        ids = torch.randint(3, model.config.vocab_size, (16, 32)).tolist()
-        calibration = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 32] * 16})
+        groups = group_scheme(symmetric=False, group_size=int(group_size), actorder="weight")
+        recipe = GPTQModifier(config_groups=groups, ignore=["lm_head"])
+        calibration = random_calibration(model.config.vocab_size)
     else:
         raise SystemExit(f"unknown scheme {scheme}")
     if calibration is None:

@@ -6,6 +6,10 @@ each sequence attends causally over its own new tokens only.
 
 A layer with a sliding window W lets the query at position p attend to
 positions p - W + 1 .. p only (Hugging Face's convention for Mistral and Gemma 3).
+
+Each layer owns its FP8 KV-cache scales (`k_scale`, `v_scale`: float32 buffers,
+1.0 unless the checkpoint has them; engine.layers.quantization.kv_cache); the
+kernels use them when the bound cache is FP8.
 """
 
 from __future__ import annotations
@@ -28,21 +32,24 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Store the step's K/V, then attend through the block tables.
+    """Store the step's K/V, then attend through the block tables (k_scale / v_scale: an FP8 cache's scales).
 
     The one backend switch: Triton kernels on CUDA (`kernels` imports them only
     when first used, so CPU never loads Triton), batched torch SDPA elsewhere.
     """
     backend = kernels if q.is_cuda else cpu_attention
-    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
+    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
     if meta.decode_only:
         return backend.paged_decode_attention(
-            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window, **scales
         )
     return backend.paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-        sliding_window=sliding_window,
+        sliding_window=sliding_window, **scales,
     )
 
 
@@ -55,6 +62,8 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, num_kv_heads, head_dim]
         self.v_cache: torch.Tensor | None = None
+        self.register_buffer("k_scale", torch.ones((), dtype=torch.float32))
+        self.register_buffer("v_scale", torch.ones((), dtype=torch.float32))
 
     def forward(
         self,
@@ -67,7 +76,8 @@ class Attention(nn.Module):
             return causal_attention_without_cache(
                 q, k, v, meta.query_start_loc, self.scale, self.sliding_window
             ).flatten(1)
-        return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window).flatten(1)
+        return paged_attention(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.sliding_window,
+                               self.k_scale, self.v_scale).flatten(1)
 
 
 def causal_attention_without_cache(

@@ -26,6 +26,7 @@ from engine.layers.quantization.config import (
     ignored_module_patterns,
     linear_method_for,
 )
+from engine.layers.quantization.kv_cache import checked_kv_scale, kv_scale_buffers
 from engine.layers.weights import CheckpointSlice, ShapeMismatchError, default_weight_loader
 from engine.model_config import DTYPES, ModelConfig, auto_dtype
 from engine.models.gguf_loader import gguf_checkpoint_tensors
@@ -128,13 +129,21 @@ def checkpoint_files(folder: Path) -> list[Path]:
 def load_weights(
     model: nn.Module, tensors: Iterable[tuple[Path, str, torch.Tensor | CheckpointSlice]], source: Path
 ) -> None:
-    """Copy every (file, name, tensor) into its parameter; fail naming any tensor that is missing or misshapen."""
+    """Copy every (file, name, tensor) into its parameter; fail naming any tensor that is missing or misshapen.
+
+    KV-cache scales go to the attention layers' k_scale / v_scale buffers (optional: 1.0 when absent).
+    """
     params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
     packed: dict[str, tuple[str, object]] = getattr(model, "packed_modules_mapping", {})
     experts: ExpertProjections = getattr(model, "expert_projections", {})
     loaded: set[str] = set()
     with torch.no_grad():
         for file, name, tensor in tensors:
+            scale_buffers = kv_scale_buffers(name)
+            if scale_buffers is not None:
+                _load_kv_scale(buffers, scale_buffers, tensor, name, file)
+                continue
             param_name, shard_id = _param_name(name, packed, experts)
             param = params.get(param_name)
             if param is None:  # e.g. rotary_emb.inv_freq, or lm_head.weight of a tied model
@@ -151,6 +160,17 @@ def load_weights(
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise ModelLoadError(f"checkpoint {source} is missing {len(missing)} tensor(s): {shown}")
+
+
+def _load_kv_scale(
+    buffers: dict[str, torch.Tensor], names: list[str], tensor: torch.Tensor | CheckpointSlice, checkpoint_name: str,
+    file: Path,
+) -> None:
+    """Fill the named scale buffers (a model without them, e.g. another attention layout, ignores the tensor)."""
+    scale = checked_kv_scale(tensor[...], checkpoint_name, str(file))
+    for name in names:
+        if name in buffers:
+            buffers[name].fill_(scale)
 
 
 def expected_checkpoint_names(
