@@ -8,6 +8,7 @@ SmolLM2-135M-Instruct Q4_1 file of the built-in model, and on the real Gemma 3 2
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -53,6 +54,20 @@ def test_tiny_gguf_matches_transformers(tiny_model_folder, tmp_path, family, ten
     """llama exercises the Q/K un-permutation and an untied head; qwen2 q/k/v biases and tied embeddings."""
     folder = tiny_model_folder(family)
     file = write_gguf(tmp_path / "model.gguf", load_model_config(folder), tensor_type)
+    expected = transformers_greedy(file, PROMPT_IDS, 16)
+    llm = LLM(model=str(file), tokenizer=str(folder), dtype="float32", device="cpu", max_model_len=256,
+              num_kv_blocks=64)
+    assert engine_greedy(llm, PROMPT_IDS, 16) == expected
+
+
+def test_tiny_gemma3_gguf_matches_transformers(tiny_model_folder, tmp_path):
+    """Norms stored as 1 + w, Gemma's tensor names, five sliding-window layers (window 8, passed by the
+    23 positions) and a global one. head_dim 256: what both readers assume query_pre_attn_scalar is."""
+    folder = tiny_model_folder("gemma3")
+    config = dataclasses.replace(load_model_config(folder), num_hidden_layers=6, head_dim=256,
+                                 layer_windows=(8, 8, 8, 8, 8, None))
+    file = write_gguf(tmp_path / "gemma3.gguf", config, "Q8_0")
+    assert load_model_config(file).layer_windows == config.layer_windows
     expected = transformers_greedy(file, PROMPT_IDS, 16)
     llm = LLM(model=str(file), tokenizer=str(folder), dtype="float32", device="cpu", max_model_len=256,
               num_kv_blocks=64)
