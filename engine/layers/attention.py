@@ -34,17 +34,40 @@ def paged_attention(
     The one backend switch: Triton kernels on CUDA (`kernels` imports them only
     when first used, so CPU never loads Triton), batched torch SDPA elsewhere.
     """
-    backend = kernels if q.is_cuda else cpu_attention
-    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+    if not q.is_cuda:
+        return _cpu_paged_attention(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+    kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
     if meta.decode_only:
-        return backend.paged_decode_attention(
+        return kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window
         )
-    # The Triton kernel sizes its grid by the longest query; the CPU backend needs no hint.
-    grid_hint = {"max_query_len": meta.max_query_len} if q.is_cuda else {}
-    return backend.paged_prefill_attention(
+    # The Triton kernel sizes its grid by the longest query.
+    return kernels.paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
-        sliding_window=sliding_window, **grid_hint,
+        sliding_window=sliding_window, max_query_len=meta.max_query_len,
+    )
+
+
+def _cpu_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """The CPU backend, with the slot and context indexing it needs built once per step, not per layer."""
+    cpu_attention.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, meta.cpu_store_slots())
+    if meta.decode_only:
+        return cpu_attention.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window,
+            context=meta.cpu_decode_context(k_cache.shape[1]),
+        )
+    return cpu_attention.paged_prefill_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+        sliding_window=sliding_window,
     )
 
 
