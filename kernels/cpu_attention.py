@@ -81,11 +81,12 @@ class DecodeContext:
         self.slots = tables.repeat_interleave(block_size, dim=1)[:, :max_len] * block_size + positions % block_size
         self.lengths = seq_lens[:, None].to(positions.dtype)
         self.positions = positions
+        self.max_len = max_len
         self._masks: dict[int | None, torch.Tensor | None] = {None: None if batch == 1 else self._mask(None)}
 
     def mask(self, sliding_window: int | None) -> torch.Tensor | None:
         """[B, 1, 1, L] bool, True where attended; None when every gathered position is."""
-        if sliding_window is not None and sliding_window >= int(self.lengths.max()):
+        if sliding_window is not None and sliding_window >= self.max_len:
             sliding_window = None  # the window reaches back past every sequence's start
         if sliding_window not in self._masks:
             self._masks[sliding_window] = self._mask(sliding_window)
