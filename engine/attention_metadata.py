@@ -8,9 +8,11 @@ through block tables. Nothing here is padded to max_model_len.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from kernels.cpu_attention import DecodeContext, StoreSlots
 
 
 @dataclass
@@ -21,6 +23,9 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32: physical block ids, padded with 0
     max_query_len: int  # 1 means a decode-only step
     max_seq_len: int
+    # What the CPU attention derives from the above, built by the first layer that asks, reused by the rest.
+    _cpu_store_slots: StoreSlots | None = field(default=None, repr=False, compare=False)
+    _cpu_decode_context: DecodeContext | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -29,3 +34,13 @@ class AttentionMetadata:
     @property
     def decode_only(self) -> bool:
         return self.max_query_len == 1
+
+    def cpu_store_slots(self) -> StoreSlots:
+        if self._cpu_store_slots is None:
+            self._cpu_store_slots = StoreSlots(self.slot_mapping)
+        return self._cpu_store_slots
+
+    def cpu_decode_context(self, block_size: int) -> DecodeContext:
+        if self._cpu_decode_context is None:
+            self._cpu_decode_context = DecodeContext(self.block_tables, self.seq_lens, block_size)
+        return self._cpu_decode_context

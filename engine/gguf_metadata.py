@@ -25,7 +25,16 @@ GGUF_SUFFIX = ".gguf"
 GGUF_ARCHITECTURES: dict[str, tuple[str, bool]] = {
     "llama": ("LlamaForCausalLM", False),
     "qwen2": ("Qwen2ForCausalLM", True),
+    "gemma3": ("Gemma3ForCausalLM", False),
 }
+
+# What llama.cpp fixes for Gemma 3 in code rather than in the file's metadata (llama-model.cpp):
+# every sixth layer attends globally, the sliding-window layers rotate at base 10000 unscaled,
+# and queries are scaled by head_dim ** -0.5, except in the 27B model (62 layers), which
+# scales by (hidden_size / num_heads) ** -0.5 (its query_pre_attn_scalar).
+GEMMA3_GLOBAL_LAYER_EVERY = 6
+GEMMA3_LOCAL_ROPE = RopeConfig(theta=10000.0)
+GEMMA3_27B_LAYERS = 62
 
 # What "auto" means on a GPU for a file whose weights are quantized (they are dequantized at load).
 QUANTIZED_CHECKPOINT_DTYPE = torch.bfloat16
@@ -101,6 +110,10 @@ def parse_gguf_config(
         if rope_dim != head_dim:
             raise UnsupportedModelError(f"{file}: partial rotary embeddings ({rope_dim} of {head_dim}) are not supported")
         num_layers = int(key("block_count"))
+        if arch == "gemma3":
+            family = _gemma3_fields(int(key("attention.sliding_window")), num_layers, hidden_size, num_heads, head_dim)
+        else:  # Llama and Qwen2 files attend globally
+            family = {"layer_windows": (None,) * num_layers}
         return ModelConfig(
             path=file,
             architecture=architecture,
@@ -120,12 +133,28 @@ def parse_gguf_config(
             mlp_bias="blk.0.ffn_up.bias" in tensor_names,
             dtype=_checkpoint_dtype(meta),
             rope=_rope(meta, arch, file),
-            layer_windows=(None,) * num_layers,  # the GGUF architectures read here attend globally
             bos_token_id=_optional_int(meta.get("tokenizer.ggml.bos_token_id")),
             eos_token_ids=_eos_ids(meta),
+            **family,
         )
     except (TypeError, ValueError) as bad:
         raise ModelLoadError(f"{file}: invalid metadata value ({bad})") from None
+
+
+def _gemma3_fields(
+    sliding_window: int, num_layers: int, hidden_size: int, num_heads: int, head_dim: int
+) -> dict[str, object]:
+    """The ModelConfig fields where Gemma 3 differs from Llama, as llama.cpp derives them."""
+    query_scalar = hidden_size / num_heads if num_layers == GEMMA3_27B_LAYERS else head_dim
+    return {
+        "qk_norm": True,
+        "hidden_act": "gelu_pytorch_tanh",
+        "attention_scale": query_scalar**-0.5,
+        "local_rope": GEMMA3_LOCAL_ROPE,
+        "layer_windows": tuple(
+            None if (i + 1) % GEMMA3_GLOBAL_LAYER_EVERY == 0 else sliding_window for i in range(num_layers)
+        ),
+    }
 
 
 def _architecture(meta: dict[str, MetadataValue], file: Path) -> str:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import dequantize_kv, gather_kv, store_kvcache
+from kernels.reference import dequantize_kv, gather_kv, quantize_kv
 
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "store_kvcache"]
+__all__ = ["DecodeContext", "StoreSlots", "paged_decode_attention", "paged_prefill_attention", "store_kvcache"]
 
 
 def _grouped(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -37,6 +37,70 @@ def _ungrouped(out: torch.Tensor, num_q: int) -> torch.Tensor:
     return out.movedim(-2, -4).reshape(*lead, num_q, num_kv_heads * (rows // num_q), head_dim)
 
 
+class StoreSlots:
+    """The step's cache slots as int64 and, when some are padding (negative), the rows to keep: once per step."""
+
+    def __init__(self, slot_mapping: torch.Tensor):
+        valid = slot_mapping >= 0
+        self.rows = None if bool(valid.all()) else valid.nonzero()[:, 0]
+        self.slots = (slot_mapping if self.rows is None else slot_mapping[self.rows]).long()
+
+
+def store_kvcache(
+    key: torch.Tensor,  # [T, num_kv_heads, head_dim]
+    value: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim], contiguous
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int; negative slots (padding) are skipped
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+    store_slots: StoreSlots | None = None,
+) -> None:
+    """Copy this step's K/V into their slots of the flattened cache (kernels.reference.store_kvcache's semantics)."""
+    slots = store_slots or StoreSlots(slot_mapping)
+    if slots.rows is not None:
+        key, value = key[slots.rows], value[slots.rows]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots.slots, quantize_kv(key, k_cache.dtype, k_scale))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots.slots, quantize_kv(value, v_cache.dtype, v_scale))
+
+
+class DecodeContext:
+    """Where each sequence's context sits in the flattened cache, and which positions its query sees.
+
+    The same for every layer of a decode step, so the engine builds it once per
+    step (AttentionMetadata.cpu_decode_context) instead of once per layer: a
+    30-layer model then gathers with one indexing operation per K and V per
+    layer and nothing else. A step of one sequence needs no mask at all (its
+    context is gathered exactly), so SDPA takes its unmasked path.
+    """
+
+    def __init__(self, block_tables: torch.Tensor, seq_lens: torch.Tensor, block_size: int):
+        batch = seq_lens.shape[0]
+        max_len = int(seq_lens.max())
+        positions = torch.arange(max_len, device=seq_lens.device)
+        tables = block_tables[:, : -(-max_len // block_size)].long()
+        # [B, L] flat slot (block * block_size + offset) of each context position; padding reads slot 0.
+        self.slots = tables.repeat_interleave(block_size, dim=1)[:, :max_len] * block_size + positions % block_size
+        self.lengths = seq_lens[:, None].to(positions.dtype)
+        self.positions = positions
+        self.max_len = max_len
+        self._masks: dict[int | None, torch.Tensor | None] = {None: None if batch == 1 else self._mask(None)}
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """[B, 1, 1, L] bool, True where attended; None when every gathered position is."""
+        if sliding_window is not None and sliding_window >= self.max_len:
+            sliding_window = None  # the window reaches back past every sequence's start
+        if sliding_window not in self._masks:
+            self._masks[sliding_window] = self._mask(sliding_window)
+        return self._masks[sliding_window]
+
+    def _mask(self, sliding_window: int | None) -> torch.Tensor:
+        mask = self.positions[None, :] < self.lengths
+        if sliding_window is not None:
+            mask &= self.positions[None, :] >= self.lengths - sliding_window
+        return mask[:, None, None, :]
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, num_heads, head_dim], one query token per sequence
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -47,28 +111,26 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    context: DecodeContext | None = None,
 ) -> torch.Tensor:
     """Every sequence's whole context gathered at once, padded positions masked, one SDPA call.
 
     With a sliding window, positions more than sliding_window - 1 before the query are masked too.
+    context: the step's DecodeContext when the caller keeps one (built here otherwise).
     """
-    batch, num_heads, head_dim = q.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    num_blocks = -(-int(seq_lens.max()) // block_size)
-    tables = block_tables[:, :num_blocks].long()
-    # [B, blocks, block_size, Hkv, D] -> [B, Hkv, L, D]
-    k = dequantize_kv(k_cache[tables], q.dtype, k_scale).flatten(1, 2).transpose(1, 2)
-    v = dequantize_kv(v_cache[tables], q.dtype, v_scale).flatten(1, 2).transpose(1, 2)
-    positions = torch.arange(num_blocks * block_size, device=q.device)
-    lengths = seq_lens[:, None].to(positions.dtype)
-    mask = positions[None, :] < lengths
-    if sliding_window is not None:
-        mask &= positions[None, :] >= lengths - sliding_window
-    mask = mask[:, None, None, :]  # [B, 1, 1, L]
+    batch, num_heads, _ = q.shape
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    if context is None:
+        context = DecodeContext(block_tables, seq_lens, block_size)
+    # [B, L, Hkv, D] -> [B, Hkv, L, D]
+    k = dequantize_kv(k_cache.view(-1, num_kv_heads, head_dim)[context.slots], q.dtype, k_scale).transpose(1, 2)
+    v = dequantize_kv(v_cache.view(-1, num_kv_heads, head_dim)[context.slots], q.dtype, v_scale).transpose(1, 2)
+    # One query per sequence: _grouped's layout is a plain reshape, [B, Hq, D] -> [B, Hkv, group, D].
+    grouped = q.reshape(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
     out = F.scaled_dot_product_attention(
-        _grouped(q[:, None], num_kv_heads), k, v, attn_mask=mask, scale=scale
+        grouped, k, v, attn_mask=context.mask(sliding_window), scale=scale
     )
-    return _ungrouped(out, 1)[:, 0]
+    return out.reshape(batch, num_heads, head_dim)
 
 
 def paged_prefill_attention(

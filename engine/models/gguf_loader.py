@@ -9,7 +9,9 @@ it into place. Only one dequantized tensor exists at a time besides the model.
 llama.cpp's converter permutes the rows of Q and K of Llama-architecture models
 (each head's rotary halves interleaved, its GPT-J-style layout); the engine
 rotates the Hugging Face (NeoX) way, so the permutation is undone here, as
-transformers' GGUF loader does.
+transformers' GGUF loader does. For Gemma 3 the converter stores every RMSNorm
+weight as 1 + w (llama.cpp's norm multiplies by the weight, Gemma's by 1 + w),
+so 1 is subtracted again, and its four norms per layer have names of their own.
 """
 
 from __future__ import annotations
@@ -45,21 +47,39 @@ LAYER_TENSOR_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Gemma 3: norms after attention and around the MLP; ffn_norm is the one before the MLP there.
+GEMMA3_LAYER_TENSOR_NAMES = LAYER_TENSOR_NAMES | {
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp architecture -> its layer tensor names, where they differ from Llama's.
+ARCHITECTURE_LAYER_TENSOR_NAMES = {"gemma3": GEMMA3_LAYER_TENSOR_NAMES}
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 # Architectures whose Q/K rows llama.cpp's converter permutes.
 PERMUTED_QK_ARCHITECTURES = {"llama"}
+# Architectures whose RMSNorm weights llama.cpp's converter stores as 1 + w.
+NORM_PLUS_ONE_ARCHITECTURES = {"gemma3"}
 
 
-def hf_tensor_name(gguf_name: str) -> str | None:
+def layer_tensor_names(arch: str) -> dict[str, str]:
+    """llama.cpp's per-layer tensor part (attn_q, ...) -> the Hugging Face module name, for one architecture."""
+    return ARCHITECTURE_LAYER_TENSOR_NAMES.get(arch, LAYER_TENSOR_NAMES)
+
+
+def hf_tensor_name(gguf_name: str, arch: str = "llama") -> str | None:
     """The Hugging Face checkpoint name of a GGUF tensor; None for a tensor the engine has no use for."""
     if gguf_name in GLOBAL_TENSOR_NAMES:
         return GLOBAL_TENSOR_NAMES[gguf_name]
+    names = layer_tensor_names(arch)
     match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match is None or match.group(2) not in LAYER_TENSOR_NAMES:
+    if match is None or match.group(2) not in names:
         return None
     layer, part, kind = match.groups()
-    return f"model.layers.{layer}.{LAYER_TENSOR_NAMES[part]}.{kind}"
+    return f"model.layers.{layer}.{names[part]}.{kind}"
 
 
 def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -89,12 +109,15 @@ def gguf_checkpoint_tensors(file: Path, config: ModelConfig) -> Iterator[tuple[P
     """(file, Hugging Face name, float32 tensor) for each tensor the engine loads, dequantized one at a time."""
     reader = open_gguf(file)
     permuted = config.model_type in PERMUTED_QK_ARCHITECTURES
+    norm_plus_one = config.model_type in NORM_PLUS_ONE_ARCHITECTURES
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, config.model_type)
         if name is None:
             continue
         weight = dequantize(tensor, file)
-        if permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
+        if norm_plus_one and name.endswith("norm.weight"):
+            weight -= 1.0
+        elif permuted and name.endswith(("q_proj.weight", "q_proj.bias")):
             weight = unpermute_rotary_rows(weight, config.num_attention_heads)
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             weight = unpermute_rotary_rows(weight, config.num_key_value_heads)

@@ -2,8 +2,8 @@
 
 Tests need GGUF files with known contents and several tensor types; model hubs
 are unreachable, so they are written here with gguf's own writer: llama.cpp's
-tensor names, its Q/K row permutation for Llama, 1-D tensors (norms, biases)
-kept in F32 as llama.cpp keeps them.
+tensor names, its Q/K row permutation for Llama, Gemma's norms stored as 1 + w,
+1-D tensors (norms, biases) kept in F32 as llama.cpp keeps them.
 """
 
 from __future__ import annotations
@@ -15,20 +15,25 @@ import torch
 
 from engine.gguf_metadata import GGUF_ARCHITECTURES
 from engine.model_config import ModelConfig
-from engine.models.gguf_loader import GLOBAL_TENSOR_NAMES, LAYER_TENSOR_NAMES, PERMUTED_QK_ARCHITECTURES
+from engine.models.gguf_loader import (
+    GLOBAL_TENSOR_NAMES,
+    NORM_PLUS_ONE_ARCHITECTURES,
+    PERMUTED_QK_ARCHITECTURES,
+    layer_tensor_names,
+)
 from engine.testing.factory import checkpoint_shapes, random_tensor
 
 _ARCH_OF = {hf: arch for arch, (hf, _) in GGUF_ARCHITECTURES.items()} | {"MistralForCausalLM": "llama"}
 
 
-def gguf_tensor_name(hf_name: str) -> str:
+def gguf_tensor_name(hf_name: str, arch: str = "llama") -> str:
     """llama.cpp's name for a Hugging Face checkpoint tensor name."""
     for gguf_name, name in GLOBAL_TENSOR_NAMES.items():
         if name == hf_name:
             return gguf_name
     _, _, layer, rest = hf_name.split(".", 3)  # model.layers.N.<module>.<weight|bias>
     module, kind = rest.rsplit(".", 1)
-    part = next(gguf for gguf, hf in LAYER_TENSOR_NAMES.items() if hf == module)
+    part = next(gguf for gguf, hf in layer_tensor_names(arch).items() if hf == module)
     return f"blk.{layer}.{part}.{kind}"
 
 
@@ -46,6 +51,7 @@ def write_gguf(file: str | Path, config: ModelConfig, tensor_type: str = "F32", 
 
     tensor_type: the GGML type of the 2-D weights (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
     The rotary embedding is written without scaling: GGUF keeps Llama 3 scaling in a tensor.
+    Gemma 3 files carry only the window; readers assume every sixth layer global.
     """
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize
@@ -62,7 +68,9 @@ def write_gguf(file: str | Path, config: ModelConfig, tensor_type: str = "F32", 
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_rope_freq_base(config.rope.theta)
     writer.add_rope_dimension_count(config.head_dim)
-    if config.head_dim * config.num_attention_heads != config.hidden_size:
+    if config.sliding_window is not None:
+        writer.add_sliding_window(config.sliding_window)
+    if config.head_dim * config.num_attention_heads != config.hidden_size or arch == "gemma3":
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
     writer.add_vocab_size(config.vocab_size)
@@ -76,11 +84,13 @@ def write_gguf(file: str | Path, config: ModelConfig, tensor_type: str = "F32", 
             weight = permute_rotary_rows(weight, config.num_attention_heads)
         elif arch in PERMUTED_QK_ARCHITECTURES and ".k_proj." in name:
             weight = permute_rotary_rows(weight, config.num_key_value_heads)
+        if arch in NORM_PLUS_ONE_ARCHITECTURES and name.endswith("norm.weight"):
+            weight = weight + 1.0
         values = weight.numpy().astype(np.float32)
         if values.ndim == 1 or qtype == GGMLQuantizationType.F32:
-            writer.add_tensor(gguf_tensor_name(name), values)
+            writer.add_tensor(gguf_tensor_name(name, arch), values)
         else:
-            writer.add_tensor(gguf_tensor_name(name), quantize(values, qtype), raw_dtype=qtype)
+            writer.add_tensor(gguf_tensor_name(name, arch), quantize(values, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
