@@ -60,8 +60,11 @@ def store_kvcache(
     slots = store_slots or StoreSlots(slot_mapping)
     if slots.rows is not None:
         key, value = key[slots.rows], value[slots.rows]
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots.slots, quantize_kv(key, k_cache.dtype, k_scale))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots.slots, quantize_kv(value, v_cache.dtype, v_scale))
+    for cache, new, cache_scale in ((k_cache, key, k_scale), (v_cache, value, v_scale)):
+        stored = quantize_kv(new, cache.dtype, cache_scale)
+        if cache.dtype.itemsize == 1:  # torch has no CPU index_copy_ for float8 types: copy the bytes
+            cache, stored = cache.view(torch.uint8), stored.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slots.slots, stored)
 
 
 class DecodeContext:

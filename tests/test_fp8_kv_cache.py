@@ -148,7 +148,7 @@ def test_prefill_reads_an_fp8_cache(dtype, group, num_kv_heads, sliding_window):
     k_scale, v_scale = scales(0.3, 0.011)
     k8, v8 = fp8_problem(p, k_scale, v_scale)
     out = kernels.paged_prefill_attention(p.q, k8, v8, p.block_tables, p.query_start_loc, p.seq_lens, p.scale,
-                                          p.max_query_len, sliding_window=sliding_window,
+                                          sliding_window=sliding_window,
                                           k_scale=k_scale, v_scale=v_scale)
     k, v = dequantize_kv(k8, torch.float32, k_scale), dequantize_kv(v8, torch.float32, v_scale)
     want = reference.paged_prefill_attention(p.q.float(), k, v, p.block_tables, p.query_start_loc, p.seq_lens,
@@ -203,6 +203,6 @@ def test_fp8_decode_and_prefill_bf16_gpu(num_heads, num_kv_heads, head_dim):
                                                  k_scale=k_scale, v_scale=v_scale)
         else:
             out = kernels.paged_prefill_attention(p.q, k8, v8, p.block_tables, p.query_start_loc, p.seq_lens,
-                                                  p.scale, p.max_query_len, k_scale=k_scale, v_scale=v_scale)
+                                                  p.scale, k_scale=k_scale, v_scale=v_scale)
         want = dequantized_reference(p, k8, v8, k_scale, v_scale, decode)
         assert relative_error(out, want) < TOLERANCE[torch.bfloat16]
