@@ -74,7 +74,10 @@ def test_a_streamed_echo_carries_the_prompt_logprobs_in_its_first_chunk(client):
         assert "".join(p.text for p in parts) == choice.text
         streamed = {key: sum((getattr(p.logprobs, key) for p in parts if p.logprobs), []) for key in
                     ("tokens", "token_logprobs", "text_offset")}
-        assert streamed == {key: getattr(choice.logprobs, key) for key in streamed}
+        # Equal up to float noise: the two requests' steps batch their sequences differently.
+        assert streamed["tokens"] == choice.logprobs.tokens and streamed["text_offset"] == choice.logprobs.text_offset
+        assert streamed["token_logprobs"][0] is None and choice.logprobs.token_logprobs[0] is None
+        assert streamed["token_logprobs"][1:] == pytest.approx(choice.logprobs.token_logprobs[1:], abs=1e-4)
         assert parts[0].logprobs.token_logprobs[0] is None
 
 
