@@ -134,6 +134,7 @@ LLMCOMPRESSOR_KV = Path(__file__).parent / "fixtures" / "llmcompressor" / "fp8-d
 
 
 def test_llmcompressor_kv_cache_scheme_checkpoint(tmp_path):
+    pytest.importorskip("compressed_tensors", reason="transformers reads this checkpoint through compressed-tensors")
     from safetensors import safe_open
 
     with safe_open(str(LLMCOMPRESSOR_KV / "model.safetensors"), "pt") as reader:

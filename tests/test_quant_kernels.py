@@ -22,6 +22,13 @@ FP8_TENSOR_CORES = CUDA and torch.cuda.get_device_capability() >= (8, 9)
 
 # ‖out − ref‖ / ‖ref‖ allowed per activation dtype; the reference runs in fp32 on the same quantized inputs.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# Hopper's FP8 tensor cores accumulate below fp32 precision: the Triton FP8 GEMM's float32 outputs
+# differed from the fp32 reference by 7e-5 to 1.1e-4 (relative) on the H200, at K = 64 and 96.
+FP8_MMA_FLOAT32_TOLERANCE = 3e-4 if torch.cuda.is_available() else TOLERANCE[torch.float32]
+
+
+def fp8_tolerance(out_dtype: torch.dtype) -> float:
+    return FP8_MMA_FLOAT32_TOLERANCE if out_dtype == torch.float32 else TOLERANCE[out_dtype]
 
 
 def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
@@ -133,7 +140,7 @@ def test_fp8_matmul_matches_reference(m, out_dtype):
     out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias)
     assert out.dtype == out_dtype and out.shape == (m, n)
     expected = ref.fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias)
-    assert relative_error(out, expected) < TOLERANCE[out_dtype]
+    assert relative_error(out, expected) < fp8_tolerance(out_dtype)
 
 
 @pytest.mark.parametrize("m", [1, 17])
@@ -158,7 +165,7 @@ def test_fp8_matmul_with_one_static_activation_scale():
     x_q = ref.quantize_fp8_static(x, scale)
     out = kernels.fp8_matmul(x_q, scale, weight, weight_scale, torch.float32)
     expected = ref.fp8_matmul(x_q, scale, weight, weight_scale, torch.float32)
-    assert relative_error(out, expected) < TOLERANCE[torch.float32]
+    assert relative_error(out, expected) < fp8_tolerance(torch.float32)
     assert relative_error(out, x @ random(n, k).t()) < 0.06  # and it is still the float product
 
 
