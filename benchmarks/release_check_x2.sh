@@ -29,7 +29,7 @@ gpu_tests() {
       tests/test_quant_kernels.py}
 }
 
-single_gpu_figures() {
+single_gpu_figures() (  # a subshell: GPU 0 only here, both GPUs again for the tensor-parallel phase
   export CUDA_VISIBLE_DEVICES=0
   step write-8b 120 $PY -m benchmarks.gpu_random_model --model llama-3.1-8b --model-root "$ROOT"
   step throughput-8b 120 $PY -m benchmarks.throughput --model llama-3.1-8b --model-root "$ROOT" --workload mixed \
@@ -38,7 +38,7 @@ single_gpu_figures() {
   step latency-qwen3-30b-a3b 100 $PY -m benchmarks.latency --model qwen3-30b-a3b --model-root "$ROOT" \
     --batches 1,32 --new-tokens 64 --ttft-lens 1024 --out "$OUT/latency-qwen3-30b-a3b.json"
   rm -rf "$ROOT/qwen3-30b-a3b"
-}
+)
 
 gpu_tests > "$OUT/track-tests.txt" 2>&1 &
 single_gpu_figures
