@@ -84,7 +84,8 @@ def moe_row(shape: str, batch: int, bandwidth: float,
     roofline_ms = weight_bytes / (bandwidth * 1e9) * 1e3
     flops = 2 * batch * top_k * 3 * hidden * inter
     return {"shape": shape, "batch": batch, "active_experts": active,
-            "path": type(config or default_moe_config(batch, top_k, num_experts)).__name__[:4].lower(),
+            "path": "gemv" if isinstance(config or default_moe_config(batch, top_k, num_experts),
+                                         GemvLaunchConfig) else "grouped",
             "fused_us": 1e3 * fused_ms, "eager_us": 1e3 * eager_ms, "loop_us": 1e3 * loop_ms,
             "speedup": loop_ms / fused_ms,
             "roofline_us": 1e3 * roofline_ms, "%roofline": 100 * roofline_ms / fused_ms,
