@@ -10,6 +10,7 @@
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
+#   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
 #
 # Every step runs on its own with a time limit, so one failure leaves the others' results.
 set -u
@@ -90,6 +91,11 @@ for mode in "$@"; do
                      --model-root "$ROOT" --workload mixed --systems kubellm --max-cudagraph-capture-size 8192 \
                      --out "$OUT/throughput-$model-graphs-8192.json"
                  done ;;
+    tp-throughput) for tp in 1 2; do
+                     step "throughput-llama-3.1-8b-tp$tp" 150 $PY -m benchmarks.throughput --model llama-3.1-8b \
+                       --model-root "$ROOT" --workload mixed --systems kubellm --tensor-parallel-size $tp \
+                       --out "$OUT/throughput-llama-3.1-8b-tp$tp.json"
+                   done ;;
     serving) step serving-8b 300 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" --rates 16 \
                --num-requests 256 --out "$OUT/serving-8b.json" ;;
     *) echo "unknown mode $mode"; exit 2 ;;

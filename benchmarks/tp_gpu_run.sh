@@ -92,7 +92,7 @@ step latency_tp2 60 $PY -m benchmarks.latency "${S[@]}" "${LAT[@]}" --tensor-par
 step latency_tp2_small_all_reduce 60 $PY -m benchmarks.latency "${S[@]}" "${LAT[@]}" --tensor-parallel-size 2 \
   --small-all-reduce --out "$RES/latency_tp2_small_all_reduce.json"
 for tp in 1 2; do
-  step "throughput_tp$tp" 50 $PY -m benchmarks.throughput "${S[@]}" --systems kubellm --workload mixed \
+  step "throughput_tp$tp" 120 $PY -m benchmarks.throughput "${S[@]}" --systems kubellm --workload mixed \
     --num-requests "${REQUESTS:-64}" --tensor-parallel-size $tp --length-scale "${LENGTH_SCALE:-1}" \
     --out "$RES/throughput_tp$tp.json"
 done

@@ -97,6 +97,8 @@ class BlockManager:
         shared_prefix: for a sequence without blocks yet, computed full blocks it
         can reuse (prefix-cache hits or a sibling's prompt); they count as computed.
         """
+        if not shared_prefix and len(seq.block_table) * self.block_size >= seq.num_computed_tokens + num_new_tokens:
+            return True  # most decode steps: the last block has room
         assert not shared_prefix or not seq.block_table, "a shared prefix goes only to a fresh sequence"
         num_computed = len(shared_prefix) * self.block_size if shared_prefix else seq.num_computed_tokens
         num_owned = len(seq.block_table) + len(shared_prefix)

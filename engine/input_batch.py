@@ -41,8 +41,8 @@ class StepArrays:
     max_query_len: int
     max_seq_len: int
     sampling_rows: np.ndarray  # [S] the rows of the sampling sequences, in batch order
-    placeholder_dst: np.ndarray  # token indices whose id is still on the device ...
-    placeholder_src: np.ndarray  # ... and the row of the previous step's sampled ids that holds it
+    placeholder_dst: torch.Tensor  # [P] int64: token indices whose id is still on the device ...
+    placeholder_src: torch.Tensor  # [P] int64: ... and the row of the previous step's sampled ids that holds it
     prompt_logits_indices: torch.Tensor  # [N] int64: token indices whose logits give prompt logprobs ...
     prompt_logprob_targets: torch.Tensor  # [N] int64: ... of these prompt tokens (the next position's)
 
@@ -63,6 +63,13 @@ def prompt_logprob_positions(batch: ScheduledBatch, first_tokens: np.ndarray) ->
     return torch.tensor(indices, dtype=torch.int64), torch.tensor(targets, dtype=torch.int64)
 
 
+def _staged(buffer: torch.Tensor, values: list[int]) -> torch.Tensor:
+    """values written into the front of a staging buffer (a view of it)."""
+    view = buffer[: len(values)]
+    view.numpy()[:] = values
+    return view
+
+
 class _StagingSet:
     def __init__(self, max_tokens: int, max_seqs: int, max_blocks: int, pin: bool):
         def buffer(size: int, dtype: torch.dtype) -> torch.Tensor:
@@ -75,6 +82,8 @@ class _StagingSet:
         self.seq_lens = buffer(max_seqs, torch.int32)
         self.block_tables = buffer(max_seqs * max_blocks, torch.int32)
         self.logits_indices = buffer(max_seqs, torch.int64)
+        self.placeholder_dst = buffer(max_seqs, torch.int64)
+        self.placeholder_src = buffer(max_seqs, torch.int64)
         self.sampling = buffer(max_seqs * len(SAMPLING_COLUMNS), torch.float32)
 
 
@@ -86,9 +95,12 @@ class InputBatch:
         self.block_size = block_size
         max_blocks = cdiv(max_model_len, block_size)
         self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)
-        self.num_known = np.zeros(max_num_seqs, dtype=np.int64)  # token ids written into each row
         self.block_tables = np.zeros((max_num_seqs, max_blocks), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)
+        # Token and block ids written into each row so far, as lists: the per-sequence checks of a
+        # step index them, and a Python list answers faster than a numpy array one element at a time.
+        self.num_known = [0] * max_num_seqs
+        self.num_blocks_written = [0] * max_num_seqs
         self.sampling = np.zeros((max_num_seqs, len(SAMPLING_COLUMNS)), dtype=np.float32)
         self.seqs: list[Sequence | None] = [None] * max_num_seqs  # the sequence of each row
         self.rows: dict[int, int] = {}  # seq_id -> row
@@ -118,19 +130,15 @@ class InputBatch:
         self.seqs[row] = seq
         self.num_known[row] = 0
         self.num_blocks[row] = 0
+        self.num_blocks_written[row] = 0
         self.sampling[row] = sampling_row(seq.params)
         return row
 
-    def _sync_row(self, row: int, seq: Sequence) -> None:
-        """Write the token ids and block ids seq gained since its row was last written."""
-        known, written = len(seq.token_ids), self.num_known[row]
-        if known > written:
-            self.token_ids[row, written:known] = seq.token_ids[written:known]
-            self.num_known[row] = known
-        num_blocks, written = len(seq.block_table), self.num_blocks[row]
-        if num_blocks > written:
-            self.block_tables[row, written:num_blocks] = seq.block_table[written:num_blocks]
-            self.num_blocks[row] = num_blocks
+    def _sync_blocks(self, row: int, table: list[int]) -> None:
+        """Write the block ids seq gained since its row was last written (every block_size tokens)."""
+        written = self.num_blocks_written[row]
+        self.block_tables[row, written : len(table)] = table[written:]
+        self.num_blocks_written[row] = self.num_blocks[row] = len(table)
 
     # A step ---------------------------------------------------------------------------------
 
@@ -141,22 +149,38 @@ class InputBatch:
         sequences whose newest token is still on the device.
         """
         num_seqs = len(batch.seqs)
-        rows = np.empty(num_seqs, dtype=np.int64)
+        row_of, num_known, num_blocks_written = self.rows, self.num_known, self.num_blocks_written
+        rows: list[int] = []
         new_rows = []
+        # A decode step gives each sequence one known token since its last step: those are written
+        # with one scatter (flat index into token_ids), longer gains (prompts, recompute) row by row.
+        one_token_at, one_token = [], []
         placeholder_dst, placeholder_src = [], []
         first_token = 0
-        for i, (seq, start, num_new) in enumerate(zip(batch.seqs, batch.starts, batch.num_new_tokens)):
-            row = self.rows.get(seq.seq_id)
+        for seq, start, num_new in zip(batch.seqs, batch.starts, batch.num_new_tokens):
+            row = row_of.get(seq.seq_id)
             if row is None:
                 row = self._add_row(seq)
                 new_rows.append(row)
-            self._sync_row(row, seq)
-            rows[i] = row
-            known = len(seq.token_ids)
+            rows.append(row)
+            token_ids = seq.token_ids
+            known, written = len(token_ids), num_known[row]
+            if known == written + 1:
+                one_token_at.append(row * self.max_model_len + written)
+                one_token.append(token_ids[written])
+                num_known[row] = known
+            elif known > written:
+                self.token_ids[row, written:known] = token_ids[written:known]
+                num_known[row] = known
+            if len(seq.block_table) > num_blocks_written[row]:
+                self._sync_blocks(row, seq.block_table)
             if start + num_new > known:  # the last input token was sampled by the step in flight
                 placeholder_dst.append(first_token + known - start)
                 placeholder_src.append(previous_sample_rows[seq.seq_id])
             first_token += num_new
+        if one_token_at:
+            self.token_ids.reshape(-1)[one_token_at] = one_token
+        rows = np.asarray(rows, dtype=np.int64)
 
         staging = self._staging[self._step % 2]
         self._step += 1
@@ -199,8 +223,8 @@ class InputBatch:
             max_query_len=int(num_new.max()),
             max_seq_len=int(ends.max()),
             sampling_rows=rows[samples],
-            placeholder_dst=np.asarray(placeholder_dst, dtype=np.int64),
-            placeholder_src=np.asarray(placeholder_src, dtype=np.int64),
+            placeholder_dst=_staged(staging.placeholder_dst, placeholder_dst),
+            placeholder_src=_staged(staging.placeholder_src, placeholder_src),
             prompt_logits_indices=prompt_indices,
             prompt_logprob_targets=prompt_targets,
         )

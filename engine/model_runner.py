@@ -40,7 +40,7 @@ from engine.layers.sampler import Sampler, SamplerOutput
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
 from engine.sampling import num_top_logprobs
-from engine.sampling_batch import SamplingState, device_tensor
+from engine.sampling_batch import SamplingState
 from engine.scheduler import SampledTokens, ScheduledBatch
 
 
@@ -90,8 +90,6 @@ class ModelInputs:
 
 def step_fields(arrays: StepArrays, num_prompt_logprobs: int) -> dict[str, Field]:
     fields = {name: getattr(arrays, name) for name in STEP_FIELDS if name != "num_prompt_logprobs"}
-    fields["placeholder_dst"] = torch.from_numpy(arrays.placeholder_dst)
-    fields["placeholder_src"] = torch.from_numpy(arrays.placeholder_src)
     return fields | {"num_prompt_logprobs": num_prompt_logprobs}
 
 @dataclass
@@ -117,7 +115,7 @@ class InFlightStep:
     the order of the rows of `prompt`.
     """
 
-    def __init__(self, output: SamplerOutput | None, logprobs_wanted: list[int | None], device: torch.device,
+    def __init__(self, output: SamplerOutput | None, logprobs_wanted: dict[int, int], device: torch.device,
                  prompt: PromptLogprobTensors | None = None, prompt_spans: list[tuple[int, int, int]] | None = None):
         self._logprobs_wanted = logprobs_wanted
         self._prompt_spans = prompt_spans or []
@@ -149,10 +147,9 @@ class InFlightStep:
         sampled = SampledTokens(self._token_ids.numpy(), prompt_logprobs=self._prompt_logprobs())
         if self._logprobs is not None:
             ids, values = self._logprob_ids.tolist(), self._logprobs.tolist()
-            sampled.logprobs = [
-                None if wanted is None else _with_top(ids[row], values[row], wanted)
-                for row, wanted in enumerate(self._logprobs_wanted)
-            ]
+            sampled.logprobs = [None] * len(ids)
+            for row, wanted in self._logprobs_wanted.items():
+                sampled.logprobs[row] = _with_top(ids[row], values[row], wanted)
         return sampled
 
     def _prompt_logprobs(self) -> dict[int, PromptLogprobs]:
@@ -257,13 +254,10 @@ class ModelRunner:
     def sample(self, step_logits: StepLogits, batch: ScheduledBatch) -> InFlightStep:
         """Samples on the device and starts copying the tokens back; does not wait for them."""
         step = self._step
-        seqs = [self._input_batch.seqs[row] for row in step.sampling_rows]
-        vocab_size = self.model_config.vocab_size
-        logprobs_wanted = [None if seq.params.logprobs is None else num_top_logprobs(seq.params.logprobs, vocab_size)
-                           for seq in seqs]
         prompt = (step_logits.prompt_logprobs, self._prompt_spans(batch))
         if step_logits.logits is None:
-            return InFlightStep(None, logprobs_wanted, self.device, *prompt)
+            return InFlightStep(None, {}, self.device, *prompt)
+        seqs = [self._input_batch.seqs[row] for row in step.sampling_rows.tolist()]
         params = self._input_batch.sampling_parameters(step.sampling_rows)
         inputs = self._inputs
         sampling = self._sampling_state.batch(seqs, params, step.sampling_rows,
@@ -273,7 +267,7 @@ class ModelRunner:
             broadcast_from_rank0(output.token_ids)  # the tensor-parallel workers' next placeholders
         self._previous_sampled = output.token_ids
         self._previous_sample_rows = {seq.seq_id: i for i, seq in enumerate(seqs)}
-        return InFlightStep(output, logprobs_wanted, self.device, *prompt)
+        return InFlightStep(output, sampling.logprobs_wanted, self.device, *prompt)
 
     def receive_sampled(self, fields: dict[str, Field]) -> None:
         """Tensor-parallel workers, after execute_model: the ids rank 0 sampled in this step, which
@@ -292,8 +286,8 @@ class ModelRunner:
         dst, src = fields["placeholder_dst"], fields["placeholder_src"]
         if not dst.numel():
             return
-        dst = device_tensor(dst.tolist(), torch.int64, self.device)
-        src = device_tensor(src.tolist(), torch.int64, self.device)
+        dst = dst.to(self.device, non_blocking=True)
+        src = src.to(self.device, non_blocking=True)
         input_ids[dst] = self._previous_sampled[src]
 
     @property

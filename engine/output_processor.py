@@ -189,6 +189,7 @@ class OutputProcessor:
                 state.metrics.first_scheduled_time = scheduled.scheduled_time
                 state.num_cached_tokens = scheduled.num_cached_tokens
         progressed: dict[str, list[_Completion]] = {}
+        ended: set[str] = set()  # requests with a completion that finished in this step
         stopped = []
         for delta in core_outputs.deltas:
             state = self.requests.get(delta.request_id)
@@ -200,8 +201,10 @@ class OutputProcessor:
             if completion.finished:
                 continue  # a stop string ended it; the core had a step in flight
             self._apply(completion, delta, state.kind)
-            if completion.finish_reason == "stop" and isinstance(completion.stop_reason, str):
-                stopped.append((delta.request_id, delta.index))
+            if completion.finished:
+                ended.add(delta.request_id)
+                if completion.finish_reason == "stop" and isinstance(completion.stop_reason, str):
+                    stopped.append((delta.request_id, delta.index))
             progressed.setdefault(delta.request_id, []).append(completion)
         outputs = []
         for request_id, completions in progressed.items():
@@ -209,7 +212,7 @@ class OutputProcessor:
             metrics = state.metrics
             metrics.first_token_time = metrics.first_token_time or now
             metrics.last_token_time = now
-            finished = state.finished
+            finished = request_id in ended and state.finished
             if finished:
                 metrics.finished_time = now
                 del self.requests[request_id]
@@ -225,10 +228,9 @@ class OutputProcessor:
         """
         params = completion.text.params
         stopped_by_token = delta.finish_reason == "stop"
-        for i, token in enumerate(delta.new_token_ids):
-            completion.token_ids.append(token)
-            if delta.new_logprobs is not None:
-                entry = delta.new_logprobs[i]
+        completion.token_ids.extend(delta.new_token_ids)
+        if delta.new_logprobs is not None:
+            for token, entry in zip(delta.new_token_ids, delta.new_logprobs):
                 completion.cumulative_logprob += entry[token]
                 if completion.logprobs is not None:
                     completion.logprobs.append(entry)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from engine.layers.sampler import BadWordBans, PenaltyState, SamplingBatch
+from engine.layers.sampler import SAMPLING_COLUMNS, BadWordBans, PenaltyState, SamplingBatch
 from engine.sampling import SamplingParams, num_top_logprobs
 from engine.sequence import Sequence
 
@@ -28,6 +28,21 @@ def sampling_row(params: SamplingParams) -> tuple[float, ...]:
         params.repetition_penalty,
         params.frequency_penalty,
         params.presence_penalty,
+        float(params.greedy),
+        float(needs_per_row_work(params)),
+    )
+
+
+def needs_per_row_work(params: SamplingParams) -> bool:
+    """Whether sampling this row needs its Sequence each step, beyond its SAMPLING_COLUMNS."""
+    return bool(
+        (params.seed is not None and not params.greedy)
+        or params.min_tokens > 0
+        or params.logprobs is not None
+        or params.logit_bias
+        or params.allowed_token_ids
+        or params.bad_words_token_ids
+        or params.structured_output is not None
     )
 
 
@@ -47,14 +62,14 @@ def device_tensor(values: list, dtype: torch.dtype, device: torch.device) -> tor
     return host.to(device, non_blocking=True)
 
 
-def bad_word_bans(seqs: list[Sequence], newest_tokens: Callable[[], torch.Tensor],
+def bad_word_bans(seqs: list[Sequence], rows_with_bad_words: list[int], newest_tokens: Callable[[], torch.Tensor],
                   device: torch.device) -> BadWordBans | None:
     """The bans of the rows' bad words that fit in their output so far (vLLM matches output tokens only)."""
     candidates = []
-    for row, seq in enumerate(seqs):
-        if seq.params.bad_words_token_ids:
-            num_past = seq.num_output_tokens - 1  # the token being sampled is counted already
-            candidates += [(row, num_past, word) for word in seq.params.bad_words_token_ids if len(word) - 1 <= num_past]
+    for row in rows_with_bad_words:
+        seq = seqs[row]
+        num_past = seq.num_output_tokens - 1  # the token being sampled is counted already
+        candidates += [(row, num_past, word) for word in seq.params.bad_words_token_ids if len(word) - 1 <= num_past]
     if not candidates:
         return None
     width = max(len(word) - 1 for _, _, word in candidates)
@@ -102,36 +117,42 @@ class SamplingState:
     def batch(self, seqs: list[Sequence], params: torch.Tensor, rows: np.ndarray,
               newest_tokens: Callable[[], torch.Tensor]) -> SamplingBatch:
         """seqs sample this step, in batch order, from persistent rows `rows`; params holds their
-        sampling rows (host; page-locked on CUDA); newest_tokens() gives each one's newest token, on the device."""
+        sampling rows (host; page-locked on CUDA); newest_tokens() gives each one's newest token, on the device.
+
+        The flags come from params' columns; only rows marked "per_row" are looked at one by one.
+        """
         device = self.device
-        greedy = [seq.params.greedy for seq in seqs]
-        penalized = [i for i, seq in enumerate(seqs) if has_penalties(seq.params)]
-        wanted = [num_top_logprobs(seq.params.logprobs, self.vocab_size) for seq in seqs if seq.params.logprobs is not None]
+        host = params.numpy()
+        column = {name: host[:, i] for i, name in enumerate(SAMPLING_COLUMNS)}
+        penalized = np.flatnonzero((column["repetition"] != 1.0) | (column["frequency"] != 0.0) | (column["presence"] != 0.0))
+        special = [(i, seqs[i]) for i in np.flatnonzero(column["per_row"]).tolist()]
         return SamplingBatch(
             params=params.to(device, non_blocking=True),
-            greedy=None if all(greedy) else device_tensor(greedy, torch.bool, device),
-            any_top_k_top_p=any(seq.params.top_k > 0 or seq.params.top_p < 1.0 for seq in seqs),
-            any_min_p=any(seq.params.min_p > 0 for seq in seqs),
-            penalty_rows=device_tensor(penalized, torch.int64, device) if penalized else None,
-            penalty_slots=device_tensor(rows[penalized].tolist(), torch.int64, device) if penalized else None,
-            seeded=[(i, seq.generator) for i, seq in enumerate(seqs) if seq.generator is not None],
+            all_greedy=bool(column["greedy"].all()),
+            any_top_k_top_p=bool(((column["top_k"] > 0) | (column["top_p"] < 1.0)).any()),
+            any_min_p=bool((column["min_p"] > 0).any()),
+            penalty_rows=device_tensor(penalized.tolist(), torch.int64, device) if len(penalized) else None,
+            penalty_slots=device_tensor(rows[penalized].tolist(), torch.int64, device) if len(penalized) else None,
+            seeded=[(i, seq.generator) for i, seq in special if seq.generator is not None],
             # The token being sampled is output number num_output_tokens - 1: its placeholder is counted.
             banned=[
                 (i, banned_before_min_tokens(seq.params, self.eos_token_ids, self.vocab_size))
-                for i, seq in enumerate(seqs)
+                for i, seq in special
                 if seq.num_output_tokens - 1 < seq.params.min_tokens
             ],
-            num_logprobs=max(wanted) if wanted else None,
-            allowed=self._grammar_bitmask(seqs),
+            logprobs_wanted={
+                i: num_top_logprobs(seq.params.logprobs, self.vocab_size) for i, seq in special if seq.params.logprobs is not None
+            },
+            allowed=self._grammar_bitmask(seqs) if any(seq.grammar is not None for _, seq in special) else None,
             token_bias=[
                 (i, device_tensor(list(bias), torch.int64, device), device_tensor(list(bias.values()), torch.float32, device))
-                for i, seq in enumerate(seqs) if (bias := seq.params.logit_bias)
+                for i, seq in special if (bias := seq.params.logit_bias)
             ],
             only_tokens=[
                 (i, device_tensor(allowed, torch.int64, device))
-                for i, seq in enumerate(seqs) if (allowed := seq.params.allowed_token_ids)
+                for i, seq in special if (allowed := seq.params.allowed_token_ids)
             ],
-            bad_words=bad_word_bans(seqs, newest_tokens, device),
+            bad_words=bad_word_bans(seqs, [i for i, seq in special if seq.params.bad_words_token_ids], newest_tokens, device),
         )
 
     def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:

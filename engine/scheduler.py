@@ -52,15 +52,16 @@ class ScheduledBatch:
 
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         """Schedule seq's next tokens: they count as computed, and a sampled token as a placeholder."""
-        samples = num_new_tokens == seq.num_uncomputed_tokens
+        num_computed = seq.num_computed_tokens
+        samples = num_computed + num_new_tokens == len(seq.token_ids) + seq.num_placeholders
         self.seqs.append(seq)
-        self.starts.append(seq.num_computed_tokens)
+        self.starts.append(num_computed)
         self.num_new_tokens.append(num_new_tokens)
         self.samples.append(samples)
-        if seq.num_computed_tokens < seq.num_prompt_tokens:
+        if num_computed < seq.num_prompt_tokens:
             self.computing_prompt.add(seq.seq_id)
         request = seq.request
-        if seq is request.leader and request.needs_prompt_logprobs:
+        if request.prompt_logprobs is not None and seq is request.leader and request.needs_prompt_logprobs:
             first = max(seq.num_computed_tokens, request.prompt_logprob_positions)
             end = min(seq.num_computed_tokens + num_new_tokens, seq.num_prompt_tokens - 1)
             if end > first:
@@ -140,10 +141,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget:
             seq = self.running[i]
-            if seq.num_placeholders and reaches_length_limit(seq, seq.num_tokens, self.max_model_len):
+            num_tokens = len(seq.token_ids) + seq.num_placeholders
+            if seq.num_placeholders and reaches_length_limit(seq, num_tokens, self.max_model_len):
                 i += 1  # its token on the GPU is its last: nothing more to compute
                 continue
-            num_new = self._chunk(seq, seq.num_uncomputed_tokens, budget)
+            num_new = self._chunk(seq, num_tokens - seq.num_computed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -214,23 +216,23 @@ class Scheduler:
         """
         deltas = []
         token_ids = sampled.token_ids.tolist()
+        all_logprobs = sampled.logprobs
         row = 0
         for i, (seq, samples) in enumerate(zip(batch.seqs, batch.samples)):
-            prompt_logprobs = sampled.prompt_logprobs.get(i)
-            if prompt_logprobs is not None and not seq.is_finished:
-                seq.request.prompt_logprobs.extend(prompt_logprobs)
+            if sampled.prompt_logprobs and (prompt_logprobs := sampled.prompt_logprobs.get(i)) is not None:
+                if not seq.is_finished:
+                    seq.request.prompt_logprobs.extend(prompt_logprobs)
             if not samples:
                 if not seq.is_finished:
                     self._computed(seq)
                 continue
             token = token_ids[row]
-            logprobs = sampled.logprobs[row] if sampled.logprobs is not None else None
+            logprobs = all_logprobs[row] if all_logprobs is not None else None
             row += 1
             if seq.is_finished:
                 continue
             seq.num_placeholders -= 1
             seq.token_ids.append(token)
-            self.generation_tokens_total += 1
             self._computed(seq)
             if seq.grammar is not None:
                 seq.grammar.accept(token)
@@ -239,10 +241,12 @@ class Scheduler:
             delta = SequenceDelta(seq.request.request_id, seq.index, [token], None, seq.finish_reason, seq.stop_reason)
             if logprobs is not None:
                 delta.new_logprobs = [logprobs]
-            first_token = len(seq.token_ids) == seq.num_prompt_tokens + 1  # the known ones: a placeholder may follow
-            if seq is seq.request.leader and first_token and seq.request.prompt_logprobs is not None:
-                delta.prompt_logprobs = seq.request.prompt_logprobs
+            request = seq.request
+            if request.prompt_logprobs is not None and seq is request.leader:
+                if len(seq.token_ids) == seq.num_prompt_tokens + 1:  # its first token (a placeholder may follow)
+                    delta.prompt_logprobs = request.prompt_logprobs
             deltas.append(delta)
+        self.generation_tokens_total += len(deltas)
         return deltas
 
     def _computed(self, seq: Sequence) -> None:

@@ -46,7 +46,7 @@ def prepare(seqs: list[Sequence], newest: list[int] | None = None):
 def sample(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence], newest: list[int] | None = None) -> SampledTokens:
     state, batch = prepare(seqs, newest)
     output = sampler(logits, batch, state.penalties)
-    return InFlightStep(output, [seq.params.logprobs for seq in seqs], CPU).result()
+    return InFlightStep(output, batch.logprobs_wanted, CPU).result()
 
 
 def tokens(sampler: Sampler, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

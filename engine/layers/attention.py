@@ -123,14 +123,17 @@ def causal_attention_without_cache(
     for lo, hi in zip(starts[:-1], starts[1:]):
         if hi == lo:
             continue
-        qs, ks, vs = (t[lo:hi].transpose(0, 1) for t in (q, k, v))  # [heads, len, head_dim]
-        ks, vs = ks.repeat_interleave(group, dim=0), vs.repeat_interleave(group, dim=0)
+        # [1, heads, len, head_dim]: SDPA's fused (flash / memory-efficient) kernels take 4-d inputs only;
+        # 3-d ones run the math path, which materialises every head's score matrix and so inflates the
+        # profiled activation peak that sizes the KV cache.
+        qs, ks, vs = (t[lo:hi].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
         if sliding_window is None:
             attended = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale)
         else:
             mask = sliding_window_mask(hi - lo, hi - lo, sliding_window, q.device)
             attended = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
-        out[lo:hi] = attended.transpose(0, 1)
+        out[lo:hi] = attended[0].transpose(0, 1)
     return out
 
 

@@ -22,8 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-# Sampling parameters per row, in one float32 array so that a step copies them in one go.
-SAMPLING_COLUMNS = ("temperature", "top_p", "top_k", "min_p", "repetition", "frequency", "presence")
+# Sampling parameters per row, in one float32 array so that a step copies them in one go. "greedy" is
+# 1.0 for rows that take the argmax; "per_row" is 1.0 for rows that need more than these columns
+# (seeds, logprobs, min_tokens, logit_bias, ...), so a step looks at those rows' Sequences only.
+SAMPLING_COLUMNS = ("temperature", "top_p", "top_k", "min_p", "repetition", "frequency", "presence", "greedy", "per_row")
 _COLUMN = {name: i for i, name in enumerate(SAMPLING_COLUMNS)}
 
 
@@ -32,14 +34,14 @@ class SamplingBatch:
     """What the sampler needs about its rows; the flags are decided on the host, for free."""
 
     params: torch.Tensor  # [S, len(SAMPLING_COLUMNS)] float32, on the device
-    greedy: torch.Tensor | None  # [S] bool on the device; None when every row is greedy
+    all_greedy: bool  # every row takes the argmax: nothing is drawn
     any_top_k_top_p: bool
     any_min_p: bool
     penalty_rows: torch.Tensor | None  # [P] sample rows with penalties ...
     penalty_slots: torch.Tensor | None  # [P] ... and their rows in the PenaltyState
     seeded: list[tuple[int, torch.Generator]] = field(default_factory=list)  # (sample row, generator)
     banned: list[tuple[int, list[int]]] = field(default_factory=list)  # (sample row, stop ids) before min_tokens
-    num_logprobs: int | None = None  # the most top logprobs any row asked for; None: no row asked
+    logprobs_wanted: dict[int, int] = field(default_factory=dict)  # row -> top logprobs it asked for
     allowed: torch.Tensor | None = None  # [S, ceil(vocab / 32)] int32 token bitmask of structured outputs
     token_bias: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (row, ids, biases)
     only_tokens: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (row, the only ids it may sample)
@@ -47,6 +49,11 @@ class SamplingBatch:
 
     def column(self, name: str) -> torch.Tensor:
         return self.params[:, _COLUMN[name], None]
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """The most top logprobs any row asked for; None: no row asked."""
+        return max(self.logprobs_wanted.values()) if self.logprobs_wanted else None
 
 
 @dataclass
@@ -136,8 +143,8 @@ class Sampler:
 
             apply_bitmask(logits, batch.allowed)
         token_ids = logits.argmax(dim=-1)
-        if batch.greedy is not None:
-            token_ids = torch.where(batch.greedy, token_ids, self._sample(logits, batch))
+        if not batch.all_greedy:
+            token_ids = torch.where(batch.column("greedy")[:, 0] > 0, token_ids, self._sample(logits, batch))
         if batch.penalty_rows is not None and penalties is not None:
             penalties.count(batch.penalty_slots, token_ids[batch.penalty_rows])
         if raw_logprobs is None:
