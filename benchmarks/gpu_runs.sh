@@ -11,6 +11,8 @@
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh host-ab   # the host-bound 0.5B shape: base and this
+#       tree alternating twice (the first pass also fills Triton's cache), nothing else running
 #
 # Every step runs on its own with a time limit, so one failure leaves the others' results.
 set -u
@@ -91,6 +93,16 @@ for mode in "$@"; do
                      --model-root "$ROOT" --workload mixed --systems kubellm --max-cudagraph-capture-size 8192 \
                      --out "$OUT/throughput-$model-graphs-8192.json"
                  done ;;
+    host-ab) for pass in 1 2; do
+               for tree in base new; do
+                 step "latency-qwen2.5-0.5b-$tree-$pass" 60 env -C "$(tree_dir $tree)" $PY -m benchmarks.latency \
+                   --model qwen2.5-0.5b --model-root "$ROOT" --batches 32,128 --new-tokens 128 --ttft-lens 1024 \
+                   --out "$OUT/latency-qwen2.5-0.5b-$tree-$pass.json"
+                 step "throughput-qwen2.5-0.5b-$tree-$pass" 60 env -C "$(tree_dir $tree)" $PY -m benchmarks.throughput \
+                   --model qwen2.5-0.5b --model-root "$ROOT" --workload mixed --systems kubellm \
+                   --out "$OUT/throughput-qwen2.5-0.5b-$tree-$pass.json"
+               done
+             done ;;
     tp-throughput) for tp in 1 2; do
                      step "throughput-llama-3.1-8b-tp$tp" 150 $PY -m benchmarks.throughput --model llama-3.1-8b \
                        --model-root "$ROOT" --workload mixed --systems kubellm --tensor-parallel-size $tp \
