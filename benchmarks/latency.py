@@ -37,6 +37,7 @@ from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save
 from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
 from engine import SamplingParams
 from engine.config import EngineConfig
+from engine.distributed import small_all_reduce
 from engine.layers.moe import FusedExperts
 from engine.llm_engine import LLMEngine
 from engine.output_processor import OutputKind
@@ -208,6 +209,8 @@ def main() -> None:
 
     print(f"weights: {weights / 1e9:.2f} GB; copy bandwidth: {bandwidth or float('nan'):,.0f} GB/s; "
           f"roofline per batch-1 decode step: {roofline_ms or float('nan'):.3f} ms")
+    if args.small_all_reduce:  # rank 0 decides with the others: all use it, or all use NCCL
+        print(f"small all-reduce: {'on' if small_all_reduce.active() is not None else 'off (NCCL; see the warning)'}")
     engine.shutdown()
     print_table(decode_rows, f"decode latency, {args.model}, {args.dtype}, tp={args.tensor_parallel_size}, "
                              f"prompt {args.prompt_len}, "
