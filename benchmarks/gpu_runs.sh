@@ -3,7 +3,7 @@
 # "latency" and "throughput" run this tree and a baseline tree (an earlier commit, extracted into
 # $BASE) side by side on the same random-weight folders.
 #
-#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh tests latency   # GPU tests, decode latency
+#   OUT=out BASE=.baseline BUDGET=540 bash benchmarks/gpu_runs.sh tests latency   # GPU tests, decode latency
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh throughput      # offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
 #   OUT=out bash benchmarks/gpu_runs.sh graph-bound                    # "mixed" with every step in a graph
@@ -24,10 +24,17 @@ mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 BASE=$(realpath "${BASE:-.baseline}")
 
+# BUDGET (seconds) caps the whole command: a step gets at most what is left of it. Use it instead of
+# an outer `timeout`, whose signal does not reach a step's own `timeout` (a process group of its own),
+# so a step cut that way keeps running on the GPU behind the next one.
+BUDGET=${BUDGET:-86400}
+START=$SECONDS
 step() {  # step NAME SECONDS COMMAND...
-  local name=$1 limit=$2
+  local name=$1 limit=$2 left=$((BUDGET - (SECONDS - START) - 5))
   shift 2
-  echo "=== $name ($(date +%T)): $*"
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 15 ]; then echo "=== $name SKIPPED (budget spent)"; return 1; fi
+  echo "=== $name ($(date +%T), limit $limit s): $*"
   local status=0
   timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1 || status=$?
   [ $status = 0 ] || echo "=== $name FAILED (exit $status)"
