@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["linear", "native_half_gemm"]
+__all__ = ["fast_cpu_bfloat16", "linear", "native_half_gemm"]
 
 WIDENED_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 weight per block: within a core's share of L2/L3
 
@@ -27,6 +27,21 @@ def native_half_gemm(dtype: torch.dtype) -> bool:
     if dtype == torch.float16:
         return torch.cpu._is_amx_fp16_supported()
     return True
+
+
+def fast_cpu_bfloat16() -> str | None:
+    """Why bfloat16 is fast on this CPU (torch's vectorised kernels, or a native GEMM), or None where it runs scalar.
+
+    torch.backends.cpu reports which of torch's vectorised kernel builds this CPU
+    dispatches to; the bfloat16 GEMV and the float32 widening above use them. Only
+    x86 is claimed: other vector builds (ARM SVE/NEON) were not measured.
+    """
+    if native_half_gemm(torch.bfloat16):
+        return "the CPU computes bfloat16 GEMMs natively (AVX512-BF16 or AMX)"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX2", "AVX512"):
+        return f"torch's {capability} kernels vectorise the bfloat16 GEMV"
+    return None
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
