@@ -55,8 +55,8 @@ def auto_dtype_choice(checkpoint_dtype: torch.dtype | None, device: str | torch.
 
     On CPU a half-precision checkpoint (or quantized GGUF) serves in bfloat16 where torch
     vectorises bfloat16 (kernels.cpu_linear.fast_cpu_bfloat16): a decode step reads every
-    weight once, and bfloat16 halves the bytes (float16 is slow there and overflows where
-    bfloat16 does not, so it becomes bfloat16, as in vLLM's CPU backend). A float32
+    weight once, and bfloat16 halves the bytes (a float16 checkpoint becomes bfloat16: its
+    range is float32's, where float16 activations can overflow). A float32
     checkpoint keeps float32; elsewhere half precision runs scalar and float32 is chosen.
     """
     if checkpoint_dtype not in DTYPES.values():
@@ -68,10 +68,10 @@ def auto_dtype_choice(checkpoint_dtype: torch.dtype | None, device: str | torch.
         return DtypeChoice(torch.float32, "the checkpoint's float32 on CPU")
     vectorised = fast_cpu_bfloat16()
     if vectorised is None:
-        return DtypeChoice(torch.float32, f"float32 on CPU (checkpoint {name}): torch has no vectorised "
-                                          "bfloat16 kernels for this CPU")
-    return DtypeChoice(torch.bfloat16, f"bfloat16 on CPU (checkpoint {name}): {vectorised}, and a decode "
-                                       "step reads half the weight bytes of float32")
+        return DtypeChoice(torch.float32, "float32 on CPU: torch has no vectorised bfloat16 kernels for "
+                                          "this CPU")
+    return DtypeChoice(torch.bfloat16, f"bfloat16 on CPU for a 16-bit or quantized checkpoint: {vectorised}, "
+                                       "and a decode step reads half the weight bytes of float32")
 
 
 def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str | torch.device) -> torch.dtype:
