@@ -56,14 +56,15 @@ def auto_dtype_choice(checkpoint_dtype: torch.dtype | None, device: str | torch.
     On CPU a half-precision checkpoint (or quantized GGUF) serves in bfloat16 where torch
     vectorises bfloat16 (kernels.cpu_linear.fast_cpu_bfloat16): a decode step reads every
     weight once, and bfloat16 halves the bytes (a float16 checkpoint becomes bfloat16: its
-    range is float32's, where float16 activations can overflow). A float32
-    checkpoint keeps float32; elsewhere half precision runs scalar and float32 is chosen.
+    range is float32's, where float16 activations can overflow). A float32 checkpoint, or
+    one of unknown dtype, keeps float32; elsewhere half precision runs scalar and float32 is chosen.
     """
-    if checkpoint_dtype not in DTYPES.values():
-        checkpoint_dtype = torch.bfloat16
-    name = str(checkpoint_dtype).removeprefix("torch.")
     if torch.device(device).type != "cpu":
-        return DtypeChoice(checkpoint_dtype, f"the checkpoint's dtype on a GPU ({name}; bfloat16 for quantized GGUF weights)")
+        chosen = checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+        name = str(chosen).removeprefix("torch.")
+        return DtypeChoice(chosen, f"the checkpoint's dtype on a GPU ({name}; bfloat16 for quantized GGUF weights)")
+    if checkpoint_dtype is None:
+        return DtypeChoice(torch.float32, "float32 on CPU: the checkpoint's dtype is not known")
     if checkpoint_dtype == torch.float32:
         return DtypeChoice(torch.float32, "the checkpoint's float32 on CPU")
     vectorised = fast_cpu_bfloat16()
