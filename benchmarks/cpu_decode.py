@@ -1,14 +1,16 @@
 """CPU decode speed on the built-in model: kubellm against transformers, same file, same machine.
 
 Both load the same GGUF file (SmolLM2-135M-Instruct Q4_1 by default), dequantized
-to float32, and decode greedily with EOS ignored, so both produce exactly
-`--new-tokens` tokens. Decode rate excludes the prefill: each run is timed once
+to each of `--dtypes` (float32 and bfloat16 by default), and decode greedily with
+EOS ignored, so both produce exactly `--new-tokens` tokens. Decode rate excludes the prefill: each run is timed once
 with 1 new token and once with N, and the rate is (N - 1) / (t_N - t_1).
 
 - kubellm, 1 stream and `--streams` concurrent streams (aggregate tokens/s);
 - transformers `generate`, 1 stream (its eager loop, the usual CPU baseline).
 
-The three take turns (see decode_rates), and the machine's load average is recorded.
+Each speed-up is given against transformers in the first dtype and in the same
+dtype, so like is compared with like. All runs take turns (see decode_rates),
+and the machine's load average is recorded.
 Prefill is timed apart, on one `--prefill-len`-token prompt (time to the first token).
 
 On a machine of many cores, pin it to the cores to compare on (torch sizes its
@@ -90,6 +92,31 @@ def transformers_runner(model, prompt: list[int]) -> Callable[[int], None]:
     return run
 
 
+def decode_rows(rates: dict[str, tuple[float, float]], dtypes: list[str], streams: int) -> list[dict[str, object]]:
+    """One row per system, dtype and stream count; speed-ups against transformers in float32 and in the same dtype."""
+    rows = []
+    for dtype in dtypes:
+        same = rates[f"hf {dtype}"][0]
+        for system, key, n in (("transformers generate", f"hf {dtype}", 1), ("kubellm", f"single {dtype}", 1),
+                               ("kubellm", f"batched {dtype}", streams)):
+            rate, first = rates[key]
+            rows.append({"system": system, "dtype": dtype, "streams": n, "decode_tok_s": rate * n,
+                         "vs_hf_fp32": rate * n / rates[f"hf {dtypes[0]}"][0], "vs_hf_same_dtype": rate * n / same,
+                         "prefill_s": first if n == 1 else float("nan")})
+    return rows
+
+
+def prefill_rows(seconds: dict[str, float], dtypes: list[str], prompt_tokens: int) -> list[dict[str, object]]:
+    """Time to the first token per system and dtype; speed-ups against transformers in float32 and in the same dtype."""
+    return [
+        {"system": system, "dtype": dtype, "prompt_tokens": prompt_tokens, "first_token_s": seconds[f"{key} {dtype}"],
+         "vs_hf_fp32": seconds[f"hf {dtypes[0]}"] / seconds[f"{key} {dtype}"],
+         "vs_hf_same_dtype": seconds[f"hf {dtype}"] / seconds[f"{key} {dtype}"]}
+        for dtype in dtypes
+        for system, key in (("transformers generate", "hf"), ("kubellm", "kubellm"))
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="GGUF file (default: the built-in model)")
@@ -97,53 +124,43 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--prefill-len", type=int, default=1024, help="prompt length of the prefill comparison")
+    parser.add_argument("--dtypes", default="float32,bfloat16",
+                        help="comma-separated dtypes both systems run in; speed-ups are against the first")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args()
     file = Path(args.model) if args.model else builtin_model_path()
-
-    max_model_len = max(args.prompt_len + args.new_tokens, args.prefill_len + 1) + 16
-    llm = LLM(model=str(file), dtype="float32", device="cpu", max_model_len=max_model_len,
-              max_num_seqs=args.streams, enable_prefix_caching=False)
-    tokenizer = llm.get_tokenizer()
-    prompts = [prompt_ids(tokenizer, args.prompt_len, 7 * i) for i in range(args.streams)]
-    long_prompt = prompt_ids(tokenizer, args.prefill_len, 3)
+    dtypes = args.dtypes.split(",")
 
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name, dtype=torch.float32).eval()
-    runs = {
-        "hf": transformers_runner(model, prompts[0]),
-        "single": kubellm_runner(llm, prompts[:1]),
-        "batched": kubellm_runner(llm, prompts),
-    }
+    max_model_len = max(args.prompt_len + args.new_tokens, args.prefill_len + 1) + 16
+    runs, prefill_runs = {}, {}
+    for dtype in dtypes:
+        llm = LLM(model=str(file), dtype=dtype, device="cpu", max_model_len=max_model_len,
+                  max_num_seqs=args.streams, enable_prefix_caching=False)
+        tokenizer = llm.get_tokenizer()
+        prompts = [prompt_ids(tokenizer, args.prompt_len, 7 * i) for i in range(args.streams)]
+        long_prompt = prompt_ids(tokenizer, args.prefill_len, 3)
+        model = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
+                                                     dtype=getattr(torch, dtype)).eval()
+        runs |= {f"hf {dtype}": transformers_runner(model, prompts[0]),
+                 f"single {dtype}": kubellm_runner(llm, prompts[:1]),
+                 f"batched {dtype}": kubellm_runner(llm, prompts)}
+        prefill_runs |= {f"hf {dtype}": transformers_runner(model, long_prompt),
+                         f"kubellm {dtype}": kubellm_runner(llm, [long_prompt])}
     for run in runs.values():  # warm-up
         run(4)
     rates = decode_rates(runs, args.new_tokens, args.repeats)
-    prefill = prefill_seconds(
-        {"hf": transformers_runner(model, long_prompt), "kubellm": kubellm_runner(llm, [long_prompt])}, args.repeats
-    )
-    (reference, reference_prefill), (single, single_prefill), (batched, _) = rates["hf"], rates["single"], rates["batched"]
-    rows = [
-        {"system": "transformers generate", "streams": 1, "decode_tok_s": reference, "vs_hf_single": 1.0,
-         "prefill_s": reference_prefill},
-        {"system": "kubellm", "streams": 1, "decode_tok_s": single, "vs_hf_single": single / reference,
-         "prefill_s": single_prefill},
-        {"system": "kubellm", "streams": args.streams, "decode_tok_s": batched * args.streams,
-         "vs_hf_single": batched * args.streams / reference, "prefill_s": float("nan")},
-    ]
-    prefill_rows = [
-        {"system": "transformers generate", "prompt_tokens": args.prefill_len, "first_token_s": prefill["hf"],
-         "vs_hf": 1.0},
-        {"system": "kubellm", "prompt_tokens": args.prefill_len, "first_token_s": prefill["kubellm"],
-         "vs_hf": prefill["hf"] / prefill["kubellm"]},
-    ]
+    prefill = prefill_seconds(prefill_runs, args.repeats)
+    rows = decode_rows(rates, dtypes, args.streams)
+    prefills = prefill_rows(prefill, dtypes, args.prefill_len)
     env = environment() | {"threads": torch.get_num_threads(), "model": file.name, "load_average": os.getloadavg()}
     print(env)
     print_table(rows, f"CPU decode, {args.prompt_len}-token prompts, {args.new_tokens} new tokens (aggregate tok/s)")
-    print_table(prefill_rows,
+    print_table(prefills,
                 f"CPU prefill, one {args.prefill_len}-token prompt (time to the first token; vs_hf: speed-up)")
-    save_json(args.out, {"environment": env, "args": vars(args), "rows": rows, "prefill_rows": prefill_rows})
+    save_json(args.out, {"environment": env, "args": vars(args), "rows": rows, "prefill_rows": prefills})
 
 
 if __name__ == "__main__":

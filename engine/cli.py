@@ -107,7 +107,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Tokenizer folder to use instead of the model's own (default: the model folder's "
                              "tokenizer files, or the tokenizer in a GGUF file's metadata).")
     engine.add_argument("--dtype", choices=["auto", *DTYPES, *DTYPE_ALIASES], default=ENGINE_DEFAULTS["dtype"],
-                        help="Weight and activation dtype; auto: the checkpoint's on GPU, float32 on CPU.")
+                        help="Weight and activation dtype; auto: the checkpoint's (bfloat16 for quantized GGUF), "
+                             "on CPU bfloat16 for half-precision checkpoints where the CPU has AVX2/AVX512.")
     engine.add_argument("--device", default=ENGINE_DEFAULTS["device"],
                         help="auto, cpu, cuda or cuda:N (default: %(default)s).")
     engine.add_argument("--max-model-len", type=int, default=ENGINE_DEFAULTS["max_model_len"],

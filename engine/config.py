@@ -37,7 +37,7 @@ DEFAULT_MAX_CUDAGRAPH_CAPTURE_SIZE = 2048
 @dataclass
 class EngineConfig:
     model: str
-    dtype: str = "auto"  # "auto": the checkpoint's dtype on GPU, float32 on CPU
+    dtype: str = "auto"  # "auto": see engine.model_config.auto_dtype_choice
     device: str = "auto"  # "auto": cuda when available, else cpu
     block_size: int = 16  # tokens per KV-cache block
     num_kv_blocks: int | None = None  # None: sized from memory (see ModelRunner)

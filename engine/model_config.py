@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from engine.errors import ModelLoadError, UnsupportedModelError
+from kernels.cpu_linear import fast_cpu_bfloat16
 
 # How the supported families differ where it matters here.
 # qkv_bias: Qwen2 always has q/k/v biases; None: only when `attention_bias` is set (which then covers o_proj too).
@@ -41,11 +42,42 @@ SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+@dataclass(frozen=True)
+class DtypeChoice:
+    """What "auto" serves in, and why (the start-up report prints the reason)."""
+
+    dtype: torch.dtype
+    reason: str
+
+
+def auto_dtype_choice(checkpoint_dtype: torch.dtype | None, device: str | torch.device) -> DtypeChoice:
+    """What dtype "auto" means: the checkpoint's, bfloat16 for quantized GGUF weights, with CPU exceptions.
+
+    On CPU a half-precision checkpoint (or quantized GGUF) serves in bfloat16 where torch
+    vectorises bfloat16 (kernels.cpu_linear.fast_cpu_bfloat16): a decode step reads every
+    weight once, and bfloat16 halves the bytes (a float16 checkpoint becomes bfloat16: its
+    range is float32's, where float16 activations can overflow). A float32 checkpoint, or
+    one of unknown dtype, keeps float32; elsewhere half precision runs scalar and float32 is chosen.
+    """
+    if torch.device(device).type != "cpu":
+        chosen = checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+        name = str(chosen).removeprefix("torch.")
+        return DtypeChoice(chosen, f"the checkpoint's dtype on a GPU ({name}; bfloat16 for quantized GGUF weights)")
+    if checkpoint_dtype is None:
+        return DtypeChoice(torch.float32, "float32 on CPU: the checkpoint's dtype is not known")
+    if checkpoint_dtype == torch.float32:
+        return DtypeChoice(torch.float32, "the checkpoint's float32 on CPU")
+    vectorised = fast_cpu_bfloat16()
+    if vectorised is None:
+        return DtypeChoice(torch.float32, "float32 on CPU: torch has no vectorised bfloat16 kernels for "
+                                          "this CPU")
+    return DtypeChoice(torch.bfloat16, f"bfloat16 on CPU for a 16-bit or quantized checkpoint: {vectorised}, "
+                                       "and a decode step reads half the weight bytes of float32")
+
+
 def auto_dtype(checkpoint_dtype: torch.dtype | None, device: str | torch.device) -> torch.dtype:
-    """What dtype "auto" means: the checkpoint's on a GPU, float32 on CPU (half precision there is slow and inexact)."""
-    if torch.device(device).type == "cpu":
-        return torch.float32
-    return checkpoint_dtype if checkpoint_dtype in DTYPES.values() else torch.bfloat16
+    """The dtype of auto_dtype_choice."""
+    return auto_dtype_choice(checkpoint_dtype, device).dtype
 
 
 @dataclass(frozen=True)

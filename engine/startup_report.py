@@ -14,7 +14,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
-from engine.model_config import auto_dtype
+from engine.model_config import auto_dtype_choice
 
 logger = logging.getLogger("kubellm.startup")
 
@@ -70,10 +70,7 @@ def dtype_reason(requested: str, checkpoint_dtype: torch.dtype, device: str) -> 
     """Why the serving dtype is what it is."""
     if requested != "auto":
         return "set by --dtype"
-    if torch.device(device).type == "cpu":
-        return "auto: float32 on CPU, where half precision is slow and inexact"
-    chosen = str(auto_dtype(checkpoint_dtype, device)).removeprefix("torch.")
-    return f"auto: the checkpoint's dtype on a GPU ({chosen}; bfloat16 for quantized GGUF weights)"
+    return f"auto: {auto_dtype_choice(checkpoint_dtype, device).reason}"
 
 
 def log_startup_report(engine: EngineCore, requested: EngineConfig, address: str | None) -> None:

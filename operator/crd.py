@@ -171,7 +171,8 @@ def engine_schema() -> dict:
                         minLength=1, maxLength=512),
         "imagePullPolicy": string("Image pull policy of the engine and download containers.",
                                   enum=["Always", "IfNotPresent", "Never"], default="IfNotPresent"),
-        "dtype": string("Weight and activation dtype; auto takes the checkpoint's.",
+        "dtype": string("Weight and activation dtype; auto takes the checkpoint's (bfloat16 for quantized GGUF "
+                        "files, and on CPU for float16 ones).",
                         enum=["auto", "float16", "bfloat16", "float32"], default="auto"),
         "quantization": string("Weight quantization (`--quantization`); unset means what the checkpoint's "
                                "config.json says. fp8 on a 16-bit checkpoint quantizes it to FP8 while loading; "

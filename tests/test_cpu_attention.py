@@ -28,6 +28,16 @@ def test_mixed_step_matches_reference(num_heads, num_kv_heads):
     torch.testing.assert_close(cpu_attention.paged_prefill_attention(*args), reference.paged_prefill_attention(*args))
 
 
+@pytest.mark.parametrize("window", [None, 6, 20, 64])
+def test_mixed_step_with_a_sliding_window_matches_reference(window):
+    """Whole prompts shorter and longer than the window (SDPA's own causal mask only where the window covers all)."""
+    seq_lens = [20, 9, 40, 6, 1]
+    query_lens = [20, 1, 12, 6, 1]
+    p = make_paged_problem(seq_lens, query_lens, 6, 2, 16, 8, seed=11)
+    args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens, p.scale, window)
+    torch.testing.assert_close(cpu_attention.paged_prefill_attention(*args), reference.paged_prefill_attention(*args))
+
+
 def test_half_precision_matches_reference_within_rounding():
     p = make_paged_problem([30, 5], [30, 1], 4, 2, 16, 8, dtype=torch.bfloat16, seed=7)
     args = (p.q, p.k_cache, p.v_cache, p.block_tables, p.query_start_loc, p.seq_lens, p.scale)

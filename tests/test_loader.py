@@ -136,7 +136,7 @@ def test_tied_embeddings_share_the_embedding(pristine):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
-def test_dtype_auto_is_float32_on_cpu_and_explicit_dtypes_are_honoured(pristine):
+def test_dtype_auto_keeps_a_float32_checkpoint_on_cpu_and_explicit_dtypes_are_honoured(pristine):
     config = load_model_config(pristine)
     assert load_model(pristine, config, dtype="auto").lm_head.weight.dtype == torch.float32
     bf16 = load_model(pristine, config, dtype="bfloat16")

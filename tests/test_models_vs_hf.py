@@ -23,6 +23,7 @@ from engine.testing import make_model_folder
 BLOCK_SIZE = 16
 NUM_BLOCKS = 8
 TOLERANCE = 1e-4
+BFLOAT16_TOLERANCE = 2**-4  # one bfloat16 step of the largest logits (8 to 16): summation orders differ
 FAMILIES = ["llama", "qwen2", "mistral", "qwen3", "qwen3_moe", "mixtral", "gemma3"]
 
 
@@ -179,3 +180,12 @@ def test_rope_inverse_frequencies_equal_transformers(params):
                                         "num_attention_heads": 32, "num_hidden_layers": 1, "intermediate_size": 8,
                                         "vocab_size": 8, "rope_parameters": params}, {}, Path("."))
     assert torch.equal(rope_inv_freq(128, folder_config.rope), expected)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_bfloat16_on_cpu_matches_transformers_bfloat16(tiny_model_folder, family):
+    """CPU bf16 (widened GEMMs for prefill, bf16 GEMVs for decode) within bf16 rounding of transformers in bf16."""
+    folder = tiny_model_folder(family)
+    ours = load_model(folder, load_model_config(folder), dtype="bfloat16", device="cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    check_prefill_then_decode(ours, theirs, 40, BFLOAT16_TOLERANCE)

@@ -6,11 +6,14 @@ import json
 import logging
 
 import pytest
+import torch
 
+from engine import model_config
 from engine.config import EngineConfig
 from engine.engine_core import EngineCore
 from engine.server.logs import JsonFormatter
 from engine.startup_report import dtype_reason, log_startup_report, startup_report
+from kernels import cpu_linear
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,7 @@ def test_report_reads_what_the_engine_chose(engine, tiny_model_folder):
     report = startup_report(engine, requested, "http://127.0.0.1:8000")
     assert report.served_model_name == "tiny" and report.architecture == "LlamaForCausalLM"
     assert (report.dtype, report.device) == ("float32", "cpu")
-    assert report.dtype_reason.startswith("auto: float32 on CPU")
+    assert report.dtype_reason == "auto: the checkpoint's float32 on CPU"
     assert (report.max_model_len, report.kv_blocks, report.kv_block_tokens) == (512, 40, 16)
     assert report.kv_cache_gib == pytest.approx(40 * engine.model_runner.bytes_per_block / 2**30)
     assert report.cuda_graph_batch_sizes == () and report.cuda_graph_token_sizes == ()
@@ -44,9 +47,27 @@ def test_one_json_log_record_carries_every_field(engine, tiny_model_folder, capl
 
 
 def test_dtype_reason_on_a_gpu_names_the_checkpoint_dtype():
-    import torch
-
     assert dtype_reason("auto", torch.float16, "cuda:0").startswith("auto: the checkpoint's dtype on a GPU (float16")
+
+
+@pytest.mark.parametrize("checkpoint", [torch.bfloat16, torch.float16])
+def test_auto_on_cpu_serves_half_checkpoints_in_bfloat16_only_where_torch_vectorises_it(monkeypatch, checkpoint):
+    monkeypatch.setattr(model_config, "fast_cpu_bfloat16", lambda: "torch's AVX2 kernels vectorise the bfloat16 GEMV")
+    choice = model_config.auto_dtype_choice(checkpoint, "cpu")
+    assert choice.dtype == torch.bfloat16 and "AVX2" in choice.reason
+    monkeypatch.setattr(model_config, "fast_cpu_bfloat16", lambda: None)
+    choice = model_config.auto_dtype_choice(checkpoint, "cpu")
+    assert choice.dtype == torch.float32 and "no vectorised bfloat16" in choice.reason
+    assert model_config.auto_dtype_choice(checkpoint, "cuda:0").dtype == checkpoint
+
+
+def test_fast_cpu_bfloat16_follows_torchs_kernel_build(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "native_half_gemm", lambda _: False)
+    for capability, fast in (("AVX2", True), ("AVX512", True), ("DEFAULT", False), ("SVE256", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert (cpu_linear.fast_cpu_bfloat16() is not None) == fast, capability
+    monkeypatch.setattr(cpu_linear, "native_half_gemm", lambda dtype: dtype == torch.bfloat16)
+    assert "natively" in cpu_linear.fast_cpu_bfloat16()
 
 
 def test_graphs_line_names_both_kinds_and_their_memory(engine, tiny_model_folder):

@@ -12,6 +12,7 @@ from torch import nn
 
 from engine.layers.tensor_parallel import all_gather_last_dim, all_reduce, tp_rank_and_size
 from engine.layers.weights import check_shape
+from kernels import cpu_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -50,7 +51,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """hidden -> logits over the whole vocabulary (gathered from all ranks)."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = cpu_linear.linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         return all_gather_last_dim(logits, self.tp_size)[..., : self.num_embeddings]
