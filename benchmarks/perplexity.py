@@ -9,12 +9,13 @@ prefill of --chunk tokens, so every chunk after the first attends to K/V read ba
 from the cache, which is where an FP8 cache loses precision. Perplexity is
 exp(mean negative log-likelihood) of every token after the first of each window.
 
-    python -m benchmarks.perplexity --w4a16 /tmp/smollm2-w4a16 --out results/perplexity.json
+    python -m benchmarks.perplexity --w4a16 /tmp/smollm2-w4a16 /tmp/smollm2-gptq-w4a16 --out results/perplexity.json
 
 MODEL defaults to the built-in SmolLM2-135M-Instruct GGUF file, which transformers
-dequantizes into a float32 safetensors folder first (--work-dir keeps it). A W4A16
-checkpoint is made from that folder by llm-compressor (tools/llmcompressor_checkpoints.py,
-in a tool venv); without --w4a16 that row is left out.
+dequantizes into a float32 safetensors folder first (--work-dir keeps it). W4A16
+checkpoints are made from that folder by llm-compressor (tools/llmcompressor_checkpoints.py,
+in a tool venv); without --w4a16 those rows are left out. benchmarks/perplexity_reference.py
+computes the same perplexities with transformers, the independent reference.
 """
 
 from __future__ import annotations
@@ -119,7 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=builtin_model_path(),
                         help="Model folder or GGUF file (default: the built-in SmolLM2-135M-Instruct).")
-    parser.add_argument("--w4a16", type=Path, help="A W4A16 checkpoint of the same model (llm-compressor).")
+    parser.add_argument("--w4a16", type=Path, nargs="+", default=[],
+                        help="W4A16 checkpoints of the same model (llm-compressor), one row each.")
     parser.add_argument("--work-dir", type=Path, default=Path("results/perplexity-models"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="Dense dtype (default: bfloat16 on a GPU, float32 on CPU).")
@@ -135,18 +137,18 @@ def main() -> None:
     folder = dense_folder(args.model, args.work_dir)
     tokens = load_tokenizer(str(folder)).encode(TEXT.read_text(encoding="utf-8"))[: args.max_tokens]
     variants = {
-        "dense": Variant(dtype, folder),
-        "fp8": Variant("FP8 (online, per-channel weights, per-token activations)", folder, quantization="fp8"),
-        "w4a16": Variant("W4A16 (llm-compressor checkpoint)", args.w4a16) if args.w4a16 else None,
-        "fp8-kv": Variant(f"{dtype} + FP8 KV cache", folder, kv_cache_dtype="fp8"),
-        "fp8+fp8-kv": Variant("FP8 weights + FP8 KV cache", folder, quantization="fp8", kv_cache_dtype="fp8"),
+        "dense": [Variant(dtype, folder)],
+        "fp8": [Variant("FP8 (online, per-channel weights, per-token activations)", folder, quantization="fp8")],
+        "w4a16": [Variant(f"W4A16 ({checkpoint.name})", checkpoint) for checkpoint in args.w4a16],
+        "fp8-kv": [Variant(f"{dtype} + FP8 KV cache", folder, kv_cache_dtype="fp8")],
+        "fp8+fp8-kv": [Variant("FP8 weights + FP8 KV cache", folder, quantization="fp8", kv_cache_dtype="fp8")],
     }
-    chosen = [variants[key] for key in args.variants.split(",") if variants[key] is not None]
+    chosen = [variant for key in args.variants.split(",") for variant in variants[key]]
     rows = []
     for variant in chosen:
         rows.append(perplexity(variant, tokens, args.window, args.chunk, args.device, dtype))
         print(f"{variant.name}: perplexity {rows[-1]['perplexity']:.4f}", flush=True)
-    if chosen[0] is variants["dense"]:
+    if chosen[0] is variants["dense"][0]:
         for row in rows:
             row["vs_dense_%"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
     print_table(rows, f"Perplexity on {TEXT.name} ({len(tokens)} tokens, windows of {args.window}, "

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from engine.errors import UnsupportedModelError
+from engine.layers.quantization.config import linear_method_for
 from engine.model_config import load_model_config
 from engine.models.loader import load_model
 from engine.testing import make_model_folder
@@ -181,11 +182,25 @@ def test_online_fp8_quantizes_a_dense_checkpoint_while_loading(source, tmp_path)
 LLMCOMPRESSOR = Path(__file__).parent / "fixtures" / "llmcompressor"
 
 
-@pytest.mark.parametrize("name", ["fp8-dynamic", "w4a16"])
+# gptq-w4a16-static: GPTQModifier's defaults (symmetric, actorder "static", compressed-tensors' alias of
+# "weight"), group 32, calibrated on benchmarks/data/calibration_gettysburg_and_novels.txt.
+@pytest.mark.parametrize("name", ["fp8-dynamic", "w4a16", "gptq-w4a16-static"])
 def test_llmcompressor_checkpoint_matches_transformers_loading_it(name):
     # transformers decompresses these through compressed-tensors (and rounds FP8 activations itself).
     folder = LLMCOMPRESSOR / name
     assert relative_error(engine_logits(folder), transformers_logits(folder)) < TOLERANCE["w4"]
+
+
+@pytest.mark.parametrize(("actorder", "g_idx"), [
+    (None, False), ("weight", False), ("static", False), ("group", True), ("dynamic", True), (True, True),
+])
+def test_compressed_tensors_actorder_aliases(actorder, g_idx):
+    # compressed-tensors names "static" an alias of "weight" and "dynamic" one of "group" (True: older form).
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32,
+               "actorder": actorder}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}}
+    assert linear_method_for(None, config, "config.json").scheme.act_order is g_idx
 
 
 def test_llmcompressor_gptq_with_zero_points_matches_its_own_decompression(tmp_path):

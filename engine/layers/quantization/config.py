@@ -129,6 +129,11 @@ def _gptq(config: dict[str, Any], source: str) -> LinearMethod:
     ))
 
 
+# compressed-tensors' aliases (ActivationOrdering.get_aliases): llm-compressor's GPTQModifier writes "static"
+# by default; True is the older boolean form of "group".
+_ACTORDER_NAMES = {True: "group", "dynamic": "group", "static": "weight"}
+
+
 def _compressed_tensors(config: dict[str, Any], source: str) -> LinearMethod:
     for extra in ("sparsity_config", "transform_config"):
         if config.get(extra):
@@ -159,9 +164,10 @@ def _compressed_tensors(config: dict[str, Any], source: str) -> LinearMethod:
         if strategy not in ("group", "channel"):
             raise UnsupportedModelError(f"{source}: 4-bit weight strategy {strategy!r} is not supported "
                                         "(group or channel)")
-        actorder = "group" if weights.get("actorder") is True else weights.get("actorder")
+        actorder = _ACTORDER_NAMES.get(weights.get("actorder"), weights.get("actorder"))
         if actorder not in (None, False, "group", "weight"):
-            raise UnsupportedModelError(f"{source}: actorder {actorder!r} is not supported (group or weight)")
+            raise UnsupportedModelError(f"{source}: actorder {actorder!r} is not supported "
+                                        "(group, weight or their aliases dynamic, static)")
         return W4A16LinearMethod(W4A16Scheme(
             checkpoint_format="compressed-tensors",
             group_size=_group_size(source, weights.get("group_size") if strategy == "group" else -1),

@@ -1,0 +1,168 @@
+"""Perplexity of the same text and tokens as benchmarks/perplexity.py, computed by transformers: the reference.
+
+It tells whether the engine's quantized paths lose more than the formats themselves:
+
+  - dense:      transformers on the dense folder (float32);
+  - fp8:        the dense model with FP8 rounding simulated in torch exactly as the format defines it
+                (vLLM's online fp8 with per-channel weight scales): every decoder linear layer's weight
+                rounded to e4m3 per output channel (scale = row amax / 448) and its input rounded to
+                e4m3 per token (scale = token amax / 448) before the float32 matmul; lm_head and the
+                embedding stay dense;
+  - w4a16-rtn:  the dense model with every decoder linear weight rounded to 4-bit, symmetric, in groups
+                of --group-size input features (scale = group amax / 7.5, q in -8..7, as compressed-tensors'
+                symmetric int4 observer does);
+  - checkpoint: transformers loading a compressed-tensors checkpoint itself (--checkpoint DIR), decompressed
+                by compressed-tensors.
+
+Windows and tokens are those of benchmarks/perplexity.py (the engine's tokenizer, --window tokens per
+window, every token after a window's first predicted); transformers runs each window in one forward pass.
+
+A quantized model's perplexity is one draw: rounding is discontinuous, so a change in the last float32 bits
+of an activation (another summation order, as in a fused kernel) flips some roundings, and on a small deep
+model those flips grow through the layers. --realizations N measures that spread: realization r > 0 scales
+the embedding output by (1 + 1e-6 * noise of seed r), far below anything a format changes, and the rows
+give each draw; an engine figure inside the spread is the format, not the engine.
+
+    python -m benchmarks.perplexity_reference --variants dense,fp8,w4a16-rtn --checkpoint DIR --max-tokens 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.common import print_table, save_json
+from benchmarks.perplexity import TEXT, dense_folder
+from engine.builtin_model import builtin_model_path
+from engine.tokenizer_loader import load_tokenizer
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+
+
+def fake_fp8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to e4m3 along its last axis (one scale per row: row amax / 448), back in float32."""
+    scale = (x.abs().amax(-1, keepdim=True).float() / E4M3_MAX).clamp(min=1e-12)
+    return (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).float() * scale
+
+
+def fake_int4_symmetric(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """An [N, K] weight rounded to symmetric 4-bit in groups of group_size input features (-1: all K), in float32."""
+    n, k = weight.shape
+    group_size = k if group_size == -1 else group_size
+    grouped = weight.float().reshape(n, k // group_size, group_size)
+    scale = (grouped.abs().amax(-1, keepdim=True) / 7.5).clamp(min=1e-12)
+    return ((grouped / scale).round().clamp(-8, 7) * scale).reshape(n, k)
+
+
+def decoder_linears(model: nn.Module) -> list[nn.Linear]:
+    return [module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}"]
+
+
+def simulate_fp8(model: nn.Module, weights: str | None = "channel", activations: bool = True) -> nn.Module:
+    """FP8 weights ("channel": a scale per output row, "tensor": one scale, None: dense) and/or FP8 inputs
+    per token on every decoder linear layer."""
+    model = copy.deepcopy(model)
+    for linear in decoder_linears(model):
+        if weights == "channel":
+            linear.weight.data = fake_fp8(linear.weight.data)
+        elif weights == "tensor":
+            linear.weight.data = fake_fp8(linear.weight.data.reshape(1, -1)).reshape(linear.weight.shape)
+        if activations:
+            linear.register_forward_pre_hook(lambda _module, args: (fake_fp8(args[0]).to(args[0].dtype),))
+    return model
+
+
+def simulate_w4a16(model: nn.Module, group_size: int) -> nn.Module:
+    model = copy.deepcopy(model)
+    for linear in decoder_linears(model):
+        linear.weight.data = fake_int4_symmetric(linear.weight.data, group_size).to(linear.weight.dtype)
+    return model
+
+
+def perturb_embeddings(model: nn.Module, seed: int) -> nn.Module:
+    """A copy whose embedding output is scaled by (1 + 1e-6 * standard normal noise of `seed`)."""
+    model = copy.deepcopy(model)
+
+    def hook(_module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(output.shape, generator=torch.Generator().manual_seed(seed))
+        return output * (1 + 1e-6 * noise)
+
+    model.get_input_embeddings().register_forward_hook(hook)
+    return model
+
+
+def transformers_perplexity(model: nn.Module, tokens: list[int], window: int) -> tuple[float, int]:
+    """exp(mean NLL) of every token after each window's first, one forward pass per window."""
+    nll, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(tokens) - 1, window):
+            ids = torch.tensor(tokens[start : start + window])[None]
+            if ids.shape[1] < 2:
+                break
+            logits = model(ids).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    return math.exp(nll / count), count
+
+
+def load_checkpoint(path: Path) -> nn.Module:
+    """transformers' float32 model of a folder; a compressed-tensors checkpoint decompressed into plain weights."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    quantized = "quantization_config" in json.loads((path / "config.json").read_text())
+    extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantized else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=builtin_model_path())
+    parser.add_argument("--checkpoint", type=Path, nargs="+", default=[],
+                        help="Compressed-tensors checkpoints of the same model, one row each.")
+    parser.add_argument("--work-dir", type=Path, default=Path("results/perplexity-models"))
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--group-size", type=int, default=64, help="w4a16-rtn group, -1 per channel (default: %(default)s).")
+    parser.add_argument("--variants", default="dense,fp8,w4a16-rtn",
+                        help="Rows among dense, fp8, fp8-per-tensor-weights, fp8-weights-only, fp8-activations-only, w4a16-rtn, "
+                             "checkpoint (default: %(default)s).")
+    parser.add_argument("--realizations", type=int, default=1,
+                        help="Draws of each row, all but the first with perturbed embeddings (default: %(default)s).")
+    parser.add_argument("--max-tokens", type=int)
+    parser.add_argument("--out")
+    args = parser.parse_args()
+
+    folder = dense_folder(args.model, args.work_dir)
+    tokens = load_tokenizer(str(folder)).encode(TEXT.read_text(encoding="utf-8"))[: args.max_tokens]
+    dense = load_checkpoint(folder)
+    builders = {
+        "dense": [("dense", lambda: dense)],
+        "fp8": [("fp8", lambda: simulate_fp8(dense))],
+        "fp8-per-tensor-weights": [("fp8-per-tensor-weights", lambda: simulate_fp8(dense, weights="tensor"))],
+        "fp8-weights-only": [("fp8-weights-only", lambda: simulate_fp8(dense, activations=False))],
+        "fp8-activations-only": [("fp8-activations-only", lambda: simulate_fp8(dense, weights=None))],
+        "w4a16-rtn": [(f"w4a16-rtn-g{args.group_size}", lambda: simulate_w4a16(dense, args.group_size))],
+        "checkpoint": [(f"checkpoint {path.name}", lambda path=path: load_checkpoint(path))
+                       for path in args.checkpoint],
+    }
+    rows = []
+    for label, build in [row for name in args.variants.split(",") for row in builders[name]]:
+        model = build()
+        for realization in range(args.realizations):
+            drawn = perturb_embeddings(model, realization) if realization else model
+            value, count = transformers_perplexity(drawn, tokens, args.window)
+            rows.append({"variant": label, "realization": realization, "perplexity": value, "tokens": count})
+            print(f"{label} (realization {realization}): perplexity {value:.4f}", flush=True)
+    print_table(rows, f"transformers perplexity on {TEXT.name} ({len(tokens)} tokens, windows of {args.window})")
+    save_json(args.out, {"model": str(args.model), "text": TEXT.name, "window": args.window, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
