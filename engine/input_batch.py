@@ -96,7 +96,6 @@ class InputBatch:
         max_blocks = cdiv(max_model_len, block_size)
         self.token_ids = np.zeros((max_num_seqs, max_model_len), dtype=np.int64)
         self.block_tables = np.zeros((max_num_seqs, max_blocks), dtype=np.int32)
-        self.num_blocks = np.zeros(max_num_seqs, dtype=np.int64)
         # Token and block ids written into each row so far, as lists: the per-sequence checks of a
         # step index them, and a Python list answers faster than a numpy array one element at a time.
         self.num_known = [0] * max_num_seqs
@@ -129,7 +128,6 @@ class InputBatch:
         self.rows[seq.seq_id] = row
         self.seqs[row] = seq
         self.num_known[row] = 0
-        self.num_blocks[row] = 0
         self.num_blocks_written[row] = 0
         self.sampling[row] = sampling_row(seq.params)
         return row
@@ -138,7 +136,7 @@ class InputBatch:
         """Write the block ids seq gained since its row was last written (every block_size tokens)."""
         written = self.num_blocks_written[row]
         self.block_tables[row, written : len(table)] = table[written:]
-        self.num_blocks_written[row] = self.num_blocks[row] = len(table)
+        self.num_blocks_written[row] = len(table)
 
     # A step ---------------------------------------------------------------------------------
 
@@ -180,6 +178,7 @@ class InputBatch:
             first_token += num_new
         if one_token_at:
             self.token_ids.reshape(-1)[one_token_at] = one_token
+        width = max(map(num_blocks_written.__getitem__, rows))
         rows = np.asarray(rows, dtype=np.int64)
 
         staging = self._staging[self._step % 2]
@@ -204,7 +203,6 @@ class InputBatch:
         np.add(block_ids * self.block_size, positions_np % self.block_size, out=slot_mapping.numpy())
         seq_lens = staging.seq_lens[:num_seqs]
         seq_lens.numpy()[:] = ends
-        width = int(self.num_blocks[rows].max())
         block_tables = staging.block_tables[: num_seqs * width].view(num_seqs, width)
         np.take(self.block_tables[:, :width], rows, axis=0, out=block_tables.numpy())
         samples = np.asarray(batch.samples, dtype=bool)

@@ -46,8 +46,10 @@ def needs_per_row_work(params: SamplingParams) -> bool:
     )
 
 
-def has_penalties(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+def has_penalties(repetition: float | np.ndarray, frequency: float | np.ndarray,
+                  presence: float | np.ndarray) -> bool | np.ndarray:
+    """Whether a row applies any penalty; for one row's floats or, elementwise, for columns of rows."""
+    return (repetition != 1.0) | (frequency != 0.0) | (presence != 0.0)
 
 
 def banned_before_min_tokens(params: SamplingParams, eos_token_ids: tuple[int, ...], vocab_size: int) -> list[int]:
@@ -109,7 +111,7 @@ class SamplingState:
         if params.seed is not None and not params.greedy and seq.generator is None:
             # Each of the n completions gets its own stream (vLLM: seed + index).
             seq.generator = torch.Generator(self.device).manual_seed(params.seed + seq.index)
-        if has_penalties(params):
+        if has_penalties(params.repetition_penalty, params.frequency_penalty, params.presence_penalty):
             if self.penalties is None:
                 self.penalties = PenaltyState(self.num_rows, self.vocab_size, self.device)
             self.penalties.reset_row(row, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids)
@@ -124,7 +126,7 @@ class SamplingState:
         device = self.device
         host = params.numpy()
         column = {name: host[:, i] for i, name in enumerate(SAMPLING_COLUMNS)}
-        penalized = np.flatnonzero((column["repetition"] != 1.0) | (column["frequency"] != 0.0) | (column["presence"] != 0.0))
+        penalized = np.flatnonzero(has_penalties(column["repetition"], column["frequency"], column["presence"]))
         special = [(i, seqs[i]) for i in np.flatnonzero(column["per_row"]).tolist()]
         return SamplingBatch(
             params=params.to(device, non_blocking=True),
@@ -143,7 +145,7 @@ class SamplingState:
             logprobs_wanted={
                 i: num_top_logprobs(seq.params.logprobs, self.vocab_size) for i, seq in special if seq.params.logprobs is not None
             },
-            allowed=self._grammar_bitmask(seqs) if any(seq.grammar is not None for _, seq in special) else None,
+            allowed=self._grammar_bitmask(seqs, special),
             token_bias=[
                 (i, device_tensor(list(bias), torch.int64, device), device_tensor(list(bias.values()), torch.float32, device))
                 for i, seq in special if (bias := seq.params.logit_bias)
@@ -155,15 +157,16 @@ class SamplingState:
             bad_words=bad_word_bans(seqs, [i for i, seq in special if seq.params.bad_words_token_ids], newest_tokens, device),
         )
 
-    def _grammar_bitmask(self, seqs: list[Sequence]) -> torch.Tensor | None:
-        """The tokens each row's grammar allows next (every token for rows without one).
+    def _grammar_bitmask(self, seqs: list[Sequence], special: list[tuple[int, Sequence]]) -> torch.Tensor | None:
+        """The tokens each row's grammar allows next (every token for rows without one); None when no
+        row has a grammar (only "per_row" rows, `special`, can have one).
 
         A grammar that allows nothing (it cannot go on) gets its stop tokens, so the
         sequence ends instead of sampling from an empty distribution.
         """
-        grammars = [seq.grammar for seq in seqs]
-        if all(grammar is None for grammar in grammars):
+        if all(seq.grammar is None for _, seq in special):
             return None
+        grammars = [seq.grammar for seq in seqs]
         from engine.structured_output import allocate_bitmask, fill_bitmask  # xgrammar, loaded by the first grammar
 
         bitmask = allocate_bitmask(len(seqs), self.vocab_size)

@@ -53,7 +53,7 @@ class ScheduledBatch:
     def add(self, seq: Sequence, num_new_tokens: int) -> None:
         """Schedule seq's next tokens: they count as computed, and a sampled token as a placeholder."""
         num_computed = seq.num_computed_tokens
-        samples = num_computed + num_new_tokens == len(seq.token_ids) + seq.num_placeholders
+        samples = num_new_tokens == seq.num_uncomputed_tokens
         self.seqs.append(seq)
         self.starts.append(num_computed)
         self.num_new_tokens.append(num_new_tokens)
@@ -62,8 +62,8 @@ class ScheduledBatch:
             self.computing_prompt.add(seq.seq_id)
         request = seq.request
         if request.prompt_logprobs is not None and seq is request.leader and request.needs_prompt_logprobs:
-            first = max(seq.num_computed_tokens, request.prompt_logprob_positions)
-            end = min(seq.num_computed_tokens + num_new_tokens, seq.num_prompt_tokens - 1)
+            first = max(num_computed, request.prompt_logprob_positions)
+            end = min(num_computed + num_new_tokens, seq.num_prompt_tokens - 1)
             if end > first:
                 self.prompt_logprob_spans.append((len(self.seqs) - 1, first, end))
                 request.prompt_logprob_positions = end
@@ -141,11 +141,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget:
             seq = self.running[i]
-            num_tokens = len(seq.token_ids) + seq.num_placeholders
-            if seq.num_placeholders and reaches_length_limit(seq, num_tokens, self.max_model_len):
+            if seq.num_placeholders and reaches_length_limit(seq, seq.num_tokens, self.max_model_len):
                 i += 1  # its token on the GPU is its last: nothing more to compute
                 continue
-            num_new = self._chunk(seq, num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._chunk(seq, seq.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate(seq, num_new):
                 victim = self.running[-1]
                 self.preempt(victim)

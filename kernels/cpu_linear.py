@@ -12,6 +12,8 @@ float32's GEMM: the same float32 accumulation and one rounding of the output.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,7 @@ __all__ = ["fast_cpu_bfloat16", "linear", "native_half_gemm"]
 WIDENED_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 weight per block: within a core's share of L2/L3
 
 
+@functools.cache  # the CPU does not change: asked once per dtype, not on every linear call
 def native_half_gemm(dtype: torch.dtype) -> bool:
     """Whether torch's CPU GEMM computes `dtype` in hardware (oneDNN on AVX512-BF16 or AMX) on this machine."""
     if dtype == torch.bfloat16:
