@@ -8,6 +8,8 @@
 #   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
 #   OUT=out bash benchmarks/gpu_runs.sh graph-bound                    # "mixed" with every step in a graph
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
+#       and the baseline's, tile sweep, kernel tests; 8B decode in bf16 and AWQ
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
@@ -70,7 +72,7 @@ throughput() {  # throughput TREE...
 }
 
 for mode in "$@"; do
-  case $mode in kernels|moe|moe-model|profile) ;; *) write_models ;; esac
+  case $mode in kernels|moe|moe-model|profile|quant-ab) ;; *) write_models ;; esac
   case $mode in
     tests) step gpu-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_graphs.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
@@ -79,6 +81,15 @@ for mode in "$@"; do
     quant) step quant-gemm 120 $PY -m benchmarks.quant_gpu --out "$OUT/quant-gemm.json"
            step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
              --model-root "$ROOT" --formats bf16,fp8-online,awq --batches 1,32 --out "$OUT/quant-decode.json" ;;
+    quant-ab) step quant-gemm-new 150 $PY -m benchmarks.quant_gpu --gemm-batches 1,16,64,256 --stack-batches 1,32 \
+                --stack-formats bf16,w4a16 --out "$OUT/quant-gemm-new.json"
+              step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
+              step quant-sweep 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                --sweep-batches 1,16,64,256 --sweep-formats w4a16 --out "$OUT/quant-sweep.json"
+              step quant-gemm-base 150 env -C "$BASE" $PY -m benchmarks.quant_gpu --gemm-batches 1,16,64,256 \
+                --stack-batches 1,32 --stack-formats bf16,w4a16 --out "$OUT/quant-gemm-base.json" ;;
+    quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
+                    --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 --out "$OUT/quant-decode.json" ;;
     structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
                   --batch 32 --out "$OUT/structured.json" ;;
     moe-model) step write-30b-a3b 240 $PY -m benchmarks.gpu_random_model --model qwen3-30b-a3b --model-root "$ROOT"
