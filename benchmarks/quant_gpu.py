@@ -165,7 +165,7 @@ def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) 
 
 def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
-    w4_tiles = [(64, 4, 4), (64, 4, 6), (128, 4, 3), (128, 8, 3)]  # block_n, warps, stages
+    w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3)]
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
@@ -175,10 +175,10 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
             bf16 = graph_us([gemm_calls("bf16", x, w) for w in copies])
             candidates = []
             block_m = max(16, min(128, triton.next_power_of_2(m)))
-            if "w4a16" in formats:  # the decode kernel, also above DOT_MAX_M (where the default dequantizes)
-                for block_n, warps, stages in w4_tiles:
-                    for split in (0, 2, 8) if m <= 16 else (0,):
-                        candidates.append(("w4a16", W4A16Config(min(block_m, 64), block_n, warps, stages, split)))
+            if m <= 64 and "w4a16" in formats:
+                for block_n, block_k, warps, stages in w4_tiles:
+                    for split in (0, 2, 4):
+                        candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split)))
             if "fp8" in formats:
                 for block_n, block_k, warps in fp8_tiles:
                     for split in (0, 1, 2) if m <= 64 else (1,):

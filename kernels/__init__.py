@@ -18,6 +18,7 @@ _LAZY = {
     "apply_rotary": "kernels.fused",
     "fused_moe": "kernels.moe",
     "w4a16_matmul": "kernels.w4a16",
+    "dequantize_w4a16": "kernels.w4a16",
     "quantize_fp8_per_token": "kernels.fp8",
     "fp8_matmul": "kernels.fp8",
     "fp8_linear": "kernels.fp8",

@@ -3,9 +3,7 @@
 W4A16 (4-bit weights, 16-bit activations). Every 4-bit checkpoint format (AWQ,
 GPTQ, compressed-tensors pack-quantized) is converted at load to this layout:
 
-    qweight: int32 [N, K_pad // 8]  K-major, in tiles of W4_TILE_K = 128 input rows (K_pad: K rounded up
-                                 to whole tiles): nibble j (bits 4j..4j+3) of int32 r of tile t in row n
-                                 is q[128t + 16j + r, n], q in 0..15 (rows past K hold 0)
+    qweight: int32 [K // 8, N]   nibble j (bits 4j..4j+3) of qweight[r, n] is q[8r + j, n], q in 0..15
     scales:  [K // G, N]         activation dtype; G is the group size (G == K: per output channel)
     zeros:   [K // G, N] or None activation dtype, integer values; None means the symmetric zero 8
     g_idx:   int32 [K] or None   group of each input row when rows are not grouped in order (GPTQ act-order)
@@ -18,10 +16,6 @@ FP8 (e4m3 weights, activations quantized per token at run time, or with one stat
     weight_scale: float32 [N]             per output channel (per-tensor checkpoints are broadcast)
     y = (x_q * x_scale[:, None]) @ (weight * weight_scale[:, None])^T
 
-The tile order lets the GPU kernel (kernels/w4a16.py) take nibble j of 16 consecutive
-int32s as one [N, 16] slice of the weight whose activations are 16 consecutive
-columns of x: one tensor-core dot per nibble, no shuffling of either operand.
-
 These references define what the Triton kernels (kernels/w4a16.py, kernels/fp8.py) compute.
 """
 
@@ -30,8 +24,6 @@ from __future__ import annotations
 import torch
 
 PACK_FACTOR = 8  # 4-bit values per int32
-W4_TILE_K = 128  # input rows per tile of the W4A16 layout
-W4_TILE_ROWS = W4_TILE_K // PACK_FACTOR  # int32s per tile and output row; also the rows of one nibble plane
 SYMMETRIC_ZERO = 8
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448
@@ -57,30 +49,6 @@ def unpack_int4(packed: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return q.reshape(*packed.shape[:-1], -1).movedim(-1, dim).contiguous()
 
 
-def pack_w4(q: torch.Tensor) -> torch.Tensor:
-    """q [K, N] (values 0..15) -> the engine's W4A16 qweight int32 [N, K_pad // 8] (layout above)."""
-    k, n = q.shape
-    tiles = -(-k // W4_TILE_K)
-    padded = torch.zeros(tiles * W4_TILE_K, n, dtype=q.dtype, device=q.device)
-    padded[:k] = q
-    # [tiles, plane j, row r, N] -> [N, tiles, r, j]: the eight planes of each int32 become its nibbles
-    planes = padded.reshape(tiles, PACK_FACTOR, W4_TILE_ROWS, n).permute(3, 0, 2, 1)
-    return pack_int4(planes.reshape(n, tiles * W4_TILE_K), 1)
-
-
-def unpack_w4(qweight: torch.Tensor, k: int) -> torch.Tensor:
-    """The inverse of pack_w4: qweight [N, K_pad // 8] -> q [K, N]."""
-    n = qweight.shape[0]
-    tiles = qweight.shape[1] // W4_TILE_ROWS
-    q = unpack_int4(qweight, 1).reshape(n, tiles, W4_TILE_ROWS, PACK_FACTOR).permute(1, 3, 2, 0)
-    return q.reshape(tiles * W4_TILE_K, n)[:k].contiguous()
-
-
-def w4_packed_width(k: int) -> int:
-    """Columns of a qweight that packs K input rows (whole tiles)."""
-    return -(-k // W4_TILE_K) * W4_TILE_ROWS
-
-
 def group_index(k: int, group_size: int, g_idx: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """g(k) for every input row: g_idx when given, else consecutive groups of group_size."""
     if g_idx is not None:
@@ -95,9 +63,8 @@ def dequantize_w4(
     group_size: int,
     g_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The [K, N] float32 weight a W4A16 layout stands for (K from the scales' groups, or g_idx)."""
-    k = g_idx.numel() if g_idx is not None else scales.shape[0] * group_size
-    q = unpack_w4(qweight, k).float()
+    """The [K, N] float32 weight a W4A16 layout stands for."""
+    q = unpack_int4(qweight, 0).float()
     groups = group_index(q.shape[0], group_size, g_idx, q.device)
     zero = zeros.float()[groups] if zeros is not None else SYMMETRIC_ZERO
     return (q - zero) * scales.float()[groups]
@@ -139,7 +106,7 @@ def quantize_w4(
         zeros = torch.full_like(scales, SYMMETRIC_ZERO)
     q = (w / scales[:, None] + zeros[:, None]).round().clamp(0, 15).reshape(k, n)
     dtype = weight.dtype
-    return pack_w4(q), scales.to(dtype), zeros.to(dtype) if zero_point else None
+    return pack_int4(q, 0), scales.to(dtype), zeros.to(dtype) if zero_point else None
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

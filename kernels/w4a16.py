@@ -1,24 +1,22 @@
-"""W4A16 GEMM: y = x @ dequant(qweight), for 4-bit weights and 16-bit (or fp32) activations.
+"""W4A16 GEMM: y = x @ dequant(qweight), dequantizing 4-bit weights tile by tile inside the matmul.
 
-The layout is the one in kernels/quant_reference.py: qweight int32 [N, K_pad // 8],
-K-major in tiles of 128 input rows, nibble j of a tile's 16 int32s holding its rows
-16j .. 16j + 15. So nibble j of one loaded [BLOCK_N, 16] tile is a slice of the
-weight whose activations are 16 consecutive columns of x.
+The layout is the one in kernels/quant_reference.py (int32 [K // 8, N], groups
+along K). No dequantized copy of the weight ever exists: each program loads a
+packed [BLOCK_K // 8, BLOCK_N] tile and feeds its eight nibble planes to tl.dot
+in registers. Decode is bound by reading the weight only if dequantizing costs
+a few instructions per weight, so on the GPU two weights are made by one lop3
+and one packed subtract (the "magic number" trick: a nibble ORed into the
+mantissa of 128.0 in bf16 is 128 + q), and the group scale multiplies the
+tile's fp32 dot once instead of every weight.
 
-Decode batches (M <= DOT_MAX_M) run one kernel, bound by reading the weight:
-- The weight is the dot's left operand ("swap AB"): out^T = W^T x^T. A plane of
-  dequantized weights [BLOCK_N, 16] is made in registers and stays there (Hopper's
-  wgmma takes its A operand from registers); the activations' 16 matching columns
-  are the narrow right operand, loaded straight from memory. No dequantized weight
-  goes through shared memory.
-- Two weights cost two instructions: one lop3 ORs two nibbles into the mantissas
-  of a 16-bit float pair (128 + q in bf16), one packed subtract takes 128 + zero off
-  both; the group scale multiplies the tile's fp32 dot once (groups of whole tiles).
-- Too few output tiles fill an H200's 132 SMs, so K is split across programs and
-  one more small launch adds the fp32 partial sums (and the bias).
-Larger batches (prefill) are bound by the tensor cores instead: the weight is
-dequantized once into a 16-bit [N, K] buffer and cuBLAS multiplies; writing and
-reading that buffer costs a few percent of such a GEMM.
+Decode batches (M of 1..64) give too few output tiles to fill an H200's 132
+SMs, and the GEMM is bound by reading the weight, so K is split across
+programs (split-K) and the fp32 partial sums are added (with the bias) by one more small launch.
+
+Larger batches (above DOT_MAX_M rows: prefill, big decode batches) are bound by
+the tensor cores instead, where this kernel's per-weight dequantization costs
+more than it saves: the weight is dequantized once into a 16-bit [K, N] buffer
+and cuBLAS multiplies; writing and reading that buffer is a few percent of such a GEMM.
 """
 
 from __future__ import annotations
@@ -27,15 +25,16 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.quant_reference import SYMMETRIC_ZERO, W4_TILE_K, W4_TILE_ROWS, w4_packed_width
+from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
-DOT_MAX_M = 64  # larger batches take the dequantize-then-cuBLAS path
-PROGRAMS_PER_SM = 2  # split K until about this many programs per SM
+MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
+DOT_MAX_M = 64  # larger batches dequantize the weight and call cuBLAS (H200: 0.28-0.35x of bf16 at M = 256 before)
+PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
+MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
 # How weights become 16-bit floats (see _dequantize_pair); MAGIC is the float whose mantissa the nibble fills.
 DEQUANT_PLAIN = tl.constexpr(0)
@@ -43,17 +42,10 @@ DEQUANT_FAST_BF16 = tl.constexpr(1)
 DEQUANT_FAST_FP16 = tl.constexpr(2)
 MAGIC = {DEQUANT_FAST_BF16.value: 128.0, DEQUANT_FAST_FP16.value: 1024.0}
 
-# Where a weight's group scale is applied: once per 128-row tile (groups of whole tiles), once per
-# 16-row nibble plane (groups of 16, 32, 64 ...), or per weight (act-order g_idx, other group sizes).
-SCALE_PER_TILE = tl.constexpr(0)
-SCALE_PER_PLANE = tl.constexpr(1)
-SCALE_PER_WEIGHT = tl.constexpr(2)
-
 
 @triton.jit
-def _dequantize_pair(shifted, zero_lo, zero_hi, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-                     OUT_DTYPE: tl.constexpr):
-    """Nibbles 0 and 4 of each int32 of `shifted` as (q - zero), exactly: planes j and j + 4.
+def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Nibbles 0 and 4 of each int32 of `shifted` (rows j and j + 4 of its eight) as (q - zero), exactly.
 
     DEQUANT_FAST_*: one lop3 ORs two nibbles into the mantissas of a 16-bit float pair
     (MAGIC + q each), one packed subtract takes MAGIC + zero off both: two weights in two
@@ -61,12 +53,11 @@ def _dequantize_pair(shifted, zero_lo, zero_hi, DEQUANT: tl.constexpr, MAGIC: tl
     Triton arithmetic (the interpreter, fp32).
     """
     if DEQUANT == DEQUANT_PLAIN:
-        lo = ((shifted & 0xF).to(tl.float32) - zero_lo).to(OUT_DTYPE)
-        hi = (((shifted >> 16) & 0xF).to(tl.float32) - zero_hi).to(OUT_DTYPE)
+        lo = ((shifted & 0xF).to(tl.float32) - zero).to(OUT_DTYPE)
+        hi = (((shifted >> 16) & 0xF).to(tl.float32) - zero).to(OUT_DTYPE)
     else:
-        lo16 = (zero_lo + MAGIC).to(OUT_DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        hi16 = (zero_hi + MAGIC).to(OUT_DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        zero_pair = lo16 | (hi16 << 16)
+        zero16 = (zero + MAGIC).to(OUT_DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        zero_pair = zero16 | (zero16 << 16)
         if DEQUANT == DEQUANT_FAST_BF16:
             lo, hi = tl.inline_asm_elementwise(
                 "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $3; "
@@ -81,139 +72,149 @@ def _dequantize_pair(shifted, zero_lo, zero_hi, DEQUANT: tl.constexpr, MAGIC: tl
 
 
 @triton.jit
-def _group_row(ptr, group, offs_n, mask_n, valid, N):
-    """Scales or zeros of one group for the tile's output rows, as an fp32 column [BLOCK_N, 1]."""
-    return tl.load(ptr + group * N + offs_n, mask=mask_n & valid, other=0.0).to(tl.float32)[:, None]
-
-
-@triton.jit
-def _x_plane(x_ptr, offs_m, mask_m, stride_xm, cols, K, EVEN: tl.constexpr):
-    """Activation columns `cols` of the tile's rows, transposed: [16, BLOCK_M] (zeros past K)."""
-    ptrs = x_ptr + offs_m[None, :] * stride_xm + cols[:, None]
-    if EVEN:
-        return tl.load(ptrs, mask=mask_m[None, :], other=0.0)
-    return tl.load(ptrs, mask=mask_m[None, :] & (cols < K)[:, None], other=0.0)
+def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
+    """x_tile [BLOCK_M, 8 * ROWS] -> its eight planes [BLOCK_M, ROWS]: plane j holds columns 8r + j."""
+    x_c0, x_c1 = tl.split(tl.reshape(x_tile, (BLOCK_M, ROWS, 2, 2, 2)))  # j = 4a + 2b + c; split c, then b, then a
+    x_c0b0, x_c0b1 = tl.split(x_c0)
+    x_c1b0, x_c1b1 = tl.split(x_c1)
+    x0, x4 = tl.split(x_c0b0)
+    x2, x6 = tl.split(x_c0b1)
+    x1, x5 = tl.split(x_c1b0)
+    x3, x7 = tl.split(x_c1b1)
+    return x0, x1, x2, x3, x4, x5, x6, x7
 
 
 @triton.jit
 def _w4a16_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
-    M, N, K, stride_xm, packed_width, k_per_split,
+    M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SYM_ZERO: tl.constexpr, SCALES: tl.constexpr, TILE_K: tl.constexpr, ROWS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, DEQUANT: tl.constexpr,
-    MAGIC: tl.constexpr, EVEN: tl.constexpr,
+    SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
-    """out[split]^T [BLOCK_N, BLOCK_M] = sum over this program's K split of W^T tile @ x^T tile."""
+    # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
+    # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
+    # eight dots: plane j [BLOCK_K // 8, BLOCK_N] against the activation columns 8r + j.
+    ROWS: tl.constexpr = BLOCK_K // 8
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
     mask_m, mask_n = offs_m < M, offs_n < N
     out_dtype = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    for k0 in range(k_start, k_end, TILE_K):
-        w_ptrs = qweight_ptr + offs_n[:, None] * packed_width + (k0 // 8 + offs_r)[None, :]
+    for k0 in range(k_start, k_end, BLOCK_K):
+        packed_rows = k0 // 8 + offs_r
         if EVEN:
-            packed = tl.load(w_ptrs)
+            packed = tl.load(qweight_ptr + packed_rows[:, None] * N + offs_n[None, :])
         else:
-            packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
-        if SCALES == SCALE_PER_TILE:
+            packed = tl.load(qweight_ptr + packed_rows[:, None] * N + offs_n[None, :],
+                             mask=(packed_rows[:, None] < k_end // 8) & mask_n[None, :], other=0)
+        if SCALE_PER_TILE:  # the tile lies in one group: scale the tile's dot once, not every weight
             group = k0 // GROUP_SIZE
-            scale = _group_row(scales_ptr, group, offs_n, mask_n, True, N)
+            scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             if HAS_ZEROS:
-                zero = _group_row(zeros_ptr, group, offs_n, mask_n, True, N)
+                zero = tl.load(zeros_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
             else:
-                zero = tl.full((BLOCK_N, 1), SYM_ZERO, tl.float32)
-            tile = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
+            tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # One contiguous (pipelined) load of the activation tile, split into its eight column planes in registers.
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
+        x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
         for j in tl.static_range(4):
-            row_lo = k0 + ROWS * j  # first input row of plane j; plane j + 4 starts 4 * ROWS later
-            row_hi = row_lo + 4 * ROWS
-            x_lo = _x_plane(x_ptr, offs_m, mask_m, stride_xm, row_lo + offs_r, K, EVEN)
-            x_hi = _x_plane(x_ptr, offs_m, mask_m, stride_xm, row_hi + offs_r, K, EVEN)
-            shifted = packed >> (4 * j)
-            if SCALES == SCALE_PER_TILE:
-                w_lo, w_hi = _dequantize_pair(shifted, zero, zero, DEQUANT, MAGIC, out_dtype)
-                tile = tl.dot(w_lo, x_lo, tile, input_precision=DOT_PRECISION)
-                tile = tl.dot(w_hi, x_hi, tile, input_precision=DOT_PRECISION)
-            elif SCALES == SCALE_PER_PLANE:  # each plane lies in one group; planes past K read no scale
-                scale_lo = _group_row(scales_ptr, row_lo // GROUP_SIZE, offs_n, mask_n, row_lo < k_end, N)
-                scale_hi = _group_row(scales_ptr, row_hi // GROUP_SIZE, offs_n, mask_n, row_hi < k_end, N)
-                if HAS_ZEROS:
-                    zero_lo = _group_row(zeros_ptr, row_lo // GROUP_SIZE, offs_n, mask_n, row_lo < k_end, N)
-                    zero_hi = _group_row(zeros_ptr, row_hi // GROUP_SIZE, offs_n, mask_n, row_hi < k_end, N)
-                else:
-                    zero_lo = tl.full((BLOCK_N, 1), SYM_ZERO, tl.float32)
-                    zero_hi = zero_lo
-                w_lo, w_hi = _dequantize_pair(shifted, zero_lo, zero_hi, DEQUANT, MAGIC, out_dtype)
-                acc += tl.dot(w_lo, x_lo, input_precision=DOT_PRECISION) * scale_lo
-                acc += tl.dot(w_hi, x_hi, input_precision=DOT_PRECISION) * scale_hi
-            else:  # every weight looks up its own group (act-order g_idx, or groups not a multiple of 16)
+            cols_lo = k0 + offs_r * 8 + j
+            x_lo = x_planes[j]
+            x_hi = x_planes[j + 4]
+            if SCALE_PER_TILE:
+                w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
+                tile = tl.dot(x_lo, w_lo, tile, input_precision=DOT_PRECISION)
+                tile = tl.dot(x_hi, w_hi, tile, input_precision=DOT_PRECISION)
+            else:  # groups smaller than the tile, or in any order (g_idx): scale every weight
                 for half in tl.static_range(2):
-                    rows = row_lo + 4 * ROWS * half + offs_r
+                    cols = cols_lo + 4 * half
                     if HAS_G_IDX:
-                        groups = tl.load(g_idx_ptr + rows, mask=rows < K, other=0)
+                        group_rows = tl.load(g_idx_ptr + cols, mask=cols < k_end, other=0)[:, None]
                     else:
-                        groups = rows // GROUP_SIZE
-                    group_mask = mask_n[:, None] & (rows < K)[None, :]
-                    meta = groups[None, :] * N + offs_n[:, None]
-                    scale_w = tl.load(scales_ptr + meta, mask=group_mask, other=0.0).to(tl.float32)
+                        group_rows = (cols // GROUP_SIZE)[:, None]
+                    group_mask = (cols < k_end)[:, None] & mask_n[None, :]
+                    scale_rows = tl.load(scales_ptr + group_rows * N + offs_n[None, :], mask=group_mask, other=0.0)
                     if HAS_ZEROS:
-                        zero_w = tl.load(zeros_ptr + meta, mask=group_mask, other=0.0).to(tl.float32)
+                        zero_rows = tl.load(zeros_ptr + group_rows * N + offs_n[None, :], mask=group_mask,
+                                            other=0.0).to(tl.float32)
                     else:
-                        zero_w = SYM_ZERO
-                    q = ((shifted >> (16 * half)) & 0xF).to(tl.float32)
-                    w = ((q - zero_w) * scale_w).to(out_dtype)
-                    acc = tl.dot(w, x_hi if half else x_lo, acc, input_precision=DOT_PRECISION)
-        if SCALES == SCALE_PER_TILE:
-            acc += tile * scale
+                        zero_rows = SYM_ZERO
+                    q = ((packed >> (4 * (j + 4 * half))) & 0xF).to(tl.float32)
+                    w = ((q - zero_rows) * scale_rows.to(tl.float32)).to(out_dtype)
+                    acc = tl.dot(x_hi if half else x_lo, w, acc, input_precision=DOT_PRECISION)
+        if SCALE_PER_TILE:
+            acc += tile * scale[None, :]
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + pid_k * M * N + offs_m[None, :] * N + offs_n[:, None]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 @triton.jit
-def _dequantize_kernel(
-    qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K, packed_width,
-    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, SYM_ZERO: tl.constexpr,
-    TILE_K: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One 128-row tile of BLOCK_N output rows of the weight, written as out [N, K] (nn.Linear's layout)."""
-    pid_n, k0 = tl.program_id(0), tl.program_id(1) * TILE_K
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, ROWS)
-    mask_n = offs_n < N
-    packed = tl.load(qweight_ptr + offs_n[:, None] * packed_width + (k0 // 8 + offs_r)[None, :],
-                     mask=mask_n[:, None], other=0)
-    for plane in tl.static_range(8):
-        rows = k0 + ROWS * plane + offs_r
-        if HAS_G_IDX:
-            groups = tl.load(g_idx_ptr + rows, mask=rows < K, other=0)
-        else:
-            groups = rows // GROUP_SIZE
-        mask = mask_n[:, None] & (rows < K)[None, :]
-        meta = groups[None, :] * N + offs_n[:, None]
+def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K,
+                       GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                       SYM_ZERO: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """ROWS packed rows (8 * ROWS input rows) x BLOCK_N columns of the weight, written to out [K, N].
+
+    The eight input rows of one packed row share a group (groups are multiples of 8 rows), so
+    scales and zeros are read once per packed row; with g_idx each weight looks its group up.
+    """
+    offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_r < K // 8)[:, None] & (offs_n < N)[None, :]
+    packed = tl.load(qweight_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    if not HAS_G_IDX:
+        meta = (offs_r * 8 // GROUP_SIZE)[:, None] * N + offs_n[None, :]
         scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
-        if HAS_ZEROS:
-            zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32)
-        else:
-            zero = SYM_ZERO
-        q = ((packed >> (4 * plane)) & 0xF).to(tl.float32)
-        tl.store(out_ptr + offs_n[:, None] * K + rows[None, :], ((q - zero) * scale).to(out_ptr.dtype.element_ty),
+        zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32) if HAS_ZEROS else SYM_ZERO
+    for j in tl.static_range(8):
+        rows = offs_r * 8 + j
+        if HAS_G_IDX:
+            meta = tl.load(g_idx_ptr + rows, mask=rows < K, other=0)[:, None] * N + offs_n[None, :]
+            scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32) if HAS_ZEROS else SYM_ZERO
+        q = ((packed >> (4 * j)) & 0xF).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * N + offs_n[None, :], ((q - zero) * scale).to(out_ptr.dtype.element_ty),
                  mask=mask)
+
+
+def dequantize_w4a16(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
+    g_idx: torch.Tensor | None, dtype: torch.dtype,
+) -> torch.Tensor:
+    """The W4A16 weight as a dense [K, N] tensor of `dtype`, in one launch."""
+    k, n = qweight.shape[0] * PACK_FACTOR, qweight.shape[1]
+    out = torch.empty(k, n, dtype=dtype, device=qweight.device)
+    rows, block_n = (16, 32) if _interpreted() else (16, 128)
+    if k and n:
+        _dequantize_kernel[(triton.cdiv(k // PACK_FACTOR, rows), triton.cdiv(n, block_n))](
+            qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight, out,
+            n, k, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
+            SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=rows, BLOCK_N=block_n, num_warps=1 if _interpreted() else 4)
+    return out
 
 
 @dataclass(frozen=True)
 class W4A16Config:
-    """Tile sizes, warps and K splits of one launch of the decode kernel (benchmarks sweep these)."""
+    """Tile sizes, warps and K splits of one launch (benchmarks sweep these)."""
 
     block_m: int
     block_n: int
+    block_k: int
     num_warps: int = 4
-    num_stages: int = 4
+    num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
 
 
@@ -222,23 +223,16 @@ def _interpreted() -> bool:
 
 
 def default_config(m: int) -> W4A16Config:
-    """Tiles by batch size: the batch is the narrow side of the dot (16..64 columns)."""
+    """Tiles for a decode batch (up to DOT_MAX_M rows): the batch rounded up to a power of two >= 16."""
     if _interpreted():
-        return W4A16Config(block_m=16, block_n=32, num_warps=1, num_stages=1)
-    return W4A16Config(block_m=max(16, triton.next_power_of_2(m)), block_n=64, num_warps=4, num_stages=4)
+        return W4A16Config(block_m=MIN_DOT, block_n=32, block_k=MIN_BLOCK_K, num_warps=1, num_stages=1)
+    return W4A16Config(block_m=max(MIN_DOT, triton.next_power_of_2(m)), block_n=64, block_k=128, num_warps=4,
+                       num_stages=4)
 
 
-def _scale_mode(group_size: int, g_idx: torch.Tensor | None) -> int:
-    if g_idx is None and group_size % W4_TILE_K == 0:
-        return SCALE_PER_TILE.value
-    if g_idx is None and group_size % W4_TILE_ROWS == 0:
-        return SCALE_PER_PLANE.value
-    return SCALE_PER_WEIGHT.value
-
-
-def _dequant_mode(x: torch.Tensor, scales: int) -> int:
-    """The inline-PTX dequantization on GPUs for 16-bit activations with tile or plane scales; plain otherwise."""
-    if _interpreted() or scales == SCALE_PER_WEIGHT.value or x.dtype not in (torch.bfloat16, torch.float16):
+def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
+    """The inline-PTX dequantization on GPUs for 16-bit activations with whole-tile groups; plain otherwise."""
+    if _interpreted() or not scale_per_tile or x.dtype not in (torch.bfloat16, torch.float16):
         return DEQUANT_PLAIN.value
     return DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value
 
@@ -246,26 +240,10 @@ def _dequant_mode(x: torch.Tensor, scales: int) -> int:
 def _default_split_k(m: int, n: int, k: int, config: W4A16Config) -> int:
     """About PROGRAMS_PER_SM programs per SM (under the interpreter: two splits, to exercise the path)."""
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    k_tiles = triton.cdiv(k, W4_TILE_K)
+    k_tiles = triton.cdiv(k, config.block_k)
     if _interpreted():
         return min(2, k_tiles)
     return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
-
-
-def dequantize_w4a16(
-    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
-    g_idx: torch.Tensor | None, k: int, dtype: torch.dtype, block_n: int = 64,
-) -> torch.Tensor:
-    """The weight as a dense [N, K] tensor of `dtype` (nn.Linear's layout), in one launch."""
-    n = qweight.shape[0]
-    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
-    if n and k:
-        _dequantize_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, W4_TILE_K))](
-            qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight, out,
-            n, k, qweight.shape[1], GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
-            SYM_ZERO=float(SYMMETRIC_ZERO), TILE_K=W4_TILE_K, ROWS=W4_TILE_ROWS, BLOCK_N=block_n,
-            num_warps=1 if _interpreted() else 4)
-    return out
 
 
 def w4a16_matmul(
@@ -281,26 +259,28 @@ def w4a16_matmul(
     """x [M, K] (fp16 / bf16 / fp32) @ the W4A16 weight [K, N] -> [M, N] in x's dtype.
 
     With g_idx the group of each row is looked up (any order); otherwise rows
-    k*G..(k+1)*G-1 form group k. Batches above DOT_MAX_M rows (without a config
-    asking for the decode kernel) dequantize the weight and call cuBLAS.
+    k*G..(k+1)*G-1 form group k. Groups that are a multiple of the K tile (128, per
+    channel) take the fast path: one scale per tile, weights dequantized two per instruction.
+    Batches above DOT_MAX_M rows (unless a config asks for this kernel) dequantize and call cuBLAS.
     """
     m, k = x.shape
-    n = qweight.shape[0]
-    if qweight.shape[1] != w4_packed_width(k) or (g_idx is None and scales.shape[0] * group_size < k):
-        raise ValueError(f"qweight {list(qweight.shape)} with {scales.shape[0]} groups of {group_size} "
-                         f"does not pack K={k} input features")
+    n = qweight.shape[1]
+    if qweight.shape[0] * PACK_FACTOR != k:
+        raise ValueError(f"qweight {list(qweight.shape)} does not pack K={k} input features")
     if not all(t is None or t.is_contiguous() for t in (qweight, scales, zeros, g_idx)):
         raise ValueError("W4A16 qweight, scales, zeros and g_idx must be contiguous")
     if m > DOT_MAX_M and config is None:
-        weight = dequantize_w4a16(qweight, scales, zeros, group_size, g_idx, k, x.dtype)
-        return F.linear(x, weight, bias)
+        weight = dequantize_w4a16(qweight, scales, zeros, group_size, g_idx, x.dtype)
+        return torch.addmm(bias, x, weight) if bias is not None else x @ weight
     if x.stride(1) != 1:
         x = x.contiguous()
     config = config or default_config(m)
-    scale_mode = _scale_mode(group_size, g_idx)
-    dequant = _dequant_mode(x, scale_mode)
+    if config.block_k < MIN_BLOCK_K or config.block_k & (config.block_k - 1):
+        raise ValueError(f"W4A16 block_k must be a power of two >= {MIN_BLOCK_K}, not {config.block_k}")
+    scale_per_tile = g_idx is None and group_size % config.block_k == 0
+    dequant = _dequant_mode(x, scale_per_tile)
     split_k = config.split_k or _default_split_k(m, n, k, config)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), W4_TILE_K) * W4_TILE_K
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
     split_k = triton.cdiv(k, k_per_split)
     if split_k == 1:
         out = torch.empty(1, m, n, dtype=x.dtype, device=x.device)
@@ -311,13 +291,14 @@ def w4a16_matmul(
         _w4a16_kernel[grid](
             x, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
             bias if bias is not None and split_k == 1 else scales, out,
-            m, n, k, x.stride(0), qweight.shape[1], k_per_split,
+            m, n, k, x.stride(0), k_per_split,
             GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
-            HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), SCALES=scale_mode,
-            TILE_K=W4_TILE_K, ROWS=W4_TILE_ROWS, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
-            EVEN=k % W4_TILE_K == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
-            # fp32 activations take twice the shared memory per pipeline stage
+            HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO),
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+            SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
+            EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
+            # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
             num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)

@@ -53,24 +53,12 @@ def test_pack_unpack_round_trip_along_either_dim():
     assert int(ref.pack_int4(torch.full((8, 1), 15), 0)) == -1  # all bits set: two's complement
 
 
-@pytest.mark.parametrize("k", [128, 384, 160])
-def test_w4_layout_puts_sixteen_consecutive_rows_in_one_nibble(k):
-    q = torch.randint(0, 16, (k, 24), generator=torch.Generator().manual_seed(2))
-    packed = ref.pack_w4(q)
-    assert packed.shape == (24, ref.w4_packed_width(k)) and packed.dtype == torch.int32
-    assert torch.equal(ref.unpack_w4(packed, k), q)
-    tile, plane, row, n = k // 128 - (k % 128 == 0), 3, 5, 7  # the last whole or partial tile
-    if 128 * tile + 16 * plane + row < k:
-        nibble = (int(packed[n, 16 * tile + row]) >> (4 * plane)) & 0xF
-        assert nibble == int(q[128 * tile + 16 * plane + row, n])
-
-
 def test_quantize_w4_is_close_to_the_float_weight():
     weight = random(64, 256)
     for group_size, zero_point in ((128, True), (128, False), (-1, True)):
         qweight, scales, zeros = ref.quantize_w4(weight, group_size, zero_point)
         groups = 256 // (256 if group_size == -1 else group_size)
-        assert qweight.shape == (64, 32) and scales.shape == (groups, 64)
+        assert qweight.shape == (32, 64) and scales.shape == (groups, 64)
         assert (zeros is not None) == zero_point
         dequantized = ref.dequantize_w4(qweight, scales, zeros, 256 if group_size == -1 else group_size)
         assert relative_error(dequantized.t(), weight) < 0.12  # 4-bit round-to-nearest on Gaussian weights
@@ -102,7 +90,7 @@ def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, k, group_size):
     n, m = 72, 3
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group_size, True)
     x, bias = random(m, k, seed=2), random(n, seed=3)
-    config = W4A16Config(block_m=16, block_n=32, num_warps=1, num_stages=1, split_k=split_k)
+    config = W4A16Config(block_m=16, block_n=32, block_k=128, num_warps=1, num_stages=1, split_k=split_k)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias)
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
@@ -122,17 +110,19 @@ def test_w4a16_with_g_idx_in_any_order():
     assert relative_error(unordered, expected) > 1e-2  # the test would notice g_idx being ignored
 
 
-@pytest.mark.parametrize("group_size,g_idx", [(32, False), (128, False), (32, True)])
-def test_w4a16_large_batches_dequantize_then_multiply(group_size, g_idx):
+@pytest.mark.parametrize("group_size,act_order", [(32, False), (128, False), (32, True)])
+def test_w4a16_large_batches_dequantize_then_multiply(group_size, act_order):
     # Above DOT_MAX_M rows the weight is dequantized once (Triton) and multiplied densely.
     k, n, m = 256, 48, DOT_MAX_M + 3
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group_size, True)
     order = (torch.arange(k) // group_size)[torch.randperm(k, generator=torch.Generator().manual_seed(6))]
-    g = order.to(torch.int32).to(DEVICE) if g_idx else None
+    g_idx = order.to(torch.int32).to(DEVICE) if act_order else None
     x, bias = random(m, k, seed=7), random(n, seed=8)
-    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=g, bias=bias)
-    expected = ref.w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=g, bias=bias)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=g_idx, bias=bias)
+    expected = ref.w4a16_matmul(x, qweight, scales, zeros, group_size, g_idx=g_idx, bias=bias)
     assert out.shape == (m, n) and relative_error(out, expected) < TOLERANCE[torch.float32]
+    dense = kernels.dequantize_w4a16(qweight, scales, zeros, group_size, g_idx, torch.float32)
+    assert torch.equal(dense, ref.dequantize_w4(qweight, scales, zeros, group_size, g_idx))
 
 
 def test_w4a16_rejects_a_weight_of_the_wrong_size():

@@ -39,7 +39,7 @@ from kernels.quant_reference import (
     pack_int4,
     quantize_fp8_per_channel,
     quantize_w4,
-    unpack_w4,
+    unpack_int4,
 )
 
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -209,7 +209,7 @@ def _w4(weight: torch.Tensor, group_size: int, zero_point: bool, dtype: torch.dt
     qweight, scales, zeros = quantize_w4(weight.to(dtype), group_size, zero_point)
     if zeros is None:
         zeros = torch.full_like(scales, 8)
-    return unpack_w4(qweight, weight.shape[1]), scales, zeros.round().to(torch.int32)
+    return unpack_int4(qweight, 0), scales, zeros.round().to(torch.int32)
 
 
 def _awq(weight: torch.Tensor, group_size: int, zero_point: bool, dtype: torch.dtype,

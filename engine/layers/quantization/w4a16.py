@@ -29,7 +29,7 @@ import kernels
 from engine.errors import ModelLoadError
 from engine.layers.quantization.base import LinearMethod, ParamLayout, add_param, replace_param
 from kernels import quant_reference
-from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO, pack_w4, unpack_int4
+from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO, pack_int4, unpack_int4
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i] of its 8
 AWQ_UNDO_ORDER = tuple(AWQ_ORDER.index(column) for column in range(PACK_FACTOR))
@@ -109,7 +109,7 @@ class W4A16LinearMethod(LinearMethod):
             zeros = None  # symmetric GPTQ stores its zeros: the kernel's constant zero is the same, and faster
         for name in [name for name in layer._parameters if name != "bias"]:
             replace_param(layer, name, None)
-        replace_param(layer, "qweight", pack_w4(q))
+        replace_param(layer, "qweight", pack_int4(q, 0))
         replace_param(layer, "scales", scales.contiguous())
         replace_param(layer, "zeros", zeros.to(scales.dtype).contiguous() if zeros is not None else None)
         replace_param(layer, "g_idx", g_idx.to(torch.int32).contiguous() if g_idx is not None else None)
