@@ -6,10 +6,11 @@
 #   OUT=out BASE=.baseline BUDGET=540 bash benchmarks/gpu_runs.sh tests latency   # GPU tests, decode latency
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh throughput      # offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh serving                        # online, Poisson rate 16/s
+#   OUT=out bash benchmarks/gpu_runs.sh online-offline   # 8B "mixed": offline vs the server, all requests at once
 #   OUT=out bash benchmarks/gpu_runs.sh graph-bound                    # "mixed" with every step in a graph
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
-#       and the baseline's, tile sweep, kernel tests; 8B decode in bf16 and AWQ
+#       and the baseline's, kernel tests; 8B decode in bf16 and AWQ
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
@@ -81,13 +82,12 @@ for mode in "$@"; do
     quant) step quant-gemm 120 $PY -m benchmarks.quant_gpu --out "$OUT/quant-gemm.json"
            step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
              --model-root "$ROOT" --formats bf16,fp8-online,awq --batches 1,32 --out "$OUT/quant-decode.json" ;;
-    quant-ab) step quant-gemm-new 150 $PY -m benchmarks.quant_gpu --gemm-batches 1,16,64,256 --stack-batches 1,32 \
-                --stack-formats bf16,w4a16 --out "$OUT/quant-gemm-new.json"
-              step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
-              step quant-sweep 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
-                --sweep-batches 1,16,64,256 --sweep-formats w4a16 --out "$OUT/quant-sweep.json"
-              step quant-gemm-base 150 env -C "$BASE" $PY -m benchmarks.quant_gpu --gemm-batches 1,16,64,256 \
-                --stack-batches 1,32 --stack-formats bf16,w4a16 --out "$OUT/quant-gemm-base.json" ;;
+    quant-ab) for tree in new base; do
+                step "quant-gemm-$tree" 120 env -C "$(tree_dir $tree)" $PY -m benchmarks.quant_gpu \
+                  --gemm-batches 1,64,128,256 --stack-batches 1,128 --stack-formats bf16,w4a16 \
+                  --out "$OUT/quant-gemm-$tree.json"
+              done
+              step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
                     --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 --out "$OUT/quant-decode.json" ;;
     structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
@@ -126,6 +126,12 @@ for mode in "$@"; do
                        --model-root "$ROOT" --workload mixed --systems kubellm --tensor-parallel-size $tp \
                        --out "$OUT/throughput-llama-3.1-8b-tp$tp.json"
                    done ;;
+    # The same 256 "mixed" requests offline (LLM) and through the HTTP server sent all at once:
+    # the server's cost over the engine at the same concurrency (max_num_seqs 256 in both).
+    online-offline) step throughput-8b-offline 150 $PY -m benchmarks.throughput --model llama-3.1-8b \
+                      --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-8b-offline.json"
+                    step serving-8b-all-at-once 200 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" \
+                      --rates inf --num-requests 256 --out "$OUT/serving-8b-all-at-once.json" ;;
     serving) step serving-8b 300 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" --rates 16 \
                --num-requests 256 --out "$OUT/serving-8b.json" ;;
     *) echo "unknown mode $mode"; exit 2 ;;

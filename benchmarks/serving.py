@@ -177,7 +177,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-0.5b")
     parser.add_argument("--model-root", default=str(Path(tempfile.gettempdir()) / "kubellm-bench-models"))
     parser.add_argument("--url", help="benchmark this running server instead of starting one (model name 'bench')")
-    parser.add_argument("--rates", default="2,8,32", help="request rates per second, comma-separated")
+    parser.add_argument("--rates", default="2,8,32",
+                        help="request rates per second, comma-separated; inf sends every request at once")
     parser.add_argument("--num-requests", type=int, default=200, help="requests per rate")
     parser.add_argument("--workload", choices=["mixed", "fixed"], default="mixed")
     parser.add_argument("--length-scale", type=float, default=1.0, help="shrink lengths (smoke tests)")
@@ -199,7 +200,7 @@ def main() -> None:
         rows = []
         for rate in [float(r) for r in args.rates.split(",")]:
             before = histogram_buckets(url)
-            timings, wall_s = asyncio.run(run_rate(url, "bench", requests, rate, seed=int(rate * 1000)))
+            timings, wall_s = asyncio.run(run_rate(url, "bench", requests, rate, seed=int(rate * 1000) if math.isfinite(rate) else 0))
             after = histogram_buckets(url)
             rows.append(summarize(rate, timings, wall_s))
             for column, metric in HISTOGRAMS.items():
