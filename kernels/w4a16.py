@@ -13,7 +13,7 @@ Decode batches (M of 1..64) give too few output tiles to fill an H200's 132
 SMs, and the GEMM is bound by reading the weight, so K is split across
 programs (split-K) and the fp32 partial sums are added (with the bias) by one more small launch.
 
-Larger batches (above DOT_MAX_M rows: prefill, big decode batches) are bound by
+Larger batches (above DOT_MAX_M rows: prefill, the largest decode batches) are bound by
 the tensor cores instead, where this kernel's per-weight dequantization costs
 more than it saves: the weight is dequantized once into a 16-bit [K, N] buffer
 and cuBLAS multiplies; writing and reading that buffer is a few percent of such a GEMM.
@@ -32,7 +32,9 @@ from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
-DOT_MAX_M = 64  # larger batches dequantize the weight and call cuBLAS (H200: 0.28-0.35x of bf16 at M = 256 before)
+# Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs
+# from 564 to 333 us at M = 256, but from 314 to 334 us at M = 128 (benchmarks/RESULTS.md).
+DOT_MAX_M = 128
 PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
 MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
@@ -223,11 +225,13 @@ def _interpreted() -> bool:
 
 
 def default_config(m: int) -> W4A16Config:
-    """Tiles for a decode batch (up to DOT_MAX_M rows): the batch rounded up to a power of two >= 16."""
+    """Tiles by batch size (up to DOT_MAX_M rows): small batches are bound by reading the weight."""
     if _interpreted():
         return W4A16Config(block_m=MIN_DOT, block_n=32, block_k=MIN_BLOCK_K, num_warps=1, num_stages=1)
-    return W4A16Config(block_m=max(MIN_DOT, triton.next_power_of_2(m)), block_n=64, block_k=128, num_warps=4,
-                       num_stages=4)
+    if m <= 64:
+        return W4A16Config(block_m=max(MIN_DOT, triton.next_power_of_2(m)), block_n=64, block_k=128, num_warps=4,
+                           num_stages=4)
+    return W4A16Config(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3)
 
 
 def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
