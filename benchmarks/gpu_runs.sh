@@ -14,6 +14,11 @@
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
+#   OUT=out bash benchmarks/gpu_runs.sh trace       # 8B kernel traces (decode batch 1 and 128, an 8192-token
+#       prompt; gzipped chrome traces in $OUT/traces) and the "mixed" roofline per step; BANDWIDTH_GBS and
+#       PEAK_TFLOPS (default: this machine type's 4,248 GB/s copy and 779 TFLOP/s bf16 matmul) feed the roofline
+#   OUT=out bash benchmarks/gpu_runs.sh trace-tp2   # two GPUs: rank 0's kernel trace of 8B tp=2 decode at
+#       batch 1, with NCCL all-reduces and with the one-shot kernel
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh host-ab   # the host-bound 0.5B shape: base and this
 #       tree alternating twice (the first pass also fills Triton's cache), nothing else running
 #
@@ -132,6 +137,18 @@ for mode in "$@"; do
                       --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-8b-offline.json"
                     step serving-8b-all-at-once 200 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" \
                       --rates inf --num-requests 256 --out "$OUT/serving-8b-all-at-once.json" ;;
+    trace) step roofline-8b-mixed 30 $PY -m benchmarks.roofline --model llama-3.1-8b --workload mixed \
+             --bandwidth-gbs "${BANDWIDTH_GBS:-4248}" --peak-tflops "${PEAK_TFLOPS:-779}"
+           step trace-8b-b1 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" --batch 1 \
+             --prefill-tokens 8192 --trace-dir "$OUT/traces" --out "$OUT/trace-8b-b1.json"
+           step trace-8b-b128 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" \
+             --batch 128 --trace-dir "$OUT/traces" --out "$OUT/trace-8b-b128.json" ;;
+    trace-tp2) for all_reduce in nccl one-shot; do
+                 step "trace-8b-tp2-b1-$all_reduce" 180 $PY -m benchmarks.kernel_trace --model llama-3.1-8b \
+                   --model-root "$ROOT" --batch 1 --tensor-parallel-size 2 \
+                   $([ $all_reduce = one-shot ] && echo --small-all-reduce) \
+                   --trace-dir "$OUT/traces-$all_reduce" --out "$OUT/trace-8b-tp2-b1-$all_reduce.json"
+               done ;;
     serving) step serving-8b 300 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" --rates 16 \
                --num-requests 256 --out "$OUT/serving-8b.json" ;;
     *) echo "unknown mode $mode"; exit 2 ;;

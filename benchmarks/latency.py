@@ -36,11 +36,12 @@ import torch
 from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save_json
 from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
 from engine import SamplingParams
-from engine.config import EngineConfig
+from engine.config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from engine.distributed import small_all_reduce
 from engine.layers.moe import FusedExperts
 from engine.llm_engine import LLMEngine
 from engine.output_processor import OutputKind
+from engine.scheduler import Scheduler
 
 
 def weight_bytes(engine: LLMEngine, batch: int = 1) -> int:
@@ -77,9 +78,7 @@ def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_toke
     decode = []
     gpu = StepEvents(engine) if engine.config.device.startswith("cuda") else None
     while engine.has_unfinished_requests():
-        decoding = not scheduler.waiting and len(scheduler.running) == batch and all(
-            not seq.is_prefilling and seq.num_output_tokens < new_tokens for seq in scheduler.running
-        )
+        decoding = all_decoding(scheduler, batch, new_tokens)
         start = time.perf_counter()
         if gpu is not None:
             gpu.recording = decoding
@@ -91,6 +90,13 @@ def decode_ms_per_token(engine: LLMEngine, batch: int, prompt_len: int, new_toke
     row = {"batch": batch, "decode_steps": len(decode), "ms_per_step": 1e3 * sum(decode) / max(1, len(decode))}
     row["gpu_idle"] = f"{100 * gpu.idle_share():.0f}%" if gpu is not None else None
     return row
+
+
+def all_decoding(scheduler: Scheduler, batch: int, new_tokens: int) -> bool:
+    """Whether the next step is a decode step of all `batch` requests (no prompt chunks, none finishing)."""
+    return not scheduler.waiting and len(scheduler.running) == batch and all(
+        not seq.is_prefilling and seq.num_output_tokens < new_tokens for seq in scheduler.running
+    )
 
 
 class StepEvents:
@@ -157,34 +163,45 @@ def time_to_first_token(engine: LLMEngine, prompt_len: int, vocab: int) -> dict:
             "eager_steps": steps.eager}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-0.5b")
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the model folder and the engine, shared with benchmarks.kernel_trace."""
     parser.add_argument("--model-root", default=str(Path(tempfile.gettempdir()) / "kubellm-bench-models"))
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--batches", default="1,32")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt length of the decode runs")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--ttft-lens", default="1024,4096,16384")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--max-cudagraph-capture-size", type=int, help="default: the engine's")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--small-all-reduce", action="store_true",
                         help="one-shot symmetric-memory all-reduces for small messages (tensor parallelism)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
+
+
+def engine_config(folder: Path, args: argparse.Namespace, max_num_seqs: int, longest_prompt: int,
+                  most_new_tokens: int) -> EngineConfig:
+    """The engine of the decode and TTFT runs: room for max_num_seqs sequences, the longest prompt in
+    one step (at least 8192 tokens, the engine's default budget) and most_new_tokens after it."""
+    return EngineConfig(model=str(folder), dtype=args.dtype, seed=0, enforce_eager=args.enforce_eager,
+                        max_num_seqs=max_num_seqs, max_model_len=longest_prompt + most_new_tokens,
+                        max_num_batched_tokens=max(DEFAULT_MAX_NUM_BATCHED_TOKENS, longest_prompt),
+                        max_cudagraph_capture_size=args.max_cudagraph_capture_size,
+                        tensor_parallel_size=args.tensor_parallel_size, small_all_reduce=args.small_all_reduce,
+                        gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="qwen2.5-0.5b")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--ttft-lens", default="1024,4096,16384")
+    add_engine_arguments(parser)
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
 
     ttft_lens = [int(n) for n in args.ttft_lens.split(",") if n]
     folder = model_folder(args.model, args.model_root)
     batches = [int(b) for b in args.batches.split(",")]
-    config = EngineConfig(model=str(folder), dtype=args.dtype, seed=0, enforce_eager=args.enforce_eager,
-                          max_num_seqs=max(batches), max_model_len=max([*ttft_lens, args.prompt_len]) + args.new_tokens,
-                          max_num_batched_tokens=max([8192, *ttft_lens]),
-                          max_cudagraph_capture_size=args.max_cudagraph_capture_size,
-                          tensor_parallel_size=args.tensor_parallel_size, small_all_reduce=args.small_all_reduce,
-                          gpu_memory_utilization=args.gpu_memory_utilization)
-    engine = LLMEngine(config)
+    engine = LLMEngine(engine_config(folder, args, max(batches), max([*ttft_lens, args.prompt_len]), args.new_tokens))
     vocab = token_id_limit(folder)
     on_gpu = engine.config.device.startswith("cuda")
     bandwidth = copy_bandwidth_gbs() if on_gpu else None

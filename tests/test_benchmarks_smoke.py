@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from benchmarks import latency, perplexity, routing, serving, structured_output, throughput
+from benchmarks import kernel_trace, latency, perplexity, routing, serving, structured_output, throughput
 from engine.testing import default_model_path
 
 
@@ -45,6 +45,24 @@ def test_latency_runs(tmp_path, monkeypatch, capsys):
     assert all(row["decode_steps"] >= 1 for row in result["decode"])
     assert result["ttft"][0]["prompt_len"] == 16 and result["ttft"][0]["eager_steps"] >= 1
     assert "decode latency" in capsys.readouterr().out
+
+
+def test_kernel_trace_runs(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "trace.json"
+    run_main(kernel_trace, monkeypatch, "--model", "tiny", "--model-root", str(tmp_path), "--dtype", "float32",
+             "--batch", "2", "--steps", "3", "--warmup-steps", "1", "--prompt-len", "8", "--new-tokens", "4",
+             "--prefill-tokens", "32", "--trace-dir", str(tmp_path / "traces"), "--out", str(out))
+    result = json.loads(out.read_text())
+    decode, prefill = result["decode"], result["prefill"]
+    assert decode["batch"] == 2 and decode["steps"] == 3 and prefill["steps"] == 1
+    for summary in (decode, prefill):  # on CPU: the ops of the steps
+        assert summary["source"] == "cpu ops" and 0 < summary["kernel_us"] <= summary["wall_us"]
+        families = {row["name"] for row in summary["families"]}
+        assert {"GEMM", "attention", "norm", "cache write", "sampler"} <= families
+        assert sum(row["us_per_step"] for row in summary["families"]) == pytest.approx(summary["kernel_us"])
+    assert decode["latency_ms_per_step"] > 0 and prefill["forward_passes"]["eager"] == 1
+    assert len(list((tmp_path / "traces").glob("*.json.gz"))) == 2
+    assert "| family | launches/step |" in capsys.readouterr().out
 
 
 def test_serving_runs_against_a_real_server(tmp_path, monkeypatch):
