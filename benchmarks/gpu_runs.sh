@@ -78,7 +78,7 @@ throughput() {  # throughput TREE...
 }
 
 for mode in "$@"; do
-  case $mode in kernels|moe|moe-model|profile|quant-ab) ;; *) write_models ;; esac
+  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv) ;; *) write_models ;; esac
   case $mode in
     tests) step gpu-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_graphs.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
@@ -93,6 +93,11 @@ for mode in "$@"; do
                   --out "$OUT/quant-gemm-$tree.json"
               done
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
+    quant-gemv) step quant-gemm-gemv 120 $PY -m benchmarks.quant_gpu --gemm-batches 1,2,4 --stack-batches 1 \
+                  --stack-formats bf16,w4a16 --out "$OUT/quant-gemm-gemv.json"
+                step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
+                step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                  --sweep-batches 1,4 --sweep-formats w4a16 --out "$OUT/quant-sweep-gemv.json" ;;
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
                     --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 --out "$OUT/quant-decode.json" ;;
     structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \

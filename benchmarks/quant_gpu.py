@@ -42,7 +42,7 @@ from engine.llm_engine import LLMEngine
 from engine.testing.quantized import QUANTIZED_FORMATS, quantize_model_folder, write_random_quantized_folder
 from kernels import quant_reference as ref
 from kernels.fp8 import Fp8Config
-from kernels.w4a16 import W4A16Config
+from kernels.w4a16 import W4A16Config, W4A16GemvConfig
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 # (K, N) of each layer's GEMMs and the layer count, per model shape of the decode-GEMM stack
@@ -76,7 +76,7 @@ class GemmWeights:
                            ref.quantize_fp8_per_channel(weight) if "fp8" in formats else None)
 
 
-KernelConfig = W4A16Config | Fp8Config | None
+KernelConfig = W4A16Config | W4A16GemvConfig | Fp8Config | None
 
 
 def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None) -> Callable[[], torch.Tensor]:
@@ -166,6 +166,7 @@ def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) 
 def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
     w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3)]
+    gemv_tiles = [(256, 16, 4), (128, 16, 4), (256, 8, 4), (512, 16, 8), (128, 8, 4), (256, 16, 8)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
@@ -179,6 +180,10 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
                 for block_n, block_k, warps, stages in w4_tiles:
                     for split in (0, 2, 4):
                         candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split)))
+            if m <= 4 and "w4a16" in formats:  # the CUDA-core GEMV, one program row per activation row
+                for block_n, rows, warps in gemv_tiles:
+                    for split in (0, 1, 2, 4):
+                        candidates.append(("w4a16", W4A16GemvConfig(block_n, rows, warps, 3, split)))
             if "fp8" in formats:
                 for block_n, block_k, warps in fp8_tiles:
                     for split in (0, 1, 2) if m <= 64 else (1,):

@@ -13,6 +13,12 @@ Decode batches (M of 1..64) give too few output tiles to fill an H200's 132
 SMs, and the GEMM is bound by reading the weight, so K is split across
 programs (split-K) and the fp32 partial sums are added (with the bias) by one more small launch.
 
+A single activation row (batch-1 decode, the case 4-bit checkpoints are bought for) skips
+the tensor cores: a GEMV on the CUDA cores reads each packed int32 once, and per int32
+dequantizes and multiplies its eight weights in 16-bit pairs (lop3, sub, fma per pair),
+adding the pairs' sum in fp32. No shared memory, no barriers; the weight stream is
+the only cost left.
+
 Larger batches (above DOT_MAX_M rows: prefill, the largest decode batches) are bound by
 the tensor cores instead, where this kernel's per-weight dequantization costs
 more than it saves: the weight is dequantized once into a 16-bit [K, N] buffer
@@ -35,6 +41,7 @@ MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
 # Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs
 # from 564 to 333 us at M = 256, but from 314 to 334 us at M = 128 (benchmarks/RESULTS.md).
 DOT_MAX_M = 128
+GEMV_MAX_M = 1  # rows the CUDA-core GEMV takes
 PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
 MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
@@ -165,6 +172,97 @@ def _w4a16_kernel(
 
 
 @triton.jit
+def _dot8(packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair, DEQUANT: tl.constexpr):
+    """Per int32 of `packed`: the fp32 sum over its eight nibbles j of (q_j - zero) * x_j.
+
+    x_pair{j} holds the row's 16-bit activations (x_j, x_{j+4}) packed in one int32. Each
+    pair of weights is one lop3 (two nibbles into the mantissas of 128.0 / 1024.0), one packed
+    subtract of (MAGIC + zero) and one packed fma into a 16-bit pair accumulator; the pair
+    is widened to fp32 once per int32.
+    """
+    if DEQUANT == DEQUANT_FAST_BF16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; "
+            "lop3.b32 t, $1, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; mul.rn.bf16x2 acc, t, $2; "
+            "shr.u32 p, $1, 4; lop3.b32 t, p, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; "
+            "fma.rn.bf16x2 acc, t, $3, acc; "
+            "shr.u32 p, $1, 8; lop3.b32 t, p, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; "
+            "fma.rn.bf16x2 acc, t, $4, acc; "
+            "shr.u32 p, $1, 12; lop3.b32 t, p, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; "
+            "fma.rn.bf16x2 acc, t, $5, acc; "
+            "mov.b32 {lo, hi}, acc; cvt.f32.bf16 flo, lo; cvt.f32.bf16 fhi, hi; add.f32 $0, flo, fhi; }",
+            "=f,r,r,r,r,r,r", [packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair], dtype=tl.float32,
+            is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; "
+        "lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; mul.rn.f16x2 acc, t, $2; "
+        "shr.u32 p, $1, 4; lop3.b32 t, p, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; "
+        "fma.rn.f16x2 acc, t, $3, acc; "
+        "shr.u32 p, $1, 8; lop3.b32 t, p, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; "
+        "fma.rn.f16x2 acc, t, $4, acc; "
+        "shr.u32 p, $1, 12; lop3.b32 t, p, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; "
+        "fma.rn.f16x2 acc, t, $5, acc; "
+        "mov.b32 {lo, hi}, acc; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.f32 $0, flo, fhi; }",
+        "=f,r,r,r,r,r,r", [packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair], dtype=tl.float32,
+        is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pair(x_ptr, cols, j: tl.constexpr):
+    """Activations x[cols + j] and x[cols + j + 4] as one int32 of two 16-bit floats (low: j)."""
+    lo = tl.load(x_ptr + cols + j).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = tl.load(x_ptr + cols + j + 4).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return (lo | (hi << 16))[:, None]
+
+
+@triton.jit
+def _w4a16_gemv_kernel(
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, k_per_split,
+    GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    """out[split, m, n] = sum over this program's K split of x[m, k] * W[k, n], on the CUDA cores.
+
+    Each program takes ROWS packed rows (8 * ROWS input rows, inside one group) of BLOCK_N
+    columns per step and keeps [ROWS, BLOCK_N] fp32 partial sums, reduced across rows once.
+    """
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, ROWS)
+    mask_n = offs_n < N
+    x_row = x_ptr + row * stride_xm
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS):
+        w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
+        if EVEN_N:
+            packed = tl.load(w_ptrs)
+        else:
+            packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+        group = k0 // GROUP_SIZE
+        scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_ZEROS:
+            zero = tl.load(zeros_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        else:
+            zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
+        cols = k0 + 8 * offs_r  # the first input row of each packed row
+        if DEQUANT == DEQUANT_PLAIN:
+            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            for j in tl.static_range(8):
+                x_j = tl.load(x_row + cols + j).to(tl.float32)[:, None]
+                part += (((packed >> (4 * j)) & 0xF).to(tl.float32) - zero) * x_j
+        else:
+            zero16 = (zero + MAGIC).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            part = _dot8(packed, _x_pair(x_row, cols, 0), _x_pair(x_row, cols, 1), _x_pair(x_row, cols, 2),
+                         _x_pair(x_row, cols, 3), zero16 | (zero16 << 16), DEQUANT)
+        acc += part * scale
+    out = tl.sum(acc, axis=0)
+    if HAS_BIAS:
+        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + pid_k * M * N + row * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
 def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K,
                        GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
                        SYM_ZERO: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -220,6 +318,17 @@ class W4A16Config:
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
 
 
+@dataclass(frozen=True)
+class W4A16GemvConfig:
+    """Columns, packed rows per step, warps and K splits of one launch of the GEMV kernel."""
+
+    block_n: int = 256
+    rows: int = 16  # packed rows per step: 8 * rows input rows, which must lie in one group
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int = 0  # 0: choose from the shape (see choose_split_k)
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -250,6 +359,35 @@ def _default_split_k(m: int, n: int, k: int, config: W4A16Config) -> int:
     return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
 
 
+def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                group_size: int, bias: torch.Tensor | None, config: W4A16GemvConfig) -> torch.Tensor:
+    m, k = x.shape
+    n = qweight.shape[1]
+    block_k = PACK_FACTOR * config.rows
+    split_k = config.split_k or (2 if _interpreted() else choose_split_k(
+        triton.cdiv(n, config.block_n), k // block_k, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device())))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    out = torch.empty(split_k, m, n, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
+    dequant = DEQUANT_PLAIN.value if _interpreted() or x.dtype == torch.float32 else (
+        DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value)
+    if not m:
+        return out[0]
+    _w4a16_gemv_kernel[(triton.cdiv(n, config.block_n), split_k, m)](
+        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+        m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
+        BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
+
+
+def _gemv_fits(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | None, config: W4A16GemvConfig) -> bool:
+    """The GEMV needs whole groups per step (no g_idx) and whole steps per K."""
+    block_k = PACK_FACTOR * config.rows
+    return g_idx is None and group_size % block_k == 0 and x.shape[1] % block_k == 0
+
+
 def w4a16_matmul(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -258,14 +396,15 @@ def w4a16_matmul(
     group_size: int,
     g_idx: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    config: W4A16Config | None = None,
+    config: W4A16Config | W4A16GemvConfig | None = None,
 ) -> torch.Tensor:
     """x [M, K] (fp16 / bf16 / fp32) @ the W4A16 weight [K, N] -> [M, N] in x's dtype.
 
     With g_idx the group of each row is looked up (any order); otherwise rows
     k*G..(k+1)*G-1 form group k. Groups that are a multiple of the K tile (128, per
     channel) take the fast path: one scale per tile, weights dequantized two per instruction.
-    Batches above DOT_MAX_M rows (unless a config asks for this kernel) dequantize and call cuBLAS.
+    Up to GEMV_MAX_M rows take the GEMV where its groups fit; batches above DOT_MAX_M rows
+    dequantize and call cuBLAS. A config picks one kernel and its tiles instead.
     """
     m, k = x.shape
     n = qweight.shape[1]
@@ -273,12 +412,16 @@ def w4a16_matmul(
         raise ValueError(f"qweight {list(qweight.shape)} does not pack K={k} input features")
     if not all(t is None or t.is_contiguous() for t in (qweight, scales, zeros, g_idx)):
         raise ValueError("W4A16 qweight, scales, zeros and g_idx must be contiguous")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    gemv = config if isinstance(config, W4A16GemvConfig) else W4A16GemvConfig()
+    if (isinstance(config, W4A16GemvConfig) or (config is None and m <= GEMV_MAX_M)) and _gemv_fits(
+            x, group_size, g_idx, gemv):
+        return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, gemv)
     if m > DOT_MAX_M and config is None:
         weight = dequantize_w4a16(qweight, scales, zeros, group_size, g_idx, x.dtype)
         return torch.addmm(bias, x, weight) if bias is not None else x @ weight
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    config = config or default_config(m)
+    config = config if isinstance(config, W4A16Config) else default_config(m)
     if config.block_k < MIN_BLOCK_K or config.block_k & (config.block_k - 1):
         raise ValueError(f"W4A16 block_k must be a power of two >= {MIN_BLOCK_K}, not {config.block_k}")
     scale_per_tile = g_idx is None and group_size % config.block_k == 0
