@@ -93,11 +93,8 @@ for mode in "$@"; do
                   --out "$OUT/quant-gemm-$tree.json"
               done
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
-    quant-gemv) step quant-gemm-gemv 120 $PY -m benchmarks.quant_gpu --gemm-batches 1,2,4 --stack-batches 1 \
-                  --stack-formats bf16,w4a16 --out "$OUT/quant-gemm-gemv.json"
-                step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
-                step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
-                  --sweep-batches 1,4 --sweep-formats w4a16 --out "$OUT/quant-sweep-gemv.json" ;;
+    quant-gemv) step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                  --sweep-batches 1,2 --sweep-formats w4a16-gemv --out "$OUT/quant-sweep-gemv.json" ;;
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
                     --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 --out "$OUT/quant-decode.json" ;;
     structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
@@ -142,6 +139,8 @@ for mode in "$@"; do
                       --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-8b-offline.json"
                     step serving-8b-all-at-once 200 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" \
                       --rates inf --num-requests 256 --out "$OUT/serving-8b-all-at-once.json" ;;
+    trace-b128) step trace-8b-b128 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" \
+                  --batch 128 --trace-dir "$OUT/traces" --out "$OUT/trace-8b-b128.json" ;;
     trace) step roofline-8b-mixed 30 $PY -m benchmarks.roofline --model llama-3.1-8b --workload mixed \
              --bandwidth-gbs "${BANDWIDTH_GBS:-4248}" --peak-tflops "${PEAK_TFLOPS:-779}"
            step trace-8b-b1 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" --batch 1 \

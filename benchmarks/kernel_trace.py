@@ -240,6 +240,9 @@ def record(engine: LLMEngine, unit: Callable[[], None], repeats: int, keep: Path
         return json.loads(path.read_text())["traceEvents"]
 
 
+PROMPT_STEPS_SLACK = 10
+
+
 def trace_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:
     """The decode steps of `batch` requests, after benchmarks.latency's figure for the same batch."""
     latency = decode_ms_per_token(engine, batch, args.prompt_len, args.new_tokens, vocab)
@@ -269,9 +272,11 @@ def trace_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, vocab:
 
 
 def traced_new_tokens(args: argparse.Namespace) -> int:
-    """Tokens each traced decode request generates: the first (its prompt's step), the warm-up and traced
-    steps, and one more, so that no traced step has a request finishing in it."""
-    return args.warmup_steps + args.steps + 2
+    """Tokens each traced decode request generates: the warm-up and traced steps, plus slack for the
+    steps before all requests decode (a batch whose prompts take several chunked-prefill steps starts
+    decoding its first requests early; on the H200 batch 128 failed with a slack of 2), so that no
+    traced step has a request finishing in it."""
+    return args.warmup_steps + args.steps + PROMPT_STEPS_SLACK
 
 
 def trace_prefill(engine: LLMEngine, prompt_len: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:

@@ -180,10 +180,10 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
                 for block_n, block_k, warps, stages in w4_tiles:
                     for split in (0, 2, 4):
                         candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split)))
-            if m <= 4 and "w4a16" in formats:  # the CUDA-core GEMV, one program row per activation row
-                for block_n, rows, warps in gemv_tiles:
+            if m <= 4 and {"w4a16", "w4a16-gemv"} & set(formats):  # the CUDA-core GEMV, one program row per row
+                for block_n, packed_rows, warps in gemv_tiles:
                     for split in (0, 1, 2, 4):
-                        candidates.append(("w4a16", W4A16GemvConfig(block_n, rows, warps, 3, split)))
+                        candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, 3, split)))
             if "fp8" in formats:
                 for block_n, block_k, warps in fp8_tiles:
                     for split in (0, 1, 2) if m <= 64 else (1,):
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--stack-model", choices=sorted(STACK_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--stack-formats", default=",".join(STACK_FORMATS))
     parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
-    parser.add_argument("--sweep-formats", default="w4a16,fp8")
+    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--formats", default="bf16,fp8,fp8-channel,fp8-online,awq,gptq,compressed-tensors",
