@@ -95,8 +95,13 @@ for mode in "$@"; do
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
     quant-gemv) step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
                   --sweep-batches 1,2 --sweep-formats w4a16-gemv --out "$OUT/quant-sweep-gemv.json" ;;
-    quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --decode --model llama-3.1-8b \
-                    --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 --out "$OUT/quant-decode.json" ;;
+    quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
+                    --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 \
+                    --out "$OUT/quant-decode.json" ;;
+    # The 70B shape written straight in W4A16 (AWQ layout, ~37 GB), served on one GPU.
+    quant-decode-70b) step quant-decode-70b 330 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
+                        --model llama-3.1-70b --model-root "$ROOT" --formats awq --batches 1,32 \
+                        --out "$OUT/quant-decode-70b.json" ;;
     structured) step structured 90 $PY -m benchmarks.structured_output --tokenizer "$ROOT/llama-3.1-8b" \
                   --batch 32 --out "$OUT/structured.json" ;;
     moe-model) step write-30b-a3b 240 $PY -m benchmarks.gpu_random_model --model qwen3-30b-a3b --model-root "$ROOT"
