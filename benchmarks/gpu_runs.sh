@@ -98,6 +98,13 @@ for mode in "$@"; do
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
                     --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 \
                     --out "$OUT/quant-decode.json" ;;
+    # 8B "mixed" in bf16, online FP8 weights, and FP8 weights with an FP8 KV cache (KV blocks printed).
+    quant-mixed) for variant in bf16 fp8 fp8-kv; do
+                   step "throughput-8b-$variant" 150 $PY -m benchmarks.throughput --model llama-3.1-8b \
+                     --model-root "$ROOT" --workload mixed --systems kubellm \
+                     $([ $variant != bf16 ] && echo --quantization fp8) \
+                     $([ $variant = fp8-kv ] && echo --kv-cache-dtype fp8) --out "$OUT/throughput-8b-$variant.json"
+                 done ;;
     # The 70B shape written straight in W4A16 (AWQ layout, ~37 GB), served on one GPU.
     quant-decode-70b) step quant-decode-70b 330 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
                         --model llama-3.1-70b --model-root "$ROOT" --formats awq --batches 1,32 \

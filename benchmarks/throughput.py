@@ -43,7 +43,8 @@ def run_kubellm(folder: Path, requests: list[Request], args: argparse.Namespace)
     llm = LLM(model=str(folder), dtype=args.dtype, max_model_len=args.max_model_len, seed=0,
               max_num_seqs=args.max_num_seqs, enforce_eager=args.enforce_eager,
               max_cudagraph_capture_size=args.max_cudagraph_capture_size,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     runner = llm.llm_engine.core.model_runner
     prompts = [{"prompt_token_ids": r.prompt_token_ids} for r in requests]
     params = [SamplingParams(temperature=0.0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
@@ -59,7 +60,8 @@ def run_kubellm(folder: Path, requests: list[Request], args: argparse.Namespace)
     steps = dataclasses.asdict(runner.step_counts.since(before))
     graphs = runner.cuda_graphs
     return {"elapsed_s": elapsed, "output_tokens": generated, "generated_tokens": generated,
-            "stats": vars(llm.get_stats()), "steps": steps,
+            "stats": vars(llm.get_stats()), "steps": steps, "kv_blocks": runner.num_kv_blocks,
+            "kv_cache_gib": runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30,
             "cuda_graph_gib": graphs.memory_bytes / 2**30 if graphs else 0.0,
             "cuda_graph_capture_s": graphs.capture_seconds if graphs else 0.0}
 
@@ -141,7 +143,9 @@ def child_command(args: argparse.Namespace, system: str, result_file: str) -> li
                  "--dtype", args.dtype, "--max-model-len", str(args.max_model_len),
                  "--max-num-seqs", str(args.max_num_seqs), "--static-batch", str(args.static_batch),
                  "--baseline-requests", str(args.baseline_requests), "--length-scale", str(args.length_scale),
-                 "--tensor-parallel-size", str(args.tensor_parallel_size)]
+                 "--tensor-parallel-size", str(args.tensor_parallel_size), "--kv-cache-dtype", args.kv_cache_dtype]
+    if args.quantization:
+        forwarded += ["--quantization", args.quantization]
     if args.num_requests:
         forwarded += ["--num-requests", str(args.num_requests)]
     if args.enforce_eager:
@@ -180,6 +184,8 @@ def main() -> None:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--max-num-seqs", type=int, default=256)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--quantization", help="kubellm's --quantization (e.g. fp8: online FP8 weights)")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="kubellm's --kv-cache-dtype (auto or fp8)")
     parser.add_argument("--max-cudagraph-capture-size", type=int, help="kubellm's; default: the engine's")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs kubellm shards the model across")
     parser.add_argument("--system-timeout", type=float, default=None, help="seconds per system, loading included")
@@ -203,7 +209,8 @@ def main() -> None:
                 continue
             results.append(json.loads(result_file.read_text()))
             result = results[-1]
-            graphs = (f"; CUDA graphs {result['cuda_graph_gib']:.2f} GiB, captured in "
+            graphs = (f"; KV cache {result['kv_blocks']:,} blocks in {result['kv_cache_gib']:.1f} GiB"
+                      f"; CUDA graphs {result['cuda_graph_gib']:.2f} GiB, captured in "
                       f"{result['cuda_graph_capture_s']:.1f} s" if "cuda_graph_gib" in result else "")
             print(f"{system}: {result['output_tok_s']:,.0f} output tok/s "
                   f"({result['requests']} requests, {result['elapsed_s']:.1f} s{graphs})", flush=True)
