@@ -93,8 +93,9 @@ for mode in "$@"; do
                   --out "$OUT/quant-gemm-$tree.json"
               done
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
-    quant-gemv) step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
-                  --sweep-batches 1,2 --sweep-formats w4a16-gemv --out "$OUT/quant-sweep-gemv.json" ;;
+    quant-gemv) step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
+                step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                  --sweep-batches 1 --sweep-formats w4a16-gemv --out "$OUT/quant-sweep-gemv.json" ;;
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
                     --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 \
                     --out "$OUT/quant-decode.json" ;;

@@ -208,11 +208,38 @@ def _dot8(packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair, DEQUANT: tl.con
 
 
 @triton.jit
-def _x_pair(x_ptr, cols, j: tl.constexpr):
-    """Activations x[cols + j] and x[cols + j + 4] as one int32 of two 16-bit floats (low: j)."""
-    lo = tl.load(x_ptr + cols + j).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi = tl.load(x_ptr + cols + j + 4).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return (lo | (hi << 16))[:, None]
+def _halves(a, b, HIGH: tl.constexpr, PRMT: tl.constexpr):
+    """The low (or high) 16 bits of a and of b as one int32 (a's in the low half): one prmt on the GPU."""
+    if PRMT:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, " + ("0x7632;" if HIGH else "0x5410;"), "=r,r,r",
+                                         [a, b], dtype=tl.int32, is_pure=True, pack=1)
+    if HIGH:
+        return ((a >> 16) & 0xFFFF) | ((b >> 16) << 16)
+    return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
+def _x_pairs(x_words_ptr, word_cols, PRMT: tl.constexpr):
+    """The activation pairs (x_j, x_{j+4}), j = 0..3, of each packed row, as four int32 columns.
+
+    One 16-byte load per packed row reads its eight 16-bit activations as four words
+    (x0 x1) (x2 x3) (x4 x5) (x6 x7); one byte permute per pair regroups them.
+    """
+    words = tl.load(x_words_ptr + word_cols[:, None] + tl.arange(0, 4)[None, :])
+    even, odd = tl.split(tl.reshape(words, (words.shape[0], 2, 2)))  # (w0, w2), (w1, w3)
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return (_halves(w0, w2, False, PRMT)[:, None], _halves(w0, w2, True, PRMT)[:, None],
+            _halves(w1, w3, False, PRMT)[:, None], _halves(w1, w3, True, PRMT)[:, None])
+
+
+@triton.jit
+def _packed_tile(qweight_ptr, k0, k_end, offs_r, offs_n, mask_n, N, EVEN_N: tl.constexpr):
+    """The packed rows k0 // 8 + offs_r of the tile's columns (zeros once k0 reaches k_end)."""
+    ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
+    if EVEN_N:
+        return tl.load(ptrs, mask=k0 < k_end, other=0)
+    return tl.load(ptrs, mask=(k0 < k_end) & mask_n[None, :], other=0)
 
 
 @triton.jit
@@ -220,11 +247,13 @@ def _w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     """out[split, m, n] = sum over this program's K split of x[m, k] * W[k, n], on the CUDA cores.
 
     Each program takes ROWS packed rows (8 * ROWS input rows, inside one group) of BLOCK_N
     columns per step and keeps [ROWS, BLOCK_N] fp32 partial sums, reduced across rows once.
+    PREFETCH loads the next step's packed rows before working on the current ones.
     """
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -233,12 +262,13 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS):
-        w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
-        if EVEN_N:
-            packed = tl.load(w_ptrs)
+    k_end = tl.minimum(k_start + k_per_split, K)
+    packed = _packed_tile(qweight_ptr, k_start, k_end, offs_r, offs_n, mask_n, N, EVEN_N)
+    for k0 in range(k_start, k_end, 8 * ROWS):
+        if PREFETCH:
+            upcoming = _packed_tile(qweight_ptr, k0 + 8 * ROWS, k_end, offs_r, offs_n, mask_n, N, EVEN_N)
         else:
-            packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
+            packed = _packed_tile(qweight_ptr, k0, k_end, offs_r, offs_n, mask_n, N, EVEN_N)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_ZEROS:
@@ -253,9 +283,11 @@ def _w4a16_gemv_kernel(
                 part += (((packed >> (4 * j)) & 0xF).to(tl.float32) - zero) * x_j
         else:
             zero16 = (zero + MAGIC).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            part = _dot8(packed, _x_pair(x_row, cols, 0), _x_pair(x_row, cols, 1), _x_pair(x_row, cols, 2),
-                         _x_pair(x_row, cols, 3), zero16 | (zero16 << 16), DEQUANT)
+            pair0, pair1, pair2, pair3 = _x_pairs(x_row.to(tl.pointer_type(tl.int32)), cols // 2, True)
+            part = _dot8(packed, pair0, pair1, pair2, pair3, zero16 | (zero16 << 16), DEQUANT)
         acc += part * scale
+        if PREFETCH:
+            packed = upcoming
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -327,6 +359,7 @@ class W4A16GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
+    prefetch: bool = False  # load the next step's packed rows before working on the current ones
 
 
 def _interpreted() -> bool:
@@ -378,14 +411,16 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
         BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
 
 
 def _gemv_fits(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | None, config: W4A16GemvConfig) -> bool:
-    """The GEMV needs whole groups per step (no g_idx) and whole steps per K."""
+    """The GEMV needs whole groups per step (no g_idx), whole steps per K, and rows it can read as
+    32-bit words (pairs of 16-bit activations)."""
     block_k = PACK_FACTOR * config.rows
-    return g_idx is None and group_size % block_k == 0 and x.shape[1] % block_k == 0
+    return (g_idx is None and group_size % block_k == 0 and x.shape[1] % block_k == 0
+            and x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0)
 
 
 def w4a16_matmul(

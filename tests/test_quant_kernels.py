@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels
 from kernels import quant_reference as ref
+from kernels import w4a16
 from kernels.fp8 import Fp8Config
 from kernels.w4a16 import DOT_MAX_M, W4A16Config, W4A16GemvConfig
 
@@ -96,15 +99,15 @@ def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, k, group_size):
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k,prefetch", [(1, False), (3, True)])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
-def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, m, dtype):
+def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, prefetch, m, dtype):
     # The CUDA-core GEMV (one program per row): N not a multiple of its tile, K split unevenly.
     k, n, group = 192, 72, 32
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
     scales, zeros = scales.to(dtype), zeros.to(dtype)
     x, bias = random(m, k, dtype=dtype, seed=2), random(n, dtype=dtype, seed=3)
-    config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k)
+    config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k, prefetch=prefetch)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
     assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
@@ -243,3 +246,23 @@ def test_fp8_triton_path_matches_scaled_mm_gpu():
     triton_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.float16)
     scaled_mm_out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     assert relative_error(triton_out, scaled_mm_out) < TOLERANCE[torch.bfloat16]
+
+
+@triton.jit
+def _x_pairs_probe(x_ptr, out_ptr, ROWS: tl.constexpr):
+    offs_r = tl.arange(0, ROWS)
+    pairs = w4a16._x_pairs(x_ptr.to(tl.pointer_type(tl.int32)), offs_r * 4, False)  # prmt: GPU only
+    for j in tl.static_range(4):
+        tl.store(out_ptr + j * ROWS + offs_r[:, None], pairs[j])
+
+
+def test_w4a16_gemv_regroups_activations_into_nibble_pairs():
+    # The GEMV's fast path multiplies nibbles j and j + 4 of an int32 by one (x_j, x_{j+4}) pair.
+    rows = 4
+    x = torch.arange(1, 8 * rows + 1, dtype=torch.int16, device=DEVICE)  # stand-ins for 16-bit floats
+    out = torch.empty(4, rows, dtype=torch.int32, device=DEVICE)
+    _x_pairs_probe[(1,)](x, out, ROWS=rows)
+    for r in range(rows):
+        for j in range(4):
+            low, high = int(out[j, r]) & 0xFFFF, (int(out[j, r]) >> 16) & 0xFFFF
+            assert (low, high) == (int(x[8 * r + j]), int(x[8 * r + j + 4]))
