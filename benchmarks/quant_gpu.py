@@ -166,9 +166,7 @@ def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) 
 def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
     w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3)]
-    # block_n, rows, warps, prefetch
-    gemv_tiles = [(256, 16, 4, False), (256, 16, 4, True), (128, 16, 4, True), (256, 8, 4, True), (128, 8, 4, True),
-                  (512, 16, 8, True)]
+    gemv_tiles = [(256, 16, 4), (128, 16, 4), (256, 8, 4), (128, 8, 4), (512, 16, 8)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
@@ -183,9 +181,9 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
                     for split in (0, 2, 4):
                         candidates.append(("w4a16", W4A16Config(block_m, block_n, block_k, warps, stages, split)))
             if m <= 4 and {"w4a16", "w4a16-gemv"} & set(formats):  # the CUDA-core GEMV, one program row per row
-                for block_n, packed_rows, warps, prefetch in gemv_tiles:
+                for block_n, packed_rows, warps in gemv_tiles:
                     for split in (0, 4):
-                        candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, 3, split, prefetch)))
+                        candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, 3, split)))
             if "fp8" in formats:
                 for block_n, block_k, warps in fp8_tiles:
                     for split in (0, 1, 2) if m <= 64 else (1,):

@@ -234,26 +234,17 @@ def _x_pairs(x_words_ptr, word_cols, PRMT: tl.constexpr):
 
 
 @triton.jit
-def _packed_tile(qweight_ptr, k0, k_end, offs_r, offs_n, mask_n, N, EVEN_N: tl.constexpr):
-    """The packed rows k0 // 8 + offs_r of the tile's columns (zeros once k0 reaches k_end)."""
-    ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
-    if EVEN_N:
-        return tl.load(ptrs, mask=k0 < k_end, other=0)
-    return tl.load(ptrs, mask=(k0 < k_end) & mask_n[None, :], other=0)
-
-
-@triton.jit
 def _w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """out[split, m, n] = sum over this program's K split of x[m, k] * W[k, n], on the CUDA cores.
 
     Each program takes ROWS packed rows (8 * ROWS input rows, inside one group) of BLOCK_N
     columns per step and keeps [ROWS, BLOCK_N] fp32 partial sums, reduced across rows once.
-    PREFETCH loads the next step's packed rows before working on the current ones.
+    (Loading the next step's packed rows before working on the current ones measured slower on
+    the H200: more registers, fewer resident warps.)
     """
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -262,13 +253,12 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)
-    packed = _packed_tile(qweight_ptr, k_start, k_end, offs_r, offs_n, mask_n, N, EVEN_N)
-    for k0 in range(k_start, k_end, 8 * ROWS):
-        if PREFETCH:
-            upcoming = _packed_tile(qweight_ptr, k0 + 8 * ROWS, k_end, offs_r, offs_n, mask_n, N, EVEN_N)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS):
+        w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
+        if EVEN_N:
+            packed = tl.load(w_ptrs)
         else:
-            packed = _packed_tile(qweight_ptr, k0, k_end, offs_r, offs_n, mask_n, N, EVEN_N)
+            packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_ZEROS:
@@ -286,8 +276,6 @@ def _w4a16_gemv_kernel(
             pair0, pair1, pair2, pair3 = _x_pairs(x_row.to(tl.pointer_type(tl.int32)), cols // 2, True)
             part = _dot8(packed, pair0, pair1, pair2, pair3, zero16 | (zero16 << 16), DEQUANT)
         acc += part * scale
-        if PREFETCH:
-            packed = upcoming
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -359,7 +347,6 @@ class W4A16GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
-    prefetch: bool = False  # load the next step's packed rows before working on the current ones
 
 
 def _interpreted() -> bool:
@@ -411,7 +398,7 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
         BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
-        PREFETCH=config.prefetch, num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages)
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
 
 

@@ -99,15 +99,15 @@ def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, k, group_size):
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("split_k,prefetch", [(1, False), (3, True)])
+@pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
-def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, prefetch, m, dtype):
+def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, m, dtype):
     # The CUDA-core GEMV (one program per row): N not a multiple of its tile, K split unevenly.
     k, n, group = 192, 72, 32
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
     scales, zeros = scales.to(dtype), zeros.to(dtype)
     x, bias = random(m, k, dtype=dtype, seed=2), random(n, dtype=dtype, seed=3)
-    config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k, prefetch=prefetch)
+    config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
     assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
