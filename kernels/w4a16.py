@@ -171,40 +171,32 @@ def _w4a16_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _dot8_ptx(half: str, magic_pair: str) -> str:
+    """The PTX of _dot8 for one 16-bit format (bf16 or f16; magic_pair: MAGIC's bits, twice)."""
+    def pair(source: str) -> str:  # nibbles 0 and 4 of `source` as (q - zero), in t
+        return f"lop3.b32 t, {source}, 0x000f000f, {magic_pair}, 0xea; sub.rn.{half}x2 t, t, $6; "
+
+    steps = [f"{pair('$1')}mul.rn.{half}x2 acc, t, $2; "]
+    steps += [f"shr.u32 p, $1, {4 * j}; {pair('p')}fma.rn.{half}x2 acc, t, ${2 + j}, acc; " for j in (1, 2, 3)]
+    return ("{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; " + "".join(steps)
+            + f"mov.b32 {{lo, hi}}, acc; cvt.f32.{half} flo, lo; cvt.f32.{half} fhi, hi; add.f32 $0, flo, fhi; }}")
+
+
+DOT8_PTX = {DEQUANT_FAST_BF16.value: _dot8_ptx("bf16", "0x43004300"),
+            DEQUANT_FAST_FP16.value: _dot8_ptx("f16", "0x64006400")}
+
+
 @triton.jit
-def _dot8(packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair, DEQUANT: tl.constexpr):
+def _dot8(packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair, PTX: tl.constexpr):
     """Per int32 of `packed`: the fp32 sum over its eight nibbles j of (q_j - zero) * x_j.
 
     x_pair{j} holds the row's 16-bit activations (x_j, x_{j+4}) packed in one int32. Each
     pair of weights is one lop3 (two nibbles into the mantissas of 128.0 / 1024.0), one packed
     subtract of (MAGIC + zero) and one packed fma into a 16-bit pair accumulator; the pair
-    is widened to fp32 once per int32.
+    is widened to fp32 once per int32 (PTX from DOT8_PTX).
     """
-    if DEQUANT == DEQUANT_FAST_BF16:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; "
-            "lop3.b32 t, $1, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; mul.rn.bf16x2 acc, t, $2; "
-            "shr.u32 p, $1, 4; lop3.b32 t, p, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; "
-            "fma.rn.bf16x2 acc, t, $3, acc; "
-            "shr.u32 p, $1, 8; lop3.b32 t, p, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; "
-            "fma.rn.bf16x2 acc, t, $4, acc; "
-            "shr.u32 p, $1, 12; lop3.b32 t, p, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $6; "
-            "fma.rn.bf16x2 acc, t, $5, acc; "
-            "mov.b32 {lo, hi}, acc; cvt.f32.bf16 flo, lo; cvt.f32.bf16 fhi, hi; add.f32 $0, flo, fhi; }",
-            "=f,r,r,r,r,r,r", [packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair], dtype=tl.float32,
-            is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; "
-        "lop3.b32 t, $1, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; mul.rn.f16x2 acc, t, $2; "
-        "shr.u32 p, $1, 4; lop3.b32 t, p, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; "
-        "fma.rn.f16x2 acc, t, $3, acc; "
-        "shr.u32 p, $1, 8; lop3.b32 t, p, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; "
-        "fma.rn.f16x2 acc, t, $4, acc; "
-        "shr.u32 p, $1, 12; lop3.b32 t, p, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $6; "
-        "fma.rn.f16x2 acc, t, $5, acc; "
-        "mov.b32 {lo, hi}, acc; cvt.f32.f16 flo, lo; cvt.f32.f16 fhi, hi; add.f32 $0, flo, fhi; }",
-        "=f,r,r,r,r,r,r", [packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair], dtype=tl.float32,
-        is_pure=True, pack=1)
+    return tl.inline_asm_elementwise(PTX, "=f,r,r,r,r,r,r", [packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair],
+                                     dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -238,6 +230,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
+    PTX: tl.constexpr,
 ):
     """out[split, m, n] = sum over this program's K split of x[m, k] * W[k, n], on the CUDA cores.
 
@@ -274,7 +267,7 @@ def _w4a16_gemv_kernel(
         else:
             zero16 = (zero + MAGIC).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
             pair0, pair1, pair2, pair3 = _x_pairs(x_row.to(tl.pointer_type(tl.int32)), cols // 2, True)
-            part = _dot8(packed, pair0, pair1, pair2, pair3, zero16 | (zero16 << 16), DEQUANT)
+            part = _dot8(packed, pair0, pair1, pair2, pair3, zero16 | (zero16 << 16), PTX)
         acc += part * scale
     out = tl.sum(acc, axis=0)
     if HAS_BIAS:
@@ -398,7 +391,7 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
         m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
         BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        PTX=DOT8_PTX.get(dequant, ""), num_warps=config.num_warps, num_stages=config.num_stages)
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
 
 
