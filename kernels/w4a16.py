@@ -21,8 +21,9 @@ the only cost left.
 
 Larger batches (above DOT_MAX_M rows: prefill, the largest decode batches) are bound by
 the tensor cores instead, where this kernel's per-weight dequantization costs
-more than it saves: the weight is dequantized once into a 16-bit [K, N] buffer
-and cuBLAS multiplies; writing and reading that buffer is a few percent of such a GEMM.
+more than it saves: the weight is dequantized into a 16-bit buffer a block of
+columns at a time (DEQUANT_CHUNK_BYTES) and cuBLAS multiplies; writing and reading
+that buffer is a few percent of such a GEMM.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
 # from 564 to 333 us at M = 256, but from 314 to 334 us at M = 128 (benchmarks/RESULTS.md).
 DOT_MAX_M = 128
 GEMV_MAX_M = 1  # rows the CUDA-core GEMV takes
+# The dense copy of a weight is made (and dropped) this much at a time: every Llama-3.1-8B weight in one
+# piece (gate_up: 235 MB), the 70B shape's gate_up (940 MB) in four.
+DEQUANT_CHUNK_BYTES = 256 << 20
 PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
 MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
@@ -276,10 +280,12 @@ def _w4a16_gemv_kernel(
 
 
 @triton.jit
-def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K,
+def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K, stride_row,
                        GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
                        SYM_ZERO: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
     """ROWS packed rows (8 * ROWS input rows) x BLOCK_N columns of the weight, written to out [K, N].
+
+    qweight, scales and zeros may be column slices of wider tensors (row stride stride_row).
 
     The eight input rows of one packed row share a group (groups are multiples of 8 rows), so
     scales and zeros are read once per packed row; with g_idx each weight looks its group up.
@@ -287,15 +293,15 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_r < K // 8)[:, None] & (offs_n < N)[None, :]
-    packed = tl.load(qweight_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    packed = tl.load(qweight_ptr + offs_r[:, None] * stride_row + offs_n[None, :], mask=mask, other=0)
     if not HAS_G_IDX:
-        meta = (offs_r * 8 // GROUP_SIZE)[:, None] * N + offs_n[None, :]
+        meta = (offs_r * 8 // GROUP_SIZE)[:, None] * stride_row + offs_n[None, :]
         scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
         zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32) if HAS_ZEROS else SYM_ZERO
     for j in tl.static_range(8):
         rows = offs_r * 8 + j
         if HAS_G_IDX:
-            meta = tl.load(g_idx_ptr + rows, mask=rows < K, other=0)[:, None] * N + offs_n[None, :]
+            meta = tl.load(g_idx_ptr + rows, mask=rows < K, other=0)[:, None] * stride_row + offs_n[None, :]
             scale = tl.load(scales_ptr + meta, mask=mask, other=0.0).to(tl.float32)
             zero = tl.load(zeros_ptr + meta, mask=mask, other=0.0).to(tl.float32) if HAS_ZEROS else SYM_ZERO
         q = ((packed >> (4 * j)) & 0xF).to(tl.float32)
@@ -307,14 +313,19 @@ def dequantize_w4a16(
     qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int,
     g_idx: torch.Tensor | None, dtype: torch.dtype,
 ) -> torch.Tensor:
-    """The W4A16 weight as a dense [K, N] tensor of `dtype`, in one launch."""
+    """The W4A16 weight as a dense [K, N] tensor of `dtype`, in one launch.
+
+    qweight, scales and zeros may be the same column slice of their tensors (rows contiguous).
+    """
     k, n = qweight.shape[0] * PACK_FACTOR, qweight.shape[1]
+    if not all(t is None or (t.stride(1) == 1 and t.stride(0) == qweight.stride(0)) for t in (qweight, scales, zeros)):
+        raise ValueError("W4A16 qweight, scales and zeros must share one row stride, with contiguous rows")
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
     rows, block_n = (16, 32) if _interpreted() else (16, 128)
     if k and n:
         _dequantize_kernel[(triton.cdiv(k // PACK_FACTOR, rows), triton.cdiv(n, block_n))](
             qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight, out,
-            n, k, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
+            n, k, qweight.stride(0), GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
             SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=rows, BLOCK_N=block_n, num_warps=1 if _interpreted() else 4)
     return out
 
@@ -395,6 +406,24 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
 
 
+def _dequantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                        group_size: int, g_idx: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W for large batches: W dequantized and multiplied by cuBLAS DEQUANT_CHUNK_BYTES at a time
+    (whole column blocks), so no full-size dense copy of a large weight exists even for a moment."""
+    (m, k), n = x.shape, qweight.shape[1]
+    columns = max(128, DEQUANT_CHUNK_BYTES // (k * x.element_size()) // 128 * 128)
+    if columns >= n:
+        weight = dequantize_w4a16(qweight, scales, zeros, group_size, g_idx, x.dtype)
+        return torch.addmm(bias, x, weight) if bias is not None else x @ weight
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, columns):
+        part = slice(start, start + columns)
+        weight = dequantize_w4a16(qweight[:, part], scales[:, part], zeros[:, part] if zeros is not None else None,
+                                  group_size, g_idx, x.dtype)
+        out[:, part] = torch.addmm(bias[part], x, weight) if bias is not None else x @ weight
+    return out
+
+
 def _gemv_fits(x: torch.Tensor, group_size: int, g_idx: torch.Tensor | None, config: W4A16GemvConfig) -> bool:
     """The GEMV needs whole groups per step (no g_idx), whole steps per K, and rows it can read as
     32-bit words (pairs of 16-bit activations)."""
@@ -434,8 +463,7 @@ def w4a16_matmul(
             x, group_size, g_idx, gemv):
         return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, gemv)
     if m > DOT_MAX_M and config is None:
-        weight = dequantize_w4a16(qweight, scales, zeros, group_size, g_idx, x.dtype)
-        return torch.addmm(bias, x, weight) if bias is not None else x @ weight
+        return _dequantized_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)
     config = config if isinstance(config, W4A16Config) else default_config(m)
     if config.block_k < MIN_BLOCK_K or config.block_k & (config.block_k - 1):
         raise ValueError(f"W4A16 block_k must be a power of two >= {MIN_BLOCK_K}, not {config.block_k}")

@@ -142,6 +142,17 @@ def test_w4a16_large_batches_dequantize_then_multiply(group_size, act_order):
     assert torch.equal(dense, ref.dequantize_w4(qweight, scales, zeros, group_size, g_idx))
 
 
+def test_w4a16_large_batches_dequantize_a_block_of_columns_at_a_time(monkeypatch):
+    # A weight larger than DEQUANT_CHUNK_BYTES is dequantized and multiplied in column blocks.
+    k, n, m, group = 256, 320, DOT_MAX_M + 1, 64
+    monkeypatch.setattr(w4a16, "DEQUANT_CHUNK_BYTES", 128 * k * 4)  # 128 fp32 columns per block
+    qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
+    x, bias = random(m, k, seed=9), random(n, seed=10)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
+    expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
+    assert out.shape == (m, n) and relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
 def test_w4a16_rejects_a_weight_of_the_wrong_size():
     qweight, scales, zeros = ref.quantize_w4(random(32, 64), 32, True)
     with pytest.raises(ValueError, match="K=72"):
