@@ -1,29 +1,26 @@
-"""W4A16 GEMM: y = x @ dequant(qweight), dequantizing 4-bit weights tile by tile inside the matmul.
+"""W4A16 GEMM: y = x @ dequant(qweight), for 4-bit weights and 16-bit (or fp32) activations.
 
 The layout is the one in kernels/quant_reference.py (int32 [K // 8, N], groups
-along K). No dequantized copy of the weight ever exists: each program loads a
-packed [BLOCK_K // 8, BLOCK_N] tile and feeds its eight nibble planes to tl.dot
-in registers. Decode is bound by reading the weight only if dequantizing costs
-a few instructions per weight, so on the GPU two weights are made by one lop3
-and one packed subtract (the "magic number" trick: a nibble ORed into the
-mantissa of 128.0 in bf16 is 128 + q), and the group scale multiplies the
-tile's fp32 dot once instead of every weight.
+along K). Three paths, by the number of activation rows M:
 
-Decode batches (M of 1..64) give too few output tiles to fill an H200's 132
-SMs, and the GEMM is bound by reading the weight, so K is split across
-programs (split-K) and the fp32 partial sums are added (with the bias) by one more small launch.
+- M = 1 (batch-1 decode, what 4-bit checkpoints are bought for): a GEMV on the
+  CUDA cores. Each packed int32 is read once, and its eight weights are
+  dequantized and multiplied in 16-bit pairs (lop3, packed subtract, packed fma),
+  the pair's sum widened to fp32 once per int32. No shared memory, no barriers.
+- M = 2..DOT_MAX_M: a tensor-core kernel that dequantizes tile by tile inside the
+  matmul. Each program loads a packed [BLOCK_K // 8, BLOCK_N] tile and feeds its
+  eight nibble planes to tl.dot; two weights are made by one lop3 and one packed
+  subtract (the "magic number" trick: a nibble ORed into the mantissa of 128.0 in
+  bf16 is 128 + q), and the group scale multiplies the tile's fp32 dot once.
+- M > DOT_MAX_M (prefill, the largest decode batches): bound by the tensor cores,
+  where dequantizing every tile costs more than it saves. The weight is
+  dequantized into a 16-bit buffer a block of columns at a time
+  (DEQUANT_CHUNK_BYTES, dropped after its GEMM) and cuBLAS multiplies; writing and
+  reading that buffer is a few percent of such a GEMM.
 
-A single activation row (batch-1 decode, the case 4-bit checkpoints are bought for) skips
-the tensor cores: a GEMV on the CUDA cores reads each packed int32 once, and per int32
-dequantizes and multiplies its eight weights in 16-bit pairs (lop3, sub, fma per pair),
-adding the pairs' sum in fp32. No shared memory, no barriers; the weight stream is
-the only cost left.
-
-Larger batches (above DOT_MAX_M rows: prefill, the largest decode batches) are bound by
-the tensor cores instead, where this kernel's per-weight dequantization costs
-more than it saves: the weight is dequantized into a 16-bit buffer a block of
-columns at a time (DEQUANT_CHUNK_BYTES) and cuBLAS multiplies; writing and reading
-that buffer is a few percent of such a GEMM.
+Decode-sized GEMMs give too few output tiles to fill an H200's 132 SMs and are
+bound by reading the weight, so the first two paths split K across programs
+(split-K) and one more small launch adds the fp32 partial sums (and the bias).
 """
 
 from __future__ import annotations
@@ -39,8 +36,9 @@ from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
-# Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs
-# from 564 to 333 us at M = 256, but from 314 to 334 us at M = 128 (benchmarks/RESULTS.md).
+# Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs of a
+# layer 333 us at M = 256 against the tensor-core kernel's 564, but 334 against 314 at M = 128
+# (benchmarks/RESULTS.md).
 DOT_MAX_M = 128
 GEMV_MAX_M = 1  # rows the CUDA-core GEMV takes
 # The dense copy of a weight is made (and dropped) this much at a time: every Llama-3.1-8B weight in one
