@@ -12,7 +12,10 @@ It tells whether the engine's quantized paths lose more than the formats themsel
                 of --group-size input features (scale = group amax / 7.5, q in -8..7, as compressed-tensors'
                 symmetric int4 observer does);
   - checkpoint: transformers loading a compressed-tensors checkpoint itself (--checkpoint DIR), decompressed
-                by compressed-tensors.
+                by compressed-tensors; or an AutoAWQ "gemm" checkpoint, which transformers loads only through
+                gptqmodel (not installable here), so its weights are unpacked here as AutoAWQ's own
+                dequantize_gemm defines them (unpack_awq_gemm, independent of the engine's loader) and
+                transformers runs the model of the same config on them.
 
 Windows and tokens are those of benchmarks/perplexity.py (the engine's tokenizer, --window tokens per
 window, every token after a window's first predicted); transformers runs each window in one forward pass.
@@ -44,6 +47,7 @@ from engine.tokenizer_loader import load_tokenizer
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ's packing_utils: column j of each 8 is in nibble [j]
 
 
 def fake_fp8(x: torch.Tensor) -> torch.Tensor:
@@ -113,12 +117,58 @@ def transformers_perplexity(model: nn.Module, tokens: list[int], window: int) ->
     return math.exp(nll / count), count
 
 
+def unpack_awq_gemm(packed: torch.Tensor) -> torch.Tensor:
+    """AutoAWQ gemm int32 [R, C] -> its 4-bit values [R, 8C] in column order (nibble i of each int32 holds
+    column 0 2 4 6 1 3 5 7 [i] of its 8, so column j is nibble AWQ_REVERSE_ORDER[j])."""
+    nibbles = (packed[:, :, None] >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF
+    return nibbles[:, :, list(AWQ_REVERSE_ORDER)].reshape(packed.shape[0], -1)
+
+
+def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                        group_size: int) -> torch.Tensor:
+    """The [N, K] float32 weight of an AWQ gemm layer: (q - z) * s, with z and s per group of input rows."""
+    zeros = unpack_awq_gemm(qzeros).repeat_interleave(group_size, 0)
+    return ((unpack_awq_gemm(qweight) - zeros) * scales.float().repeat_interleave(group_size, 0)).t().contiguous()
+
+
+def load_awq_checkpoint(path: Path, quantization_config: dict) -> nn.Module:
+    """transformers' float32 model of an AutoAWQ gemm folder's config, on weights dequantized by dequantize_awq_gemm."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if quantization_config.get("version", "gemm").lower() != "gemm" or not quantization_config.get("zero_point"):
+        raise SystemExit(f"{path}: only AWQ gemm with zero points is dequantized here, not {quantization_config}")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    state = {}
+    for name, tensor in tensors.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "qweight":
+            state[f"{module}.weight"] = dequantize_awq_gemm(tensor, tensors[f"{module}.qzeros"],
+                                                            tensors[f"{module}.scales"], quantization_config["group_size"])
+        elif kind not in ("qzeros", "scales"):
+            state[name] = tensor.float()
+    config = AutoConfig.from_pretrained(path)
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise SystemExit(f"{path}: tensors missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval()
+
+
 def load_checkpoint(path: Path) -> nn.Module:
-    """transformers' float32 model of a folder; a compressed-tensors checkpoint decompressed into plain weights."""
+    """transformers' float32 model of a folder; a compressed-tensors checkpoint decompressed into plain weights,
+    an AutoAWQ one dequantized by load_awq_checkpoint."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    quantized = "quantization_config" in json.loads((path / "config.json").read_text())
-    extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantized else {}
+    quantization_config = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if quantization_config and quantization_config.get("quant_method") == "awq":
+        return load_awq_checkpoint(path, quantization_config)
+    extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantization_config else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
 
 
@@ -126,7 +176,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=builtin_model_path())
     parser.add_argument("--checkpoint", type=Path, nargs="+", default=[],
-                        help="Compressed-tensors checkpoints of the same model, one row each.")
+                        help="Compressed-tensors or AutoAWQ gemm checkpoints of the same model, one row each.")
     parser.add_argument("--work-dir", type=Path, default=Path("results/perplexity-models"))
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--group-size", type=int, default=64, help="w4a16-rtn group, -1 per channel (default: %(default)s).")

