@@ -13,7 +13,7 @@ The block size depends on how many rows share it. A few rows (decode) make the
 GEMM memory-bound: a small block stays in cache between being widened and being
 read. Many rows (prefill) make it compute-bound, and every GEMM call packs the
 whole input again, so one call per weight (up to a cap on the temporary copy)
-is faster: on SmolLM2's matrices at 1,024 rows, 2 MiB blocks took ~25% longer
+is faster: on SmolLM2's matrices at 1,024 rows, 2 MiB blocks took 15-25% longer
 than whole-matrix ones, while at 8-32 rows 2 MiB blocks were as fast or faster.
 """
 
