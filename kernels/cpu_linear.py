@@ -9,11 +9,11 @@ scalar loop, several times slower than float32. There the weight is widened to
 float32 a block of rows at a time and multiplied with float32's GEMM: the same
 float32 accumulation and one rounding of the output.
 
-The block size depends on how many rows share it. A few rows (decode) make the
-GEMM memory-bound: a small block stays in cache between being widened and being
-read. Many rows (prefill) make it compute-bound, and every GEMM call packs the
-whole input again, so one call per weight (up to a cap on the temporary copy)
-is faster: on SmolLM2's matrices at 1,024 rows, 2 MiB blocks took 15-25% longer
+The block size depends on how many rows share it. With a few rows (decode) each
+widened value is used a few times only, so a small block that stays in cache
+between being widened and being read is best. With many rows (prefill) every
+GEMM call packs the whole input again, so one call per weight (up to a cap on
+the temporary copy) is faster: on SmolLM2's matrices at 1,024 rows, 2 MiB blocks took 15-25% longer
 than whole-matrix ones, while at 8-32 rows 2 MiB blocks were as fast or faster.
 """
 
@@ -28,7 +28,7 @@ __all__ = ["fast_cpu_bfloat16", "linear", "native_half_gemm"]
 
 FEW_ROWS_BLOCK_ELEMENTS = 1 << 19  # 2 MiB of float32 weight per block: stays in cache for the GEMM
 MANY_ROWS_BLOCK_ELEMENTS = 1 << 23  # 32 MiB: every layer matrix of a small model in one block, LM heads in a few
-MANY_ROWS = 64  # from here on the GEMM is compute-bound (measured crossover on SmolLM2's matrices: 32-128 rows)
+MANY_ROWS = 64  # from here on one call per matrix wins (measured crossover on SmolLM2's matrices: 32-128 rows)
 
 
 @functools.cache  # the CPU does not change: asked once per dtype, not on every linear call
