@@ -19,6 +19,7 @@ from engine.model_config import load_model_config, parse_model_config
 from engine.layers.rotary_embedding import rope_inv_freq
 from engine.models.loader import load_model
 from engine.testing import make_model_folder
+from kernels import cpu_linear
 
 BLOCK_SIZE = 16
 NUM_BLOCKS = 8
@@ -183,8 +184,17 @@ def test_rope_inverse_frequencies_equal_transformers(params):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
-def test_bfloat16_on_cpu_matches_transformers_bfloat16(tiny_model_folder, family):
-    """CPU bf16 (widened GEMMs for prefill, bf16 GEMVs for decode) within bf16 rounding of transformers in bf16."""
+@pytest.mark.parametrize("regime", ["blocks", "whole-matrices"])
+def test_bfloat16_on_cpu_matches_transformers_bfloat16(monkeypatch, tiny_model_folder, family, regime):
+    """CPU bf16 (widened GEMMs for prefill, bf16 GEMVs for decode) within bf16 rounding of transformers in bf16.
+
+    The tiny matrices fit one block of either size, so "blocks" shrinks the few-rows block to 1,024 elements
+    (several blocks per matrix, as a real model's decode has) and "whole-matrices" sends the 40-row prefill
+    down the many-rows path that long prompts take."""
+    if regime == "blocks":
+        monkeypatch.setattr(cpu_linear, "FEW_ROWS_BLOCK_ELEMENTS", 1024)
+    else:
+        monkeypatch.setattr(cpu_linear, "MANY_ROWS", 2)
     folder = tiny_model_folder(family)
     ours = load_model(folder, load_model_config(folder), dtype="bfloat16", device="cpu")
     theirs = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
