@@ -11,12 +11,16 @@
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
 #       and the baseline's, kernel tests; 8B decode in bf16 and AWQ
+#   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's tiles at batch 1
+#   OUT=out bash benchmarks/gpu_runs.sh quant-decode-70b   # the 70B shape in W4A16 on one GPU, batch 1 and 32
+#   OUT=out bash benchmarks/gpu_runs.sh quant-mixed  # 8B "mixed": bf16, FP8 weights, FP8 + FP8 KV (KV blocks)
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
 #   OUT=out bash benchmarks/gpu_runs.sh trace       # 8B kernel traces (decode batch 1 and 128, an 8192-token
 #       prompt; gzipped chrome traces in $OUT/traces) and the "mixed" roofline per step; BANDWIDTH_GBS and
 #       PEAK_TFLOPS (default: this machine type's 4,248 GB/s copy and 779 TFLOP/s bf16 matmul) feed the roofline
+#   OUT=out bash benchmarks/gpu_runs.sh trace-b128  # the 8B batch-128 decode trace alone
 #   OUT=out bash benchmarks/gpu_runs.sh trace-tp2   # two GPUs: rank 0's kernel trace of 8B tp=2 decode at
 #       batch 1, with NCCL all-reduces and with the one-shot kernel
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh host-ab   # the host-bound 0.5B shape: base and this
