@@ -76,6 +76,7 @@ _FAMILY_PATTERNS = [(family, re.compile(pattern, re.IGNORECASE)) for family, pat
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 TOP_KERNELS = 15
+PROMPT_STEPS_SLACK = 10  # decode steps of headroom for the steps before a whole batch decodes (traced_new_tokens)
 
 
 def family_of(name: str) -> str:
@@ -238,9 +239,6 @@ def record(engine: LLMEngine, unit: Callable[[], None], repeats: int, keep: Path
             with path.open("rb") as src, gzip.open(keep, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         return json.loads(path.read_text())["traceEvents"]
-
-
-PROMPT_STEPS_SLACK = 10
 
 
 def trace_decode(engine: LLMEngine, batch: int, args: argparse.Namespace, vocab: int) -> dict[str, Any]:

@@ -97,9 +97,10 @@ def model_cost(shape: str, dtype_bytes: int = 2) -> ModelCost:
     )
 
 
-def roofline_seconds(requests: list[Request], weight_bytes: int, kv_bytes_per_token: int, max_num_seqs: int,
-                     bandwidth_gbs: float, peak_tflops: float, dtype_bytes: int = 2) -> dict:
+def roofline_seconds(requests: list[Request], cost: ModelCost, max_num_seqs: int, bandwidth_gbs: float,
+                     peak_tflops: float) -> dict:
     """The workload bound (see the module docstring)."""
+    weight_bytes, kv_bytes_per_token, dtype_bytes = cost.weight_bytes, cost.kv_bytes_per_token, cost.dtype_bytes
     outputs = [r.output_len for r in requests]
     steps = max(max(outputs), math.ceil(sum(outputs) / max_num_seqs))
     kv_reads = sum(len(r.prompt_token_ids) * r.output_len + r.output_len * (r.output_len - 1) // 2 for r in requests)
@@ -191,8 +192,7 @@ def main() -> None:
     requests = make_workload(args.workload, vocab_size=1000)  # lengths only; ids do not matter here
     cost = model_cost(args.model)
     bounds = {
-        "workload": roofline_seconds(requests, cost.weight_bytes, cost.kv_bytes_per_token, args.max_num_seqs,
-                                     args.bandwidth_gbs, args.peak_tflops, cost.dtype_bytes),
+        "workload": roofline_seconds(requests, cost, args.max_num_seqs, args.bandwidth_gbs, args.peak_tflops),
         "per step": step_roofline_seconds(requests, cost, args.max_num_seqs, args.max_num_batched_tokens,
                                           args.bandwidth_gbs, args.peak_tflops),
     }

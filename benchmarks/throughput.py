@@ -61,7 +61,7 @@ def run_kubellm(folder: Path, requests: list[Request], args: argparse.Namespace)
     graphs = runner.cuda_graphs
     return {"elapsed_s": elapsed, "output_tokens": generated, "generated_tokens": generated,
             "stats": vars(llm.get_stats()), "steps": steps, "kv_blocks": runner.num_kv_blocks,
-            "kv_cache_gib": runner.kv_cache.numel() * runner.kv_cache.element_size() / 2**30,
+            "kv_cache_gib": runner.num_kv_blocks * runner.bytes_per_block / 2**30,  # as the start-up report
             "cuda_graph_gib": graphs.memory_bytes / 2**30 if graphs else 0.0,
             "cuda_graph_capture_s": graphs.capture_seconds if graphs else 0.0}
 

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
-from kernels.split_k import sum_splits
+from kernels.split_k import reduce_splits, split_k_output
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
@@ -188,12 +188,8 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
         split_k = min(2, k_tiles)
     else:
         split_k = max(1, min(round(k / K_PER_SPLIT), k_tiles))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(k, k_per_split)
-    if split_k == 1:
-        out = torch.empty(1, m, n, dtype=out_dtype, device=a.device)
-    else:
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=a.device)
+    out, k_per_split = split_k_output(m, n, k, config.block_k, split_k, out_dtype, a.device)
+    split_k = out.shape[0]
     if m:
         weight_scale = weight_scale.float().contiguous()
         _fp8_matmul_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)](
@@ -205,7 +201,7 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return out[0] if split_k == 1 else sum_splits(out, bias, out_dtype)
+    return reduce_splits(out, bias, out_dtype)
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:

@@ -39,6 +39,20 @@ def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out_dtype: tor
     return out
 
 
+def split_k_output(m: int, n: int, k: int, block_k: int, splits: int, dtype: torch.dtype, device: torch.device
+                   ) -> tuple[torch.Tensor, int]:
+    """(output [splits, M, N], K per split) of a launch split `splits` ways along K in whole block_k tiles
+    (fewer splits when K is short): one split writes `dtype` directly, several write fp32 partials."""
+    k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
+    splits = triton.cdiv(k, k_per_split)
+    return torch.empty(splits, m, n, dtype=dtype if splits == 1 else torch.float32, device=device), k_per_split
+
+
+def reduce_splits(out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """The [M, N] result of a split_k_output launch (with one split the kernel added the bias itself)."""
+    return out[0] if out.shape[0] == 1 else sum_splits(out, bias, dtype)
+
+
 def choose_split_k(tiles: int, k_tiles: int, programs_wanted: int, max_splits: int = 16) -> int:
     """K splits so that tiles * splits reaches programs_wanted, keeping each split at least 4 K tiles long."""
     wanted = math.ceil(programs_wanted / tiles)

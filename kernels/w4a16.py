@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
-from kernels.split_k import choose_split_k, multiprocessor_count, sum_splits
+from kernels.split_k import choose_split_k, multiprocessor_count, reduce_splits, split_k_output
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
 # Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs of a
@@ -351,6 +351,9 @@ class W4A16GemvConfig:
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
 
 
+DEFAULT_GEMV = W4A16GemvConfig()
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -372,10 +375,11 @@ def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
     return DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value
 
 
-def _default_split_k(m: int, n: int, k: int, config: W4A16Config) -> int:
-    """About PROGRAMS_PER_SM programs per SM (under the interpreter: two splits, to exercise the path)."""
-    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    k_tiles = triton.cdiv(k, config.block_k)
+def _split_count(tiles: int, k_tiles: int, requested: int) -> int:
+    """`requested` K splits, or about PROGRAMS_PER_SM programs per SM (two under the interpreter, to exercise
+    the path)."""
+    if requested:
+        return requested
     if _interpreted():
         return min(2, k_tiles)
     return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
@@ -386,22 +390,18 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     m, k = x.shape
     n = qweight.shape[1]
     block_k = PACK_FACTOR * config.rows
-    split_k = config.split_k or (2 if _interpreted() else choose_split_k(
-        triton.cdiv(n, config.block_n), k // block_k, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device())))
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
-    split_k = triton.cdiv(k, k_per_split)
-    out = torch.empty(split_k, m, n, dtype=x.dtype if split_k == 1 else torch.float32, device=x.device)
-    dequant = DEQUANT_PLAIN.value if _interpreted() or x.dtype == torch.float32 else (
-        DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value)
-    if not m:
-        return out[0]
-    _w4a16_gemv_kernel[(triton.cdiv(n, config.block_n), split_k, m)](
-        x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-        m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
-        HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
-        BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
-        PTX=DOT8_PTX.get(dequant, ""), num_warps=config.num_warps, num_stages=config.num_stages)
-    return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
+    splits = _split_count(triton.cdiv(n, config.block_n), triton.cdiv(k, block_k), config.split_k)
+    out, k_per_split = split_k_output(m, n, k, block_k, splits, x.dtype, x.device)
+    split_k = out.shape[0]
+    dequant = _dequant_mode(x, scale_per_tile=True)  # the GEMV's steps always lie in one group
+    if m:
+        _w4a16_gemv_kernel[(triton.cdiv(n, config.block_n), split_k, m)](
+            x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
+            m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
+            HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
+            BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
+            PTX=DOT8_PTX.get(dequant, ""), num_warps=config.num_warps, num_stages=config.num_stages)
+    return reduce_splits(out, bias, x.dtype)
 
 
 def _dequantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -456,10 +456,13 @@ def w4a16_matmul(
         raise ValueError("W4A16 qweight, scales, zeros and g_idx must be contiguous")
     if x.stride(1) != 1:
         x = x.contiguous()
-    gemv = config if isinstance(config, W4A16GemvConfig) else W4A16GemvConfig()
-    if (isinstance(config, W4A16GemvConfig) or (config is None and m <= GEMV_MAX_M)) and _gemv_fits(
-            x, group_size, g_idx, gemv):
-        return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, gemv)
+    if isinstance(config, W4A16GemvConfig):
+        if not _gemv_fits(x, group_size, g_idx, config):
+            raise ValueError(f"the W4A16 GEMV cannot run {config} here: it needs 8 * rows to divide the group "
+                             f"size ({group_size}) and K ({k}), no g_idx, and 4-byte aligned activation rows")
+        return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, config)
+    if config is None and m <= GEMV_MAX_M and _gemv_fits(x, group_size, g_idx, DEFAULT_GEMV):
+        return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, DEFAULT_GEMV)
     if m > DOT_MAX_M and config is None:
         return _dequantized_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)
     config = config if isinstance(config, W4A16Config) else default_config(m)
@@ -467,13 +470,10 @@ def w4a16_matmul(
         raise ValueError(f"W4A16 block_k must be a power of two >= {MIN_BLOCK_K}, not {config.block_k}")
     scale_per_tile = g_idx is None and group_size % config.block_k == 0
     dequant = _dequant_mode(x, scale_per_tile)
-    split_k = config.split_k or _default_split_k(m, n, k, config)
-    k_per_split = triton.cdiv(triton.cdiv(k, split_k), config.block_k) * config.block_k
-    split_k = triton.cdiv(k, k_per_split)
-    if split_k == 1:
-        out = torch.empty(1, m, n, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    splits = _split_count(tiles, triton.cdiv(k, config.block_k), config.split_k)
+    out, k_per_split = split_k_output(m, n, k, config.block_k, splits, x.dtype, x.device)
+    split_k = out.shape[0]
     if m:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
         _w4a16_kernel[grid](
@@ -489,4 +489,4 @@ def w4a16_matmul(
             # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
             num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
-    return out[0] if split_k == 1 else sum_splits(out, bias, x.dtype)
+    return reduce_splits(out, bias, x.dtype)

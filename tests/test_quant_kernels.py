@@ -277,3 +277,12 @@ def test_w4a16_gemv_regroups_activations_into_nibble_pairs():
         for j in range(4):
             low, high = int(out[j, r]) & 0xFFFF, (int(out[j, r]) >> 16) & 0xFFFF
             assert (low, high) == (int(x[8 * r + j]), int(x[8 * r + j + 4]))
+
+
+def test_w4a16_gemv_config_that_cannot_run_is_an_error():
+    # An explicit GEMV config is never swapped for another kernel behind the caller's back.
+    k, n, group = 128, 32, 32
+    qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
+    config = W4A16GemvConfig(block_n=32, rows=16, num_warps=1, num_stages=1)  # 128 rows per step > group 32
+    with pytest.raises(ValueError, match="GEMV cannot run"):
+        kernels.w4a16_matmul(random(1, k), qweight, scales, zeros, group, config=config)
