@@ -12,6 +12,9 @@
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
 #       and the baseline's, kernel tests; 8B decode in bf16 and AWQ
 #   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's tiles at batch 1
+#   OUT=out bash benchmarks/gpu_runs.sh quant-tiles  # W4A16 tensor-core tiles at 16-128 rows (mma.sync vs wgmma)
+#   OUT=out GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_runs.sh perplexity   # issue 13's
+#       perplexity table on the GPU (bf16, FP8, W4A16 RTN, FP8 KV)
 #   OUT=out bash benchmarks/gpu_runs.sh quant-decode-70b   # the 70B shape in W4A16 on one GPU, batch 1 and 32
 #   OUT=out bash benchmarks/gpu_runs.sh quant-mixed  # 8B "mixed": bf16, FP8 weights, FP8 + FP8 KV (KV blocks)
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
@@ -20,6 +23,7 @@
 #   OUT=out bash benchmarks/gpu_runs.sh trace       # 8B kernel traces (decode batch 1 and 128, an 8192-token
 #       prompt; gzipped chrome traces in $OUT/traces) and the "mixed" roofline per step; BANDWIDTH_GBS and
 #       PEAK_TFLOPS (default: this machine type's 4,248 GB/s copy and 779 TFLOP/s bf16 matmul) feed the roofline
+#   OUT=out bash benchmarks/gpu_runs.sh trace-fp8   # 8B batch-1 decode traces, bf16 and online FP8 weights
 #   OUT=out bash benchmarks/gpu_runs.sh trace-b128  # the 8B batch-128 decode trace alone
 #   OUT=out bash benchmarks/gpu_runs.sh trace-tp2   # two GPUs: rank 0's kernel trace of 8B tp=2 decode at
 #       batch 1, with NCCL all-reduces and with the one-shot kernel
@@ -82,7 +86,7 @@ throughput() {  # throughput TREE...
 }
 
 for mode in "$@"; do
-  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv) ;; *) write_models ;; esac
+  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv|quant-tiles|perplexity) ;; *) write_models ;; esac
   case $mode in
     tests) step gpu-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_graphs.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
@@ -100,6 +104,16 @@ for mode in "$@"; do
     quant-gemv) step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
                 step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
                   --sweep-batches 1 --sweep-formats w4a16-gemv --out "$OUT/quant-sweep-gemv.json" ;;
+    # W4A16 tensor-core tiles between 16 and 128 rows: mma.sync row tiles (16, 32) against wgmma ones (64, 128).
+    quant-tiles) step quant-sweep-tiles 420 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                   --sweep-batches 16,32,64,128 --sweep-formats w4a16 --out "$OUT/quant-sweep-tiles.json" ;;
+    # Perplexity of the built-in model on this GPU: bf16, FP8, W4A16 (kubellm's own RTN, AWQ layout, groups of
+    # 64 and 128) and the FP8 KV cache. GGUF names the model file (the package does not travel).
+    perplexity) step w4a16-rtn 120 $PY -c "import sys; from benchmarks.perplexity import dense_folder; \
+from engine.testing.quantized import quantize_model_folder as q; from pathlib import Path; \
+d = dense_folder(Path(sys.argv[1]), Path('$ROOT/ppl')); [q(d, Path('$ROOT/ppl/rtn-awq-g%d' % g), 'awq', g) for g in (64, 128)]" "$GGUF"
+                step perplexity 300 $PY -m benchmarks.perplexity --model "$GGUF" --work-dir "$ROOT/ppl" \
+                  --w4a16 "$ROOT/ppl/rtn-awq-g64" "$ROOT/ppl/rtn-awq-g128" --out "$OUT/perplexity-gpu.json" ;;
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
                     --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 \
                     --out "$OUT/quant-decode.json" ;;
@@ -156,6 +170,12 @@ for mode in "$@"; do
                       --model-root "$ROOT" --workload mixed --systems kubellm --out "$OUT/throughput-8b-offline.json"
                     step serving-8b-all-at-once 200 $PY -m benchmarks.serving --model llama-3.1-8b --model-root "$ROOT" \
                       --rates inf --num-requests 256 --out "$OUT/serving-8b-all-at-once.json" ;;
+    # Batch-1 decode traces of bf16 and online-FP8 weights side by side (where FP8's step goes).
+    trace-fp8) for quantization in none fp8; do
+                 step "trace-8b-b1-$quantization" 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b \
+                   --model-root "$ROOT" --batch 1 $([ $quantization = fp8 ] && echo --quantization fp8) \
+                   --trace-dir "$OUT/traces-$quantization" --out "$OUT/trace-8b-b1-$quantization.json"
+               done ;;
     trace-b128) step trace-8b-b128 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" \
                   --batch 128 --trace-dir "$OUT/traces" --out "$OUT/trace-8b-b128.json" ;;
     trace) step roofline-8b-mixed 30 $PY -m benchmarks.roofline --model llama-3.1-8b --workload mixed \

@@ -67,6 +67,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("norm", r"rms_?norm|layer_?norm"),
     ("rotary", r"rotary|rope"),
     ("activation", r"silu|gelu"),
+    ("FP8 activation quantization", r"quantize_per_token"),
     ("GEMM", r"gemm|gemv|cutlass|cublas|nvjet|xmma|splitk|_matmul|w4a16|sum_splits|aten::(mm|addmm|bmm|linear|matmul)$"),
     ("sampler", r"argmax|topk|sort|multinomial|exponential|softmax|cumsum"),
     ("embedding", r"embedding|index_?select"),
@@ -345,7 +346,8 @@ def main() -> None:
         titles["prefill"] = f"prefill, {args.prefill_tokens} prompt tokens (whole request)"
     engine.shutdown()
 
-    print(f"\n## Kernel trace: {args.model}, {args.dtype}, tp={args.tensor_parallel_size}"
+    print(f"\n## Kernel trace: {args.model}, {args.dtype}, quantization {args.quantization or 'none'}, "
+          f"KV cache {args.kv_cache_dtype}, tp={args.tensor_parallel_size}"
           f"{' (rank 0)' if args.tensor_parallel_size > 1 else ''}, {engine.config.device}\n")
     for kind, summary in results.items():
         print(markdown(summary, titles[kind]))

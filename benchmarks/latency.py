@@ -175,6 +175,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small-all-reduce", action="store_true",
                         help="one-shot symmetric-memory all-reduces for small messages (tensor parallelism)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=EngineConfig.gpu_memory_utilization)
+    parser.add_argument("--quantization", help="e.g. fp8: quantize the bf16 folder's weights at load time")
+    parser.add_argument("--kv-cache-dtype", default="auto")
 
 
 def engine_config(folder: Path, args: argparse.Namespace, max_num_seqs: int, longest_prompt: int,
@@ -186,7 +188,8 @@ def engine_config(folder: Path, args: argparse.Namespace, max_num_seqs: int, lon
                         max_num_batched_tokens=max(DEFAULT_MAX_NUM_BATCHED_TOKENS, longest_prompt),
                         max_cudagraph_capture_size=args.max_cudagraph_capture_size,
                         tensor_parallel_size=args.tensor_parallel_size, small_all_reduce=args.small_all_reduce,
-                        gpu_memory_utilization=args.gpu_memory_utilization)
+                        gpu_memory_utilization=args.gpu_memory_utilization, quantization=args.quantization,
+                        kv_cache_dtype=args.kv_cache_dtype)
 
 
 def main() -> None:

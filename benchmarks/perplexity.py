@@ -118,7 +118,7 @@ def perplexity(variant: Variant, tokens: list[int], window: int, chunk: int, dev
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=builtin_model_path(),
+    parser.add_argument("--model", type=Path,
                         help="Model folder or GGUF file (default: the built-in SmolLM2-135M-Instruct).")
     parser.add_argument("--w4a16", type=Path, nargs="+", default=[],
                         help="W4A16 checkpoints of the same model (llm-compressor), one row each.")
@@ -134,7 +134,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
-    folder = dense_folder(args.model, args.work_dir)
+    model = args.model or builtin_model_path()
+    folder = dense_folder(model, args.work_dir)
     tokens = load_tokenizer(str(folder)).encode(TEXT.read_text(encoding="utf-8"))[: args.max_tokens]
     variants = {
         "dense": [Variant(dtype, folder)],
@@ -153,7 +154,7 @@ def main() -> None:
             row["vs_dense_%"] = 100 * (row["perplexity"] / rows[0]["perplexity"] - 1)
     print_table(rows, f"Perplexity on {TEXT.name} ({len(tokens)} tokens, windows of {args.window}, "
                       f"chunks of {args.chunk}), {folder.name} on {args.device}")
-    save_json(args.out, {"model": str(args.model), "text": TEXT.name, "window": args.window, "chunk": args.chunk,
+    save_json(args.out, {"model": str(model), "text": TEXT.name, "window": args.window, "chunk": args.chunk,
                          "rows": rows})
 
 
