@@ -165,7 +165,8 @@ def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) 
 
 def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
-    w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3)]
+    w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3),
+                (128, 256, 4, 3), (256, 128, 8, 3)]
     gemv_tiles = [(256, 16, 4), (128, 16, 4), (256, 8, 4), (128, 8, 4), (512, 16, 8)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
@@ -180,9 +181,7 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
                 for w4_block_m in sorted({min(16, block_m), min(32, block_m), block_m}):
                     for block_n, block_k, warps, stages in w4_tiles:
                         for split in (0, 2, 4) if m <= 16 else (0, 2):
-                            for planar in (False, True):
-                                candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages,
-                                                                        split, planar)))
+                            candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
             if m <= 4 and {"w4a16", "w4a16-gemv"} & set(formats):  # the CUDA-core GEMV, one program row per row
                 for block_n, packed_rows, warps in gemv_tiles:
                     for split in (0, 4):

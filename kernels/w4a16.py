@@ -96,22 +96,13 @@ def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _planar_planes(x_rows, mask, ROWS: tl.constexpr):
-    """The eight planes of a tile of planar activations: plane j is the ROWS columns from j * ROWS."""
-    return (tl.load(x_rows, mask=mask, other=0.0), tl.load(x_rows + ROWS, mask=mask, other=0.0),
-            tl.load(x_rows + 2 * ROWS, mask=mask, other=0.0), tl.load(x_rows + 3 * ROWS, mask=mask, other=0.0),
-            tl.load(x_rows + 4 * ROWS, mask=mask, other=0.0), tl.load(x_rows + 5 * ROWS, mask=mask, other=0.0),
-            tl.load(x_rows + 6 * ROWS, mask=mask, other=0.0), tl.load(x_rows + 7 * ROWS, mask=mask, other=0.0))
-
-
-@triton.jit
 def _w4a16_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-    EVEN: tl.constexpr, X_PLANAR: tl.constexpr,
+    EVEN: tl.constexpr,
 ):
     # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
     # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
@@ -141,18 +132,14 @@ def _w4a16_kernel(
             else:
                 zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
             tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if X_PLANAR:  # x was reordered plane by plane per tile (planar_activations): eight contiguous loads
-            x_rows = x_ptr + offs_m[:, None] * stride_xm + k0 + offs_r[None, :]
-            x_planes = _planar_planes(x_rows, mask_m[:, None], ROWS)
-        else:  # one contiguous (pipelined) load of the activation tile, split into its eight planes in registers
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            if EVEN:
-                x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None],
-                                 other=0.0)
-            else:
-                x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                                 mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
-            x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
+        # One contiguous (pipelined) load of the activation tile, split into its eight column planes in registers.
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        if EVEN:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        else:
+            x_tile = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                             mask=mask_m[:, None] & (offs_k < k_end)[None, :], other=0.0)
+        x_planes = _column_planes(x_tile, BLOCK_M, ROWS)
         for j in tl.static_range(4):
             cols_lo = k0 + offs_r * 8 + j
             x_lo = x_planes[j]
@@ -351,7 +338,6 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
-    planar: bool = False  # reorder x plane by plane first (planar_activations), where K and N are whole tiles
 
 
 @dataclass(frozen=True)
@@ -387,13 +373,6 @@ def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
     if _interpreted() or not scale_per_tile or x.dtype not in (torch.bfloat16, torch.float16):
         return DEQUANT_PLAIN.value
     return DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value
-
-
-def planar_activations(x: torch.Tensor, block_k: int) -> torch.Tensor:
-    """x [M, K] with each block_k-column tile reordered plane by plane: column j * (block_k // 8) + r of a
-    tile holds its column 8r + j, so the kernel loads each nibble plane's activations contiguously."""
-    m, k = x.shape
-    return x.reshape(m, k // block_k, block_k // PACK_FACTOR, PACK_FACTOR).transpose(2, 3).reshape(m, k)
 
 
 def _split_count(tiles: int, k_tiles: int, requested: int) -> int:
@@ -495,10 +474,6 @@ def w4a16_matmul(
     splits = _split_count(tiles, triton.cdiv(k, config.block_k), config.split_k)
     out, k_per_split = split_k_output(m, n, k, config.block_k, splits, x.dtype, x.device)
     split_k = out.shape[0]
-    even = k % config.block_k == 0 and n % config.block_n == 0  # no K / N masks: k_per_split is whole tiles
-    x_planar = even and config.planar
-    if x_planar:
-        x = planar_activations(x, config.block_k)
     if m:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
         _w4a16_kernel[grid](
@@ -510,7 +485,7 @@ def w4a16_matmul(
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
-            EVEN=even, X_PLANAR=x_planar,
+            EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
             # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
             num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
