@@ -70,6 +70,17 @@ def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row_ptr, positions, vali
 
 
 @triton.jit
+def _query_operand(q, FP8: tl.constexpr):
+    """The query as the dots take it: with an FP8 cache and bf16 queries the dots run in fp16 (clamped to
+    its range), because e4m3 widens to fp16 in one packed instruction per two values, and to bf16 only
+    through fp16 with one more conversion per value (PTX of sm_90): the K/V conversions of every tile
+    cost more than the dots. e4m3 values are exact in fp16."""
+    if FP8 and q.dtype == tl.bfloat16:
+        return tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
+
+
+@triton.jit
 def _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION: tl.constexpr):
     """Fold one tile of base-2 scores and its V rows into the running (max, sum, output).
 
@@ -122,6 +133,7 @@ def _decode_kernel(
     cache_head_offset = kv_head * stride_cache_head
     if FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    q = _query_operand(q, FP8)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -130,7 +142,7 @@ def _decode_kernel(
         valid = positions < end
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
                              stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
-        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is FP8
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is FP8 (see _query_operand)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         scores = tl.where(valid[None, :], scores, float("-inf"))
         m_i, l_i, acc = _online_softmax_step(scores, v, m_i, l_i, acc, DOT_PRECISION)
@@ -246,6 +258,7 @@ def _prefill_kernel(
     cache_head_offset = kv_head * stride_cache_head
     if FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    q = _query_operand(q, FP8)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -254,7 +267,7 @@ def _prefill_kernel(
         valid = (positions >= kv_lo) & (positions < kv_end)
         k, v = _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row, positions, valid, cache_head_offset,
                              stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE)
-        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is FP8
+        k, v = k.to(q.dtype), v.to(q.dtype)  # a no-op unless the cache is FP8 (see _query_operand)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if SLIDING:
             attended = (positions[None, :] <= q_pos[:, None]) & (positions[None, :] > q_pos[:, None] - window)

@@ -122,7 +122,7 @@ def test_store_kvcache_quantizes_like_the_reference(dtype, head_dim, block_size)
                        start.to(FP8_DTYPE).flatten(1, 2)[:, untouched].float().to(DEVICE))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,num_kv_heads", [(1, 2), (4, 2), (8, 1)])
 def test_decode_reads_an_fp8_cache(dtype, group, num_kv_heads):
     block_size = 16
@@ -137,7 +137,7 @@ def test_decode_reads_an_fp8_cache(dtype, group, num_kv_heads):
     assert relative_error(out, exact_reference(p, decode=True)) < QUANTIZATION_TOLERANCE
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("group,num_kv_heads,sliding_window", [(1, 2, None), (4, 2, None), (2, 2, 7)])
 def test_prefill_reads_an_fp8_cache(dtype, group, num_kv_heads, sliding_window):
     block_size = 16
