@@ -23,9 +23,19 @@ from benchmarks.common import copy_bandwidth_gbs, print_table, save_json
 from kernels import reference
 from kernels.attention import LaunchConfig, default_decode_config, default_prefill_config
 from kernels.random_inputs import PagedProblem, make_paged_problem
+from kernels.reference import FP8_DTYPE, FP8_MAX, quantize_kv
 
 SHAPES = {"llama8b": (32, 8, 128), "qwen0.5b": (14, 2, 64)}  # num_heads, num_kv_heads, head_dim
 BLOCK_SIZE = 16
+
+
+def cache_of(p: PagedProblem, fp8: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(k_cache, v_cache, scale) of the problem: its bf16 cache, or that cache stored as FP8 with one scale
+    (the cache's amax / 448, as a calibrated --kv-cache-dtype fp8 cache would be)."""
+    if not fp8:
+        return p.k_cache, p.v_cache, None
+    scale = (torch.maximum(p.k_cache.abs().amax(), p.v_cache.abs().amax()).float() / FP8_MAX).reshape(1)
+    return quantize_kv(p.k_cache, FP8_DTYPE, scale), quantize_kv(p.v_cache, FP8_DTYPE, scale), scale
 
 
 def bench_ms(fn) -> float:
@@ -43,14 +53,15 @@ def dense_kv(p: PagedProblem, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def decode_row(shape: str, batch: int, context: int, bandwidth: float, config: LaunchConfig | None = None,
-               with_reference: bool = False) -> dict:
+               with_reference: bool = False, fp8: bool = False) -> dict:
     num_heads, num_kv_heads, head_dim = SHAPES[shape]
     p = make_paged_problem([context] * batch, [1] * batch, num_heads, num_kv_heads, head_dim,
                            BLOCK_SIZE, torch.bfloat16, "cuda")
-    run = lambda: kernels.paged_decode_attention(p.q, p.k_cache, p.v_cache, p.block_tables, p.seq_lens,  # noqa: E731
-                                                 p.scale, config=config)
+    k_cache, v_cache, scale = cache_of(p, fp8)
+    run = lambda: kernels.paged_decode_attention(p.q, k_cache, v_cache, p.block_tables, p.seq_lens,  # noqa: E731
+                                                 p.scale, config=config, k_scale=scale, v_scale=scale)
     triton_ms = bench_ms(run)
-    kv_bytes = 2 * batch * context * num_kv_heads * head_dim * p.k_cache.element_size()
+    kv_bytes = 2 * batch * context * num_kv_heads * head_dim * k_cache.element_size()
     row = {"shape": shape, "batch": batch, "context": context, "triton_us": 1e3 * triton_ms,
            "GB/s": kv_bytes / triton_ms / 1e6, "%copy_bw": 100 * kv_bytes / triton_ms / 1e6 / bandwidth}
     if batch * context <= 256 * 4096:
@@ -66,12 +77,14 @@ def decode_row(shape: str, batch: int, context: int, bandwidth: float, config: L
 
 
 def prefill_row(shape: str, name: str, seq_lens: list[int], query_lens: list[int],
-                config: LaunchConfig | None = None) -> dict:
+                config: LaunchConfig | None = None, fp8: bool = False) -> dict:
     num_heads, num_kv_heads, head_dim = SHAPES[shape]
     p = make_paged_problem(seq_lens, query_lens, num_heads, num_kv_heads, head_dim, BLOCK_SIZE,
                            torch.bfloat16, "cuda")
-    run = lambda: kernels.paged_prefill_attention(p.q, p.k_cache, p.v_cache, p.block_tables,  # noqa: E731
-                                                  p.query_start_loc, p.seq_lens, p.scale, config=config)
+    k_cache, v_cache, scale = cache_of(p, fp8)
+    run = lambda: kernels.paged_prefill_attention(p.q, k_cache, v_cache, p.block_tables,  # noqa: E731
+                                                  p.query_start_loc, p.seq_lens, p.scale, config=config,
+                                                  k_scale=scale, v_scale=scale)
     triton_ms = bench_ms(run)
     # Causal: query i of a sequence of length s with q queries attends to s - q + i + 1 keys.
     pairs = sum(q * (s - q) + q * (q + 1) / 2 for s, q in zip(seq_lens, query_lens))
@@ -122,22 +135,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--sweep", action="store_true", help="also sweep tile sizes, warps and stages")
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: the Triton kernels read an FP8 cache (SDPA stays on the bf16 one)")
     args = parser.parse_args()
+    fp8 = args.kv_cache_dtype == "fp8"
+    cache = "FP8 (e4m3) cache" if fp8 else "bf16 cache"
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks.attention_kernels needs a CUDA GPU")
 
     bandwidth = copy_bandwidth_gbs()
     print(f"device copy bandwidth: {bandwidth:,.0f} GB/s (read + write)")
-    decode = [decode_row("llama8b", 32, 1024, bandwidth, with_reference=True)]
-    decode += [decode_row("llama8b", b, c, bandwidth) for b, c in
+    decode = [decode_row("llama8b", 32, 1024, bandwidth, with_reference=True, fp8=fp8)]
+    decode += [decode_row("llama8b", b, c, bandwidth, fp8=fp8) for b, c in
                [(1, 1024), (1, 4096), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (256, 512), (256, 2048)]]
-    decode += [decode_row("qwen0.5b", b, c, bandwidth) for b, c in [(1, 4096), (256, 1024)]]
-    print_table(decode, f"paged decode attention, bf16, block {BLOCK_SIZE} "
+    decode += [decode_row("qwen0.5b", b, c, bandwidth, fp8=fp8) for b, c in [(1, 4096), (256, 1024)]]
+    print_table(decode, f"paged decode attention, bf16 queries, {cache}, block {BLOCK_SIZE} "
                         f"(default configs: {default_decode_config(128)})")
-    prefill = [prefill_row(shape, name, *PREFILL_CASES[name]) for shape in SHAPES for name in PREFILL_CASES]
-    print_table(prefill, f"paged prefill attention, bf16, block {BLOCK_SIZE} "
+    prefill = [prefill_row(shape, name, *PREFILL_CASES[name], fp8=fp8) for shape in SHAPES for name in PREFILL_CASES]
+    print_table(prefill, f"paged prefill attention, bf16 queries, {cache}, block {BLOCK_SIZE} "
                          f"(default config for GQA 4: {default_prefill_config(128, 4)})")
-    results = {"copy_bandwidth_gbs": bandwidth, "decode": decode, "prefill": prefill}
+    results = {"copy_bandwidth_gbs": bandwidth, "kv_cache_dtype": args.kv_cache_dtype, "decode": decode,
+               "prefill": prefill}
     if args.sweep:
         results["decode_sweep"] = decode_sweep(bandwidth)
         print_table(sorted(results["decode_sweep"], key=lambda r: (r["batch"], r["triton_us"])), "decode sweep")

@@ -24,6 +24,7 @@
 #       prompt; gzipped chrome traces in $OUT/traces) and the "mixed" roofline per step; BANDWIDTH_GBS and
 #       PEAK_TFLOPS (default: this machine type's 4,248 GB/s copy and 779 TFLOP/s bf16 matmul) feed the roofline
 #   OUT=out bash benchmarks/gpu_runs.sh trace-fp8   # 8B batch-1 decode traces, bf16 and online FP8 weights
+#   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh attention-fp8   # attention on bf16 / FP8 caches, A/B
 #   OUT=out bash benchmarks/gpu_runs.sh trace-b128  # the 8B batch-128 decode trace alone
 #   OUT=out bash benchmarks/gpu_runs.sh trace-tp2   # two GPUs: rank 0's kernel trace of 8B tp=2 decode at
 #       batch 1, with NCCL all-reduces and with the one-shot kernel
@@ -86,7 +87,7 @@ throughput() {  # throughput TREE...
 }
 
 for mode in "$@"; do
-  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv|quant-tiles|perplexity) ;; *) write_models ;; esac
+  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv|quant-tiles|perplexity|attention-fp8) ;; *) write_models ;; esac
   case $mode in
     tests) step gpu-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_graphs.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
@@ -176,6 +177,12 @@ d = dense_folder(Path(sys.argv[1]), Path('$ROOT/ppl')); [q(d, Path('$ROOT/ppl/rt
                    --model-root "$ROOT" --batch 1 $([ $quantization = fp8 ] && echo --quantization fp8) \
                    --trace-dir "$OUT/traces-$quantization" --out "$OUT/trace-8b-b1-$quantization.json"
                done ;;
+    # Attention kernels on a bf16 and an FP8 cache (this tree), and on an FP8 cache in the base tree.
+    attention-fp8) step fp8-kv-tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_fp8_kv_cache.py
+                   for run in new-auto new-fp8 base-fp8; do
+                     step "attention-$run" 90 env -C "$(tree_dir ${run%-*})" $PY -m benchmarks.attention_kernels \
+                       --kv-cache-dtype ${run#*-} --out "$OUT/attention-$run.json"
+                   done ;;
     trace-b128) step trace-8b-b128 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" \
                   --batch 128 --trace-dir "$OUT/traces" --out "$OUT/trace-8b-b128.json" ;;
     trace) step roofline-8b-mixed 30 $PY -m benchmarks.roofline --model llama-3.1-8b --workload mixed \
