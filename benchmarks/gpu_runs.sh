@@ -16,7 +16,8 @@
 #   OUT=out GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_runs.sh perplexity   # issue 13's
 #       perplexity table on the GPU (bf16, FP8, W4A16 RTN, FP8 KV)
 #   OUT=out bash benchmarks/gpu_runs.sh quant-decode-70b   # the 70B shape in W4A16 on one GPU, batch 1 and 32
-#   OUT=out bash benchmarks/gpu_runs.sh quant-mixed  # 8B "mixed": bf16, FP8 weights, FP8 + FP8 KV (KV blocks)
+#   OUT=out bash benchmarks/gpu_runs.sh quant-mixed  # 8B "mixed": bf16, FP8 weights, FP8 + FP8 KV (KV blocks);
+#       MIXED_VARIANTS="fp8-kv" runs some of them
 #   OUT=out bash benchmarks/gpu_runs.sh moe-model   # Qwen3-30B-A3B shape: decode vs roofline, offline "mixed"
 #   OUT=out bash benchmarks/gpu_runs.sh profile     # py-spy (native) of the host-bound 0.5B batch-128 decode
 #   OUT=out bash benchmarks/gpu_runs.sh tp-throughput   # two GPUs: 8B "mixed" at tp=1, then tp=2
@@ -119,7 +120,7 @@ d = dense_folder(Path(sys.argv[1]), Path('$ROOT/ppl')); [q(d, Path('$ROOT/ppl/rt
                     --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 \
                     --out "$OUT/quant-decode.json" ;;
     # 8B "mixed" in bf16, online FP8 weights, and FP8 weights with an FP8 KV cache (KV blocks printed).
-    quant-mixed) for variant in bf16 fp8 fp8-kv; do
+    quant-mixed) for variant in ${MIXED_VARIANTS:-bf16 fp8 fp8-kv}; do
                    step "throughput-8b-$variant" 150 $PY -m benchmarks.throughput --model llama-3.1-8b \
                      --model-root "$ROOT" --workload mixed --systems kubellm \
                      $([ $variant != bf16 ] && echo --quantization fp8) \

@@ -76,7 +76,7 @@ def _query_operand(q, FP8: tl.constexpr):
     through fp16 with one more conversion per value (PTX of sm_90): the K/V conversions of every tile
     cost more than the dots. e4m3 values are exact in fp16."""
     if FP8 and q.dtype == tl.bfloat16:
-        return tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
     return q
 
 
