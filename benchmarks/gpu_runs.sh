@@ -117,7 +117,7 @@ d = dense_folder(Path(sys.argv[1]), Path('$ROOT/ppl')); [q(d, Path('$ROOT/ppl/rt
                 step perplexity 300 $PY -m benchmarks.perplexity --model "$GGUF" --work-dir "$ROOT/ppl" \
                   --w4a16 "$ROOT/ppl/rtn-awq-g64" "$ROOT/ppl/rtn-awq-g128" --out "$OUT/perplexity-gpu.json" ;;
     quant-decode) step quant-decode 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' --decode \
-                    --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches 1,32,128 \
+                    --model llama-3.1-8b --model-root "$ROOT" --formats bf16,awq --batches "${DECODE_BATCHES:-1,32,128}" \
                     --out "$OUT/quant-decode.json" ;;
     # 8B "mixed" in bf16, online FP8 weights, and FP8 weights with an FP8 KV cache (KV blocks printed).
     quant-mixed) for variant in ${MIXED_VARIANTS:-bf16 fp8 fp8-kv}; do
