@@ -108,12 +108,12 @@ PREFILL_CASES = {
 }
 
 
-def decode_sweep(bandwidth: float) -> list[dict]:
+def decode_sweep(bandwidth: float, fp8: bool) -> list[dict]:
     rows = []
-    for batch, context in [(1, 32768), (32, 4096), (256, 512)]:
+    for batch, context in [(1, 32768), (32, 4096), (256, 512), (256, 2048)]:
         for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (2, 3)):
             config = LaunchConfig(block_n=block_n, num_warps=warps, num_stages=stages)
-            row = decode_row("llama8b", batch, context, bandwidth, config)
+            row = decode_row("llama8b", batch, context, bandwidth, config, fp8=fp8)
             rows.append({**asdict(config), **{k: row[k] for k in ("batch", "context", "triton_us", "%copy_bw")}})
     return rows
 
@@ -157,7 +157,7 @@ def main() -> None:
     results = {"copy_bandwidth_gbs": bandwidth, "kv_cache_dtype": args.kv_cache_dtype, "decode": decode,
                "prefill": prefill}
     if args.sweep:
-        results["decode_sweep"] = decode_sweep(bandwidth)
+        results["decode_sweep"] = decode_sweep(bandwidth, fp8)
         print_table(sorted(results["decode_sweep"], key=lambda r: (r["batch"], r["triton_us"])), "decode sweep")
         results["prefill_sweep"] = prefill_sweep()
         print_table(sorted(results["prefill_sweep"], key=lambda r: (r["case"], r["triton_us"])), "prefill sweep")
