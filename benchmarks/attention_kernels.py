@@ -150,7 +150,7 @@ def main() -> None:
                [(1, 1024), (1, 4096), (1, 32768), (8, 4096), (32, 4096), (128, 1024), (256, 512), (256, 2048)]]
     decode += [decode_row("qwen0.5b", b, c, bandwidth, fp8=fp8) for b, c in [(1, 4096), (256, 1024)]]
     print_table(decode, f"paged decode attention, bf16 queries, {cache}, block {BLOCK_SIZE} "
-                        f"(default configs: {default_decode_config(128)})")
+                        f"(default configs: {default_decode_config(128, fp8)})")
     prefill = [prefill_row(shape, name, *PREFILL_CASES[name], fp8=fp8) for shape in SHAPES for name in PREFILL_CASES]
     print_table(prefill, f"paged prefill attention, bf16 queries, {cache}, block {BLOCK_SIZE} "
                          f"(default config for GQA 4: {default_prefill_config(128, 4)})")
