@@ -68,7 +68,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("rotary", r"rotary|rope"),
     ("activation", r"silu|gelu"),
     ("FP8 activation quantization", r"quantize_per_token"),
-    ("GEMM", r"gemm|gemv|cutlass|cublas|nvjet|xmma|splitk|_matmul|w4a16|sum_splits|aten::(mm|addmm|bmm|linear|matmul)$"),
+    ("GEMM", r"gemm|gemv|cutlass|cublas|nvjet|xmma|splitk|_matmul|w4a16|_dequantize_kernel|sum_splits|aten::(mm|addmm|bmm|linear|matmul)$"),
     ("sampler", r"argmax|topk|sort|multinomial|exponential|softmax|cumsum"),
     ("embedding", r"embedding|index_?select"),
     ("copy/memset", r"memcpy|memset"),
