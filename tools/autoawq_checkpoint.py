@@ -1,4 +1,4 @@
-"""Quantize a model folder with AutoAWQ itself (tool venv: pip install torch==2.13.0 autoawq; runs on CPU).
+"""Quantize a model folder with AutoAWQ itself (tool venv: pip install torch==2.13.0 autoawq==0.2.9; on CPU).
 
     python tools/autoawq_checkpoint.py SOURCE TARGET [--group-size G] [--calibration-text FILE] [--no-clip]
 
@@ -9,9 +9,11 @@ checkpoints of tools/llmcompressor_checkpoints.py use); without FILE, random tok
 default calibration set (pile-val on the Hugging Face Hub) is not used: it needs the network.
 --no-clip turns AutoAWQ's clip search off; it needs output channels in multiples of 64.
 
-AutoAWQ 0.2.9 corrupts the weights when it runs on CPU (see CpuSafeAwqQuantizer); this tool corrects that.
-It runs the same under transformers 4.51.3 (AutoAWQ's last tested version) and 5.17; a transformers-5 model
-folder needs `rope_theta` at the top of config.json and a tokenizer_class transformers 4 knows to load in 4.51.
+AutoAWQ 0.2.9 corrupts the weights when it runs on CPU; CpuSafeAwqQuantizer corrects that (it overrides a
+private method of 0.2.9, the last release: keep the pin). With it the SmolLM2 checkpoint is the same, tensor for
+tensor, under transformers 5.17 and 4.51.3 (AutoAWQ's last tested version). Under transformers 4 a folder that
+transformers 5 wrote needs `rope_theta` at the top of config.json (4.51 ignores `rope_parameters` and silently
+uses 10,000) and a tokenizer_class it knows (PreTrainedTokenizerFast, not TokenizersBackend).
 
     # tests/fixtures/autoawq/gemm-g32 (the tiny Llama: 64 hidden features, k/v projections of 32):
     python tools/autoawq_checkpoint.py TINY tests/fixtures/autoawq/gemm-g32 --group-size 32 --no-clip
