@@ -10,10 +10,10 @@ default calibration set (pile-val on the Hugging Face Hub) is not used: it needs
 --no-clip turns AutoAWQ's clip search off; it needs output channels in multiples of 64.
 
 AutoAWQ 0.2.9 corrupts the weights when it runs on CPU; CpuSafeAwqQuantizer corrects that (it overrides a
-private method of 0.2.9, the last release: keep the pin). With it the SmolLM2 checkpoint is the same, tensor for
-tensor, under transformers 5.17 and 4.51.3 (AutoAWQ's last tested version). Under transformers 4 a folder that
-transformers 5 wrote needs `rope_theta` at the top of config.json (4.51 ignores `rope_parameters` and silently
-uses 10,000) and a tokenizer_class it knows (PreTrainedTokenizerFast, not TokenizersBackend).
+private method of 0.2.9, the last release: keep the pin). With it the SmolLM2 g64 --no-clip checkpoint is the
+same, tensor for tensor, under transformers 5.17 and 4.51.3 (AutoAWQ's last tested version). Under transformers 4
+a folder that transformers 5 wrote needs `rope_theta` at the top of config.json (4.51 ignores `rope_parameters`
+and silently uses 10,000) and a tokenizer_class it knows (PreTrainedTokenizerFast, not TokenizersBackend).
 
     # tests/fixtures/autoawq/gemm-g32 (the tiny Llama: 64 hidden features, k/v projections of 32):
     python tools/autoawq_checkpoint.py TINY tests/fixtures/autoawq/gemm-g32 --group-size 32 --no-clip
