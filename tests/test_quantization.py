@@ -218,6 +218,36 @@ def test_autoawq_checkpoint_matches_its_dequantized_weights(tmp_path):
     assert relative_error(engine_logits(folder), reference) < TOLERANCE["w4"]
 
 
+# tests/fixtures/autogptq: AutoGPTQ 0.7.1 (transformers 4.51.3, torch 2.13 CPU) quantized the same tiny Llama with
+# tools/autogptq_checkpoint.py (symmetric, group 32, calibrated on calibration_gettysburg_and_novels.txt), act
+# order off and on; the folders hold what its save_quantized wrote, tokenizer files left out. dequantize_gptq equals
+# AutoGPTQ's own dequantized weights (layer.weight after fasterquant, before packing) exactly, 14 of 14 layers in
+# both; that check needs auto-gptq installed, so it was run by hand. transformers 5 loads GPTQ only through
+# gptqmodel's kernels, so the reference is dequantize_gptq through transformers' dense Llama.
+AUTOGPTQ = Path(__file__).parent / "fixtures" / "autogptq"
+
+
+@pytest.mark.parametrize(("name", "desc_act"), [("g32", False), ("g32-desc-act", True)])
+def test_autogptq_checkpoint_matches_its_dequantized_weights(name, desc_act, source, tmp_path):
+    folder = AUTOGPTQ / name
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config == json.loads((folder / "quantize_config.json").read_text())
+    written = {key: config[key] for key in ("quant_method", "bits", "group_size", "sym", "desc_act", "static_groups")}
+    assert written == {"quant_method": "gptq", "bits": 4, "group_size": GROUP_SIZE, "sym": True,
+                       "desc_act": desc_act, "static_groups": False}
+    # 0.7.1 writes no checkpoint_format (the field came later; absent means "gptq": zeros stored as z - 1).
+    assert "checkpoint_format" not in config and config["is_marlin_format"] is False
+    with safe_open(str(folder / "gptq_model-4bit-32g.safetensors"), framework="pt") as reader:
+        g_idx = reader.get_tensor("model.layers.0.mlp.down_proj.g_idx")
+        # AutoGPTQ writes a bias for every quantized layer; the Llama has none, so the engine skips them: all zero.
+        assert all(not reader.get_tensor(key).any() for key in reader.keys() if key.endswith(".bias"))
+    assert torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // GROUP_SIZE) is not desc_act
+    ours = engine_logits(folder)
+    reference = transformers_logits(dequantized_folder(folder, tmp_path / "dense", "gptq"))
+    assert relative_error(ours, reference) < TOLERANCE["w4"]
+    assert relative_error(ours, transformers_logits(source)) > 1e-2  # the weights really were quantized
+
+
 # --- what is refused, and how ------------------------------------------------------------------------
 
 
