@@ -219,11 +219,12 @@ def test_autoawq_checkpoint_matches_its_dequantized_weights(tmp_path):
 
 
 # tests/fixtures/autogptq: AutoGPTQ 0.7.1 (transformers 4.51.3, torch 2.13 CPU) quantized the same tiny Llama with
-# tools/autogptq_checkpoint.py (symmetric, group 32, calibrated on calibration_gettysburg_and_novels.txt), act
-# order off and on; the folders hold what its save_quantized wrote, tokenizer files left out. dequantize_gptq equals
-# AutoGPTQ's own dequantized weights (layer.weight after fasterquant, before packing) exactly, 14 of 14 layers in
-# both; that check needs auto-gptq installed, so it was run by hand. transformers 5 loads GPTQ only through
-# gptqmodel's kernels, so the reference is dequantize_gptq through transformers' dense Llama.
+# tools/autogptq_checkpoint.py (float16, symmetric, group 32, calibrated on calibration_gettysburg_and_novels.txt),
+# act order off and on; the folders hold what its save_quantized wrote, tokenizer files left out. dequantize_gptq
+# equals AutoGPTQ's own dequantization of the packed tensors (qlinear_cuda.QuantLinear's torch path, g_idx and
+# all) exactly, 14 of 14 layers in both; that check needs auto-gptq installed, so it was run by hand.
+# transformers 5 loads GPTQ only through gptqmodel's kernels, so the reference is dequantize_gptq through
+# transformers' dense Llama.
 AUTOGPTQ = Path(__file__).parent / "fixtures" / "autogptq"
 
 

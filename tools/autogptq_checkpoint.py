@@ -2,7 +2,7 @@
 
     python tools/autogptq_checkpoint.py SOURCE TARGET [--group-size G] [--desc-act] [--calibration-text FILE]
 
-GPTQ, 4 bits, symmetric (AutoGPTQ's defaults: damp_percent 0.01, true_sequential, static_groups false), groups of G
+GPTQ, 4 bits, symmetric, float16 unless --dtype float32 (AutoGPTQ's defaults: damp_percent 0.01, true_sequential, static_groups false), groups of G
 input features (default 128, AutoGPTQ's), act order (desc_act) off unless --desc-act. Writes what AutoGPTQ's
 save_quantized writes: gptq_model-4bit-<G>g.safetensors (qweight/qzeros/scales/g_idx, zeros stored as z - 1),
 config.json with quantization_config, quantize_config.json. Calibration: FILE's tokens in samples of 128
@@ -20,7 +20,8 @@ makes synchronize a no-op; the model is wrapped with LlamaGPTQForCausalLM's cons
 Packing already runs on CPU in AutoGPTQ ("so far can only pack layer on CPU"), so the written tensors are its own.
 
 A folder written by transformers 5 keeps rope settings in `rope_parameters`, which 4.51 ignores (it would
-silently use rope_theta 10,000): they are copied to 4.51's `rope_theta` / `rope_scaling` before loading.
+silently use rope_theta 10,000): they are moved to 4.51's `rope_theta` / `rope_scaling` before loading, and
+transformers 5's `dtype` is dropped (4.51 writes `torch_dtype`), so config.json reads as a transformers 4 one.
 
     # tests/fixtures/autogptq/g32 and g32-desc-act (TINY: engine.testing.make_model_folder(TINY, family="llama");
     # run from /tmp so the repo's operator/ does not shadow the stdlib; REPO is the checkout). The fixtures keep
@@ -32,8 +33,6 @@ silently use rope_theta 10,000): they are copied to 4.51's `rope_theta` / `rope_
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from calibration import copy_tokenizer_files, text_samples
@@ -53,11 +52,14 @@ def run_on_cpu() -> None:
 
 def transformers4_config(source: str) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(source)
-    rope = json.loads((Path(source) / "config.json").read_text()).get("rope_parameters")
+    rope = getattr(config, "rope_parameters", None)
     if rope:
         config.rope_theta = rope["rope_theta"]
         scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
         config.rope_scaling = scaling if scaling.get("rope_type", "default") != "default" else None
+    for name in ("rope_parameters", "dtype"):  # transformers 5's names; 4.51 would save them beside its own
+        if hasattr(config, name):
+            delattr(config, name)
     return config
 
 
@@ -74,13 +76,16 @@ def main() -> None:
     parser.add_argument("source")
     parser.add_argument("target")
     parser.add_argument("--group-size", type=int, default=128)
-    parser.add_argument("--desc-act", action="store_true", help="Act order: quantize columns by falling Hessian diagonal.")
+    parser.add_argument("--desc-act", action="store_true",
+                        help="Act order: quantize columns by falling Hessian diagonal (writes a shuffled g_idx).")
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16",
+                        help="The model's dtype while quantizing and as saved (float16: AutoGPTQ's default).")
     parser.add_argument("--calibration-text", help="Plain-text calibration file (default: random token ids).")
     args = parser.parse_args()
     torch.manual_seed(0)
     run_on_cpu()
     config = transformers4_config(args.source)
-    model = AutoModelForCausalLM.from_pretrained(args.source, config=config, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(args.source, config=config, torch_dtype=getattr(torch, args.dtype))
     quantize_config = BaseQuantizeConfig(bits=4, group_size=args.group_size, desc_act=args.desc_act, sym=True)
     gptq = LlamaGPTQForCausalLM(model, False, quantize_config)
     gptq.quantize(calibration(args.source, args.calibration_text, config.vocab_size), use_cuda_fp16=False)
