@@ -15,7 +15,8 @@ It tells whether the engine's quantized paths lose more than the formats themsel
                 by compressed-tensors; or an AutoAWQ "gemm" checkpoint, which transformers loads only through
                 gptqmodel (not installable here), so its weights are unpacked here as AutoAWQ's own
                 dequantize_gemm defines them (unpack_awq_gemm, independent of the engine's loader) and
-                transformers runs the model of the same config on them.
+                transformers runs the model of the same config on them; a GPTQ checkpoint likewise
+                (dequantize_gptq, which equals AutoGPTQ's own QuantLinear dequantization).
 
 Windows and tokens are those of benchmarks/perplexity.py (the engine's tokenizer, --window tokens per
 window, every token after a window's first predicted); transformers runs each window in one forward pass.
@@ -131,23 +132,64 @@ def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     return ((unpack_awq_gemm(qweight) - zeros) * scales.float().repeat_interleave(group_size, 0)).t().contiguous()
 
 
-def load_awq_checkpoint(path: Path, quantization_config: dict) -> nn.Module:
-    """transformers' float32 model of an AutoAWQ gemm folder's config, on weights dequantized by dequantize_awq_gemm."""
+NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def unpack_gptq_rows(packed: torch.Tensor) -> torch.Tensor:
+    """GPTQ qweight int32 [R, C] -> [8R, C]: nibble j of row r is input row 8r + j."""
+    return ((packed[:, None, :] >> NIBBLE_SHIFTS[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
+
+
+def unpack_gptq_columns(packed: torch.Tensor) -> torch.Tensor:
+    """GPTQ qzeros int32 [R, C] -> [R, 8C]: nibble j of column c is output column 8c + j."""
+    return ((packed[:, :, None] >> NIBBLE_SHIFTS[None, None, :]) & 0xF).reshape(packed.shape[0], -1)
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                    g_idx: torch.Tensor) -> torch.Tensor:
+    """The [N, K] float32 weight of a GPTQ layer (AutoGPTQ's layout, checkpoint_format "gptq": qzeros hold z - 1):
+    (q - z) * s, input row k taking group g_idx[k]'s z and s (act order shuffles g_idx)."""
+    groups = g_idx.long()
+    zeros = (unpack_gptq_columns(qzeros) + 1) & 0xF
+    return ((unpack_gptq_rows(qweight) - zeros[groups]) * scales.float()[groups]).t().contiguous()
+
+
+def dequantized_weight(module: str, tensors: dict[str, torch.Tensor], quantization_config: dict) -> torch.Tensor:
+    parts = [tensors[f"{module}.{kind}"] for kind in ("qweight", "qzeros", "scales")]
+    if quantization_config["quant_method"] == "awq":
+        return dequantize_awq_gemm(*parts, quantization_config["group_size"])
+    return dequantize_gptq(*parts, tensors[f"{module}.g_idx"])
+
+
+def check_packed_format(path: Path, quantization_config: dict) -> None:
+    config = quantization_config
+    if config["quant_method"] == "awq":
+        supported = config.get("version", "gemm").lower() == "gemm" and bool(config.get("zero_point"))
+    else:
+        supported = config.get("bits") == 4 and config.get("checkpoint_format", "gptq") == "gptq"
+    if not supported:
+        raise SystemExit(f"{path}: only AWQ gemm with zero points and 4-bit GPTQ (checkpoint_format gptq) are "
+                         f"dequantized here, not {quantization_config}")
+
+
+def load_packed_checkpoint(path: Path, quantization_config: dict) -> nn.Module:
+    """transformers' float32 model of an AutoAWQ gemm or GPTQ folder's config, on weights dequantized here.
+
+    AutoGPTQ writes a bias for every quantized layer, zeros where the model has none: those are dropped."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if quantization_config.get("version", "gemm").lower() != "gemm" or not quantization_config.get("zero_point"):
-        raise SystemExit(f"{path}: only AWQ gemm with zero points is dequantized here, not {quantization_config}")
+    check_packed_format(path, quantization_config)
     tensors: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(str(file)))
     state = {}
     for name, tensor in tensors.items():
         module, _, kind = name.rpartition(".")
+        quantized = f"{module}.qweight" in tensors
         if kind == "qweight":
-            state[f"{module}.weight"] = dequantize_awq_gemm(tensor, tensors[f"{module}.qzeros"],
-                                                            tensors[f"{module}.scales"], quantization_config["group_size"])
-        elif kind not in ("qzeros", "scales"):
+            state[f"{module}.weight"] = dequantized_weight(module, tensors, quantization_config)
+        elif not quantized or (kind == "bias" and tensor.any()):
             state[name] = tensor.float()
     config = AutoConfig.from_pretrained(path)
     del config.quantization_config
@@ -162,12 +204,12 @@ def load_awq_checkpoint(path: Path, quantization_config: dict) -> nn.Module:
 
 def load_checkpoint(path: Path) -> nn.Module:
     """transformers' float32 model of a folder; a compressed-tensors checkpoint decompressed into plain weights,
-    an AutoAWQ one dequantized by load_awq_checkpoint."""
+    an AutoAWQ or GPTQ one dequantized by load_packed_checkpoint."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     quantization_config = json.loads((path / "config.json").read_text()).get("quantization_config")
-    if quantization_config and quantization_config.get("quant_method") == "awq":
-        return load_awq_checkpoint(path, quantization_config)
+    if quantization_config and quantization_config.get("quant_method") in ("awq", "gptq"):
+        return load_packed_checkpoint(path, quantization_config)
     extra = {"quantization_config": CompressedTensorsConfig(run_compressed=False)} if quantization_config else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **extra).eval()
 
@@ -176,7 +218,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=builtin_model_path())
     parser.add_argument("--checkpoint", type=Path, nargs="+", default=[],
-                        help="Compressed-tensors or AutoAWQ gemm checkpoints of the same model, one row each.")
+                        help="Compressed-tensors, AutoAWQ gemm or GPTQ checkpoints of the same model, one row each.")
     parser.add_argument("--work-dir", type=Path, default=Path("results/perplexity-models"))
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--group-size", type=int, default=64, help="w4a16-rtn group, -1 per channel (default: %(default)s).")

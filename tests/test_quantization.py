@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
-from benchmarks.perplexity_reference import dequantize_awq_gemm
+from benchmarks.perplexity_reference import dequantize_awq_gemm, dequantize_gptq
 from engine.errors import UnsupportedModelError
 from engine.layers.quantization.config import linear_method_for
 from engine.model_config import load_model_config
@@ -35,7 +35,6 @@ PROMPT = [5, 17, 3, 99, 42, 7, 250, 31, 8, 64, 12, 77, 150, 9, 2, 33, 61, 120, 4
 # the same values to FP8, but a 1e-7 difference can move one across a rounding boundary: 1e-3 there.
 TOLERANCE = {"w4": 1e-4, "fp8": 1e-3}
 QUANTIZATION_ERROR = 0.2  # 8-bit weights and activations against 32-bit ones on a random tiny model
-SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +76,8 @@ def relative_error(ours: torch.Tensor, theirs: torch.Tensor) -> float:
 # --- the projects' dequantization, written from their published code ---------------------------------
 
 
-def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C] -> [8R, C]: nibble j of row r is row 8r + j (GPTQ's qweight)."""
-    return ((packed[:, None, :] >> SHIFTS[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
-
-
-def unpack_cols(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [R, C] -> [R, 8C]: nibble j of column c is column 8c + j."""
-    return ((packed[:, :, None] >> SHIFTS[None, None, :]) & 0xF).reshape(packed.shape[0], -1)
-
-
 def dequantize_awq(t: dict[str, torch.Tensor], group: int) -> torch.Tensor:
     return dequantize_awq_gemm(t["qweight"], t["qzeros"], t["scales"], group)  # the accuracy table's reference
-
-
-def dequantize_gptq(t: dict[str, torch.Tensor], group: int) -> torch.Tensor:
-    g_idx = t["g_idx"].long()
-    zeros = (unpack_cols(t["qzeros"]) + 1) & 0xF  # v1 stores z - 1
-    return ((unpack_rows(t["qweight"]) - zeros[g_idx]) * t["scales"].float()[g_idx]).t()
 
 
 def dequantize_compressed_tensors(t: dict[str, torch.Tensor], config: dict) -> torch.Tensor:
@@ -126,7 +109,7 @@ def dequantized_folder(quantized: Path, target: Path, fmt: str) -> Path:
         if fmt == "awq":
             dense[module + ".weight"] = dequantize_awq(parts, GROUP_SIZE)
         elif fmt.startswith("gptq"):
-            dense[module + ".weight"] = dequantize_gptq(parts, GROUP_SIZE)
+            dense[module + ".weight"] = dequantize_gptq(*(parts[k] for k in ("qweight", "qzeros", "scales", "g_idx")))
         elif fmt == "compressed-tensors":
             dense[module + ".weight"] = dequantize_compressed_tensors(parts, quant_config)
         else:
