@@ -1,11 +1,13 @@
 """Quantize a model folder with AutoGPTQ itself, on CPU (tool venv, see below).
 
-    python tools/autogptq_checkpoint.py SOURCE TARGET [--group-size G] [--desc-act] [--calibration-text FILE]
+    python tools/autogptq_checkpoint.py SOURCE TARGET [--group-size G] [--desc-act] [--dtype D] \\
+        [--calibration-text FILE]
 
-GPTQ, 4 bits, symmetric, float16 unless --dtype float32 (AutoGPTQ's defaults: damp_percent 0.01, true_sequential, static_groups false), groups of G
-input features (default 128, AutoGPTQ's), act order (desc_act) off unless --desc-act. Writes what AutoGPTQ's
-save_quantized writes: gptq_model-4bit-<G>g.safetensors (qweight/qzeros/scales/g_idx, zeros stored as z - 1),
-config.json with quantization_config, quantize_config.json. Calibration: FILE's tokens in samples of 128
+GPTQ, 4 bits, symmetric, with AutoGPTQ's defaults (damp_percent 0.01, true_sequential, static_groups false, the
+model in float16 unless --dtype float32), groups of G input features (default 128, AutoGPTQ's), act order
+(desc_act) off unless --desc-act. Writes what AutoGPTQ's save_quantized writes: gptq_model-4bit-<G>g.safetensors
+(qweight/qzeros/scales/g_idx, zeros stored as z - 1; also an all-zero bias per quantized layer), config.json with
+quantization_config, quantize_config.json. Calibration: FILE's tokens in samples of 128
 (tools/calibration.py, the samples the other GPTQ/AWQ tools use); without FILE, random token ids.
 
 Tool venv (auto-gptq 0.7.1 is the last release; it imports with transformers 4.51.3 and peft 0.10.0, not later):
@@ -22,6 +24,8 @@ Packing already runs on CPU in AutoGPTQ ("so far can only pack layer on CPU"), s
 A folder written by transformers 5 keeps rope settings in `rope_parameters`, which 4.51 ignores (it would
 silently use rope_theta 10,000): they are moved to 4.51's `rope_theta` / `rope_scaling` before loading, and
 transformers 5's `dtype` is dropped (4.51 writes `torch_dtype`), so config.json reads as a transformers 4 one.
+With --calibration-text the source's tokenizer must load under 4.51: a tokenizer_config.json naming transformers
+5's TokenizersBackend fails ("does not exist"); PreTrainedTokenizerFast loads the same tokenizer.json.
 
     # tests/fixtures/autogptq/g32 and g32-desc-act (TINY: engine.testing.make_model_folder(TINY, family="llama");
     # run from /tmp so the repo's operator/ does not shadow the stdlib; REPO is the checkout). The fixtures keep
@@ -30,6 +34,9 @@ transformers 5's `dtype` is dropped (4.51 writes `torch_dtype`), so config.json 
         --calibration-text REPO/benchmarks/data/calibration_gettysburg_and_novels.txt
     cd /tmp && python REPO/tools/autogptq_checkpoint.py TINY REPO/tests/fixtures/autogptq/g32-desc-act \\
         --group-size 32 --desc-act --calibration-text REPO/benchmarks/data/calibration_gettysburg_and_novels.txt
+    # SmolLM2-135M-Instruct rows of benchmarks/RESULTS.md (DENSE: the float32 folder of benchmarks/perplexity.py)
+    cd /tmp && python REPO/tools/autogptq_checkpoint.py DENSE smollm2-gptq-g64 --group-size 64 --dtype float32 \\
+        --calibration-text REPO/benchmarks/data/calibration_gettysburg_and_novels.txt      # and with --desc-act
 """
 
 import argparse
