@@ -118,10 +118,23 @@ def transformers_perplexity(model: nn.Module, tokens: list[int], window: int) ->
     return math.exp(nll / count), count
 
 
+NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def unpack_columns(packed: torch.Tensor) -> torch.Tensor:
+    """int32 [R, C] -> [R, 8C]: nibble j of column c becomes column 8c + j (GPTQ's qzeros)."""
+    return ((packed[:, :, None] >> NIBBLE_SHIFTS[None, None, :]) & 0xF).reshape(packed.shape[0], -1)
+
+
+def unpack_gptq_rows(packed: torch.Tensor) -> torch.Tensor:
+    """GPTQ qweight int32 [R, C] -> [8R, C]: nibble j of row r is input row 8r + j."""
+    return ((packed[:, None, :] >> NIBBLE_SHIFTS[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
+
+
 def unpack_awq_gemm(packed: torch.Tensor) -> torch.Tensor:
     """AutoAWQ gemm int32 [R, C] -> its 4-bit values [R, 8C] in column order (nibble i of each int32 holds
     column 0 2 4 6 1 3 5 7 [i] of its 8, so column j is nibble AWQ_REVERSE_ORDER[j])."""
-    nibbles = (packed[:, :, None] >> torch.arange(0, 32, 4, dtype=torch.int32)) & 0xF
+    nibbles = unpack_columns(packed).view(packed.shape[0], -1, 8)
     return nibbles[:, :, list(AWQ_REVERSE_ORDER)].reshape(packed.shape[0], -1)
 
 
@@ -132,25 +145,12 @@ def dequantize_awq_gemm(qweight: torch.Tensor, qzeros: torch.Tensor, scales: tor
     return ((unpack_awq_gemm(qweight) - zeros) * scales.float().repeat_interleave(group_size, 0)).t().contiguous()
 
 
-NIBBLE_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
-
-
-def unpack_gptq_rows(packed: torch.Tensor) -> torch.Tensor:
-    """GPTQ qweight int32 [R, C] -> [8R, C]: nibble j of row r is input row 8r + j."""
-    return ((packed[:, None, :] >> NIBBLE_SHIFTS[None, :, None]) & 0xF).reshape(-1, packed.shape[1])
-
-
-def unpack_gptq_columns(packed: torch.Tensor) -> torch.Tensor:
-    """GPTQ qzeros int32 [R, C] -> [R, 8C]: nibble j of column c is output column 8c + j."""
-    return ((packed[:, :, None] >> NIBBLE_SHIFTS[None, None, :]) & 0xF).reshape(packed.shape[0], -1)
-
-
 def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                     g_idx: torch.Tensor) -> torch.Tensor:
     """The [N, K] float32 weight of a GPTQ layer (AutoGPTQ's layout, checkpoint_format "gptq": qzeros hold z - 1):
     (q - z) * s, input row k taking group g_idx[k]'s z and s (act order shuffles g_idx)."""
     groups = g_idx.long()
-    zeros = (unpack_gptq_columns(qzeros) + 1) & 0xF
+    zeros = (unpack_columns(qzeros) + 1) & 0xF
     return ((unpack_gptq_rows(qweight) - zeros[groups]) * scales.float()[groups]).t().contiguous()
 
 
