@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 from awq import AutoAWQForCausalLM
 from awq.quantize.quantizer import AwqQuantizer
-from calibration import TEXT_SAMPLE_TOKENS, copy_tokenizer_files, text_samples
+from calibration import RANDOM_SAMPLE_TOKENS, RANDOM_SAMPLES, TEXT_SAMPLE_TOKENS, copy_tokenizer_files, text_samples
 from transformers import AutoTokenizer
-
-RANDOM_SAMPLES, RANDOM_SAMPLE_TOKENS = 16, 64
 
 
 class CpuSafeAwqQuantizer(AwqQuantizer):

@@ -42,14 +42,12 @@ With --calibration-text the source's tokenizer must load under 4.51: a tokenizer
 import argparse
 
 import torch
-from calibration import copy_tokenizer_files, text_samples
+from calibration import RANDOM_SAMPLE_TOKENS, RANDOM_SAMPLES, copy_tokenizer_files, text_samples
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 import auto_gptq.modeling._base as autogptq_base
 from auto_gptq import BaseQuantizeConfig
 from auto_gptq.modeling import LlamaGPTQForCausalLM
-
-RANDOM_SAMPLES, RANDOM_SAMPLE_TOKENS = 16, 64
 
 
 def run_on_cpu() -> None:

@@ -1,13 +1,14 @@
 """What the quantization tools share: text calibration samples and the tokenizer files a checkpoint carries.
 
-Imported by tools/llmcompressor_checkpoints.py and tools/autoawq_checkpoint.py (run as scripts, so
-this folder is on sys.path), so that GPTQ and AWQ checkpoints calibrate on the same tokens.
+Imported by tools/llmcompressor_checkpoints.py, tools/autoawq_checkpoint.py and tools/autogptq_checkpoint.py
+(run as scripts, so this folder is on sys.path), so that GPTQ and AWQ checkpoints calibrate on the same tokens.
 """
 
 import shutil
 from pathlib import Path
 
 TEXT_SAMPLE_TOKENS = 128
+RANDOM_SAMPLES, RANDOM_SAMPLE_TOKENS = 16, 64  # the AWQ and AutoGPTQ tools' calibration without a text file
 
 
 def text_samples(source: str, text_file: str) -> list[list[int]]:
