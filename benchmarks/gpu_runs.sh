@@ -11,7 +11,7 @@
 #   OUT=out bash benchmarks/gpu_runs.sh kernels moe quant structured          # kernel tests, MoE, FP8/W4A16, grammars
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
 #       and the baseline's, kernel tests; 8B decode in bf16 and AWQ
-#   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's tiles at batch 1
+#   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's and FP8 tiles at batch 1
 #   OUT=out bash benchmarks/gpu_runs.sh quant-tiles  # W4A16 tensor-core tiles at 16-128 rows (mma.sync vs wgmma)
 #   OUT=out GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_runs.sh perplexity   # issue 13's
 #       perplexity table on the GPU (bf16, FP8, W4A16 RTN, FP8 KV)
@@ -25,6 +25,7 @@
 #       prompt; gzipped chrome traces in $OUT/traces) and the "mixed" roofline per step; BANDWIDTH_GBS and
 #       PEAK_TFLOPS (default: this machine type's 4,248 GB/s copy and 779 TFLOP/s bf16 matmul) feed the roofline
 #   OUT=out bash benchmarks/gpu_runs.sh trace-fp8   # 8B batch-1 decode traces, bf16 and online FP8 weights
+#   OUT=out bash benchmarks/gpu_runs.sh trace-w4a16 # 8B batch-1 decode trace, W4A16 weights (AWQ layout)
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh attention-fp8   # attention on bf16 / FP8 caches, A/B
 #   OUT=out bash benchmarks/gpu_runs.sh trace-b128  # the 8B batch-128 decode trace alone
 #   OUT=out bash benchmarks/gpu_runs.sh trace-tp2   # two GPUs: rank 0's kernel trace of 8B tp=2 decode at
@@ -104,8 +105,8 @@ for mode in "$@"; do
               done
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
     quant-gemv) step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
-                step quant-sweep-gemv 200 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
-                  --sweep-batches 1 --sweep-formats w4a16-gemv --out "$OUT/quant-sweep-gemv.json" ;;
+                step quant-sweep-gemv 300 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                  --sweep-batches 1 --sweep-formats w4a16-gemv,fp8 --out "$OUT/quant-sweep-gemv.json" ;;
     # W4A16 tensor-core tiles between 16 and 128 rows: mma.sync row tiles (16, 32) against wgmma ones (64, 128).
     quant-tiles) step quant-sweep-tiles 420 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
                    --sweep-batches 16,32,64,128 --sweep-formats w4a16 --out "$OUT/quant-sweep-tiles.json" ;;
@@ -185,6 +186,9 @@ d = dense_folder(Path(sys.argv[1]), Path('$ROOT/ppl')); q(d, Path('$ROOT/ppl/rtn
                      step "attention-$run" 90 env -C "$(tree_dir ${run%-*})" $PY -m benchmarks.attention_kernels \
                        --kv-cache-dtype ${run#*-} --out "$OUT/attention-$run.json"
                    done ;;
+    # Batch-1 decode trace of the 8B shape in W4A16 (AWQ layout, groups of 128).
+    trace-w4a16) step trace-8b-b1-awq 200 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" \
+                   --batch 1 --weights awq --trace-dir "$OUT/traces-awq" --out "$OUT/trace-8b-b1-awq.json" ;;
     trace-b128) step trace-8b-b128 150 $PY -m benchmarks.kernel_trace --model llama-3.1-8b --model-root "$ROOT" \
                   --batch 128 --trace-dir "$OUT/traces" --out "$OUT/trace-8b-b128.json" ;;
     trace) step roofline-8b-mixed 30 $PY -m benchmarks.roofline --model llama-3.1-8b --workload mixed \

@@ -51,7 +51,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from benchmarks.common import save_json
 from benchmarks.latency import (add_engine_arguments, all_decoding, decode_ms_per_token, engine_config,
                                 graph_replay_ms, random_prompt)
-from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
+from benchmarks.workloads import MODEL_SHAPES, QUANTIZED_GROUP_SIZE, quantized_model_folder, token_id_limit
+from engine.testing.quantized import QUANTIZED_FORMATS
 from engine import SamplingParams
 from engine.llm_engine import LLMEngine
 from engine.output_processor import OutputKind
@@ -320,6 +321,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="decode steps traced")
     parser.add_argument("--warmup-steps", type=int, default=5, help="decode steps run before the traced ones")
     parser.add_argument("--prefill-tokens", type=int, default=0, help="also trace a prompt of this length; 0: none")
+    parser.add_argument("--weights", default="bf16", choices=["bf16", *QUANTIZED_FORMATS],
+                        help="a checkpoint format: the bf16 folder is quantized into it once "
+                        f"(groups of {QUANTIZED_GROUP_SIZE})")
     add_engine_arguments(parser)
     parser.add_argument("--trace-dir", help="keep the chrome traces here (gzipped; open them in Perfetto)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -329,7 +333,7 @@ def main() -> None:
     if not args.batch and not args.prefill_tokens:
         parser.error("nothing to trace: give --batch or --prefill-tokens")
 
-    folder = model_folder(args.model, args.model_root)
+    folder, _ = quantized_model_folder(args.model, args.weights, args.model_root)
     longest_prompt = max(args.prompt_len, args.prefill_tokens)
     most_new_tokens = max(args.new_tokens, traced_new_tokens(args))
     engine = LLMEngine(engine_config(folder, args, max(1, args.batch), longest_prompt, most_new_tokens))
@@ -346,7 +350,8 @@ def main() -> None:
         titles["prefill"] = f"prefill, {args.prefill_tokens} prompt tokens (whole request)"
     engine.shutdown()
 
-    print(f"\n## Kernel trace: {args.model}, {args.dtype}, quantization {args.quantization or 'none'}, "
+    print(f"\n## Kernel trace: {args.model}, {args.weights} weights, {args.dtype}, "
+          f"quantization {args.quantization or 'none'}, "
           f"KV cache {args.kv_cache_dtype}, tp={args.tensor_parallel_size}"
           f"{' (rank 0)' if args.tensor_parallel_size > 1 else ''}, {engine.config.device}\n")
     for kind, summary in results.items():

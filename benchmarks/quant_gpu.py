@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,13 +35,15 @@ import triton
 import kernels
 from benchmarks.common import copy_bandwidth_gbs, cuda_time_s, print_table, save_json
 from benchmarks.latency import decode_ms_per_token, weight_bytes
-from benchmarks.workloads import MODEL_SHAPES, model_folder, token_id_limit
+from benchmarks.workloads import MODEL_SHAPES, QUANTIZED_GROUP_SIZE, quantized_model_folder, token_id_limit
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
-from engine.testing.quantized import QUANTIZED_FORMATS, quantize_model_folder, write_random_quantized_folder
+from engine.testing.quantized import QUANTIZED_FORMATS
 from kernels import quant_reference as ref
 from kernels.fp8 import Fp8Config
+from kernels.fp8 import default_config as fp8_default_config
 from kernels.w4a16 import W4A16Config, W4A16GemvConfig
+from kernels.w4a16 import default_config as w4a16_default_config
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
 # (K, N) of each layer's GEMMs and the layer count, per model shape of the decode-GEMM stack
@@ -51,7 +52,7 @@ STACK_SHAPES = {
     "llama-3.1-70b": ({"qkv": (8192, 10240), "o": (8192, 8192), "gate_up": (8192, 57344), "down": (28672, 8192)}, 80),
 }
 STACK_FORMATS = ("bf16", "w4a16", "fp8")
-GROUP_SIZE = 128
+GROUP_SIZE = QUANTIZED_GROUP_SIZE
 L2_FLUSH_BYTES = 256 << 20  # rotate over weight copies at least this large, so no launch reads from L2
 
 
@@ -167,7 +168,7 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
     w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3),
                 (128, 256, 4, 3), (256, 128, 8, 3)]
-    gemv_tiles = [(256, 16, 4), (128, 16, 4), (256, 8, 4), (128, 8, 4), (512, 16, 8)]  # block_n, rows, warps
+    gemv_tiles = [(256, 16, 4), (128, 16, 4), (128, 16, 2), (64, 16, 2), (256, 8, 4), (512, 16, 8)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
@@ -178,18 +179,22 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
             candidates = []
             block_m = max(16, min(128, triton.next_power_of_2(m)))
             if m <= 128 and "w4a16" in formats:  # row tiles under 64 take mma.sync, 64 and up wgmma
+                candidates.append(("w4a16", replace(w4a16_default_config(m), reduce_in_kernel=False)))
                 for w4_block_m in sorted({min(16, block_m), min(32, block_m), block_m}):
                     for block_n, block_k, warps, stages in w4_tiles:
                         for split in (0, 2, 4) if m <= 16 else (0, 2):
                             candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
             if m <= 4 and {"w4a16", "w4a16-gemv"} & set(formats):  # the CUDA-core GEMV, one program row per row
                 for block_n, packed_rows, warps in gemv_tiles:
-                    for split in (0, 4):
-                        candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, 3, split)))
+                    for stages in (1, 3, 4):  # 1: loads into registers; more: through shared memory, ahead
+                        for split in (0, 8, 16):
+                            candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split)))
+                candidates.append(("w4a16", W4A16GemvConfig(reduce_in_kernel=False)))  # A/B: a second launch adds
             if "fp8" in formats:
                 for block_n, block_k, warps in fp8_tiles:
                     for split in (0, 1, 2) if m <= 64 else (1,):
                         candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
+                candidates.append(("fp8", replace(fp8_default_config(m), reduce_in_kernel=False)))
             for fmt, config in candidates:
                 try:
                     us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)
@@ -204,28 +209,11 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     return rows
 
 
-def quantized_folder(model: str, fmt: str, root: Path) -> tuple[Path, str | None]:
-    """(folder, --quantization) for a format name: bf16, fp8-online, or one of QUANTIZED_FORMATS."""
-    if fmt == "bf16":
-        return model_folder(model, root), None
-    if fmt == "fp8-online":
-        return model_folder(model, root), "fp8"
-    target = root / f"{model}-{fmt}"
-    if not (target / "model.safetensors.index.json").exists():
-        shutil.rmtree(target, ignore_errors=True)
-        family, size = MODEL_SHAPES[model]
-        if model == "llama-3.1-70b":  # 141 GB in bf16: never write that
-            write_random_quantized_folder(target, family, size, fmt, GROUP_SIZE, device="cuda")
-        else:
-            quantize_model_folder(model_folder(model, root), target, fmt, GROUP_SIZE, device="cuda")
-    return target, None
-
-
 def decode_rows(model: str, formats: list[str], batches: list[int], root: Path, prompt_len: int,
                 new_tokens: int, bandwidth: float) -> list[dict]:
     rows = []
     for fmt in formats:
-        folder, quantization = quantized_folder(model, fmt, root)
+        folder, quantization = quantized_model_folder(model, fmt, root)
         config = EngineConfig(model=str(folder), dtype="bfloat16", seed=0, max_num_seqs=max(batches),
                               max_model_len=prompt_len + new_tokens + 8, quantization=quantization)
         engine = LLMEngine(config)
@@ -253,6 +241,18 @@ def decode_rows(model: str, formats: list[str], batches: list[int], root: Path, 
     return rows
 
 
+def layer_totals(rows: list[dict]) -> list[dict]:
+    """Sweep rows summed over a layer's GEMMs, per (M, format, config) that ran on all of them, fastest first."""
+    gemms = len(LLAMA_8B_GEMMS)
+    totals: dict[tuple[int, str, str], list[dict]] = {}
+    for row in rows:
+        totals.setdefault((row["M"], row["format"], row["config"]), []).append(row)
+    layers = [{"M": m, "format": fmt, "config": config, "us": sum(r["us"] for r in parts),
+               "bf16_us": sum(r["us"] / r["x_bf16"] for r in parts), "max_err": max(r["err"] for r in parts)}
+              for (m, fmt, config), parts in totals.items() if len(parts) == gemms]
+    return sorted(layers, key=lambda r: (r["M"], r["format"], r["us"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gemm-batches", default="1,2,4,8,16,32,64,128,256")
@@ -277,6 +277,8 @@ def main() -> None:
     if args.sweep_batches:
         payload["sweep"] = sweep_rows([int(b) for b in args.sweep_batches.split(",")], args.sweep_formats.split(","))
         print_table(payload["sweep"], "Triton tile sweep (µs per GEMM, CUDA graph)")
+        payload["sweep_layers"] = layer_totals(payload["sweep"])
+        print_table(payload["sweep_layers"], "Triton tile sweep: the four GEMMs of a layer, fastest first per M and format")
         save_json(args.out, payload)
     if not args.skip_gemm:
         payload["gemm"] = gemm_rows([int(b) for b in args.gemm_batches.split(",")])

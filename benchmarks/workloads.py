@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.testing import make_model_folder
+
+QUANTIZED_GROUP_SIZE = 128  # the group of the W4A16 folders and GEMMs the benchmarks write
 
 MODEL_SHAPES = {  # benchmark name -> (engine.testing family, size)
     "llama-3.1-8b": ("llama", "llama-3.1-8b"),
@@ -33,6 +36,25 @@ def model_folder(shape: str, root: str | Path) -> Path:
     if not (folder / "config.json").exists():
         make_model_folder(folder, family=family, size=size)
     return folder
+
+
+def quantized_model_folder(model: str, fmt: str, root: str | Path) -> tuple[Path, str | None]:
+    """(folder, --quantization) for a format name: bf16, fp8-online, or one of QUANTIZED_FORMATS."""
+    if fmt == "bf16":
+        return model_folder(model, root), None
+    if fmt == "fp8-online":
+        return model_folder(model, root), "fp8"
+    target = Path(root) / f"{model}-{fmt}"
+    from engine.testing.quantized import quantize_model_folder, write_random_quantized_folder
+
+    if not (target / "model.safetensors.index.json").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        family, size = MODEL_SHAPES[model]
+        if model == "llama-3.1-70b":  # 141 GB in bf16: never write that
+            write_random_quantized_folder(target, family, size, fmt, QUANTIZED_GROUP_SIZE, device="cuda")
+        else:
+            quantize_model_folder(model_folder(model, root), target, fmt, QUANTIZED_GROUP_SIZE, device="cuda")
+    return target, None
 
 
 def token_id_limit(folder: Path) -> int:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
-from kernels.split_k import reduce_splits, split_k_output
+from kernels.split_k import plan_split_k, store_split_k
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
 MIN_DOT = 16
@@ -111,9 +111,9 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @triton.jit
 def _fp8_matmul_kernel(
-    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, out_ptr, M, N, K, stride_am, k_per_split,
-    A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_am,
+    k_per_split, A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_MODE: tl.constexpr,
 ):
     """out[split] = (a_q * a_scale) @ (b * b_scale)^T over this program's K split."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -145,10 +145,8 @@ def _fp8_matmul_kernel(
             acc = tl.dot(b, tl.trans(a), acc)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=mask_n, other=0.0)
     acc = tl.trans(acc) * a_scale[:, None] * b_scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_split_k(acc, offs_m, offs_n, M, N, pid_k, tl.num_programs(2), pid_m * tl.num_programs(1) + pid_n,
+                  partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 @dataclass(frozen=True)
@@ -161,6 +159,7 @@ class Fp8Config:
     num_warps: int = 4
     num_stages: int = 4
     split_k: int = 0  # 0: about K_PER_SPLIT of K per split
+    reduce_in_kernel: bool = True  # the last K split adds the partials (else a second launch; see kernels/split_k.py)
 
 
 def default_config(m: int) -> Fp8Config:
@@ -188,20 +187,20 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
         split_k = min(2, k_tiles)
     else:
         split_k = max(1, min(round(k / K_PER_SPLIT), k_tiles))
-    out, k_per_split = split_k_output(m, n, k, config.block_k, split_k, out_dtype, a.device)
-    split_k = out.shape[0]
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    plan = plan_split_k(m, n, k, config.block_k, split_k, tiles, out_dtype, a.device, config.reduce_in_kernel)
     if m:
         weight_scale = weight_scale.float().contiguous()
-        _fp8_matmul_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)](
+        _fp8_matmul_kernel[(triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), plan.splits)](
             a if a.stride(1) == 1 else a.contiguous(), a_scale.float().contiguous(), weight.contiguous(), weight_scale,
-            bias if bias is not None and split_k == 1 else weight_scale, out,
-            m, n, k, a.stride(0) if a.stride(1) == 1 else k, k_per_split,
-            A_SCALE_PER_ROW=a_scale.numel() != 1, HAS_BIAS=bias is not None and split_k == 1,
+            bias if bias is not None else weight_scale, plan.partials, plan.out, plan.counters,
+            m, n, k, a.stride(0) if a.stride(1) == 1 else k, plan.k_per_split,
+            A_SCALE_PER_ROW=a_scale.numel() != 1, HAS_BIAS=plan.has_bias_in_kernel(bias),
             UPCAST=interpreted or not _has_fp8_tensor_cores(a.device), EVEN=k % config.block_k == 0 and n % config.block_n == 0,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_MODE=plan.mode,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
-    return reduce_splits(out, bias, out_dtype)
+    return plan.result(bias)
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:

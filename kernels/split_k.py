@@ -1,18 +1,66 @@
-"""The second launch of a split-K GEMM: add the fp32 partial products of the K splits (and the bias).
+"""Split-K for decode-sized GEMMs: where the K splits write, and how their partial sums are added.
 
 Decode-sized GEMMs (a few rows of activations) have too few output tiles to
 fill a GPU, and they are bound by reading the weight, so the quantized GEMMs
-split K across programs; each split writes an fp32 partial [M, N] here.
+split K across programs; each split writes an fp32 partial [M, N]. The partials
+are added in one of two ways:
+
+- LAST_SPLIT_SUMS (the default): each program counts itself in on its
+  output tile with an atomic; the program that arrives last adds the tile's
+  partials (and the bias), writes the result and resets the counter. No second
+  launch, which at batch 1 costs about as much as the sum itself.
+- SUM_LAUNCH: a second small launch adds them (sum_splits). Used where the
+  counters do not fit, and kept for A/B runs in benchmarks/quant_gpu.py.
+
+Counters live in one zeroed int32 buffer per device, reset by the programs that
+use them, so they are zero between launches (launches on one stream do not overlap).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+# How a launch's K splits reach the output (the kernels' SPLIT_MODE).
+ONE_SPLIT = tl.constexpr(0)  # no split: the program writes the output (and adds the bias)
+SUM_LAUNCH = tl.constexpr(1)  # splits write fp32 partials; sum_splits adds them in a second launch
+LAST_SPLIT_SUMS = tl.constexpr(2)  # splits write fp32 partials; the last to finish a tile adds them
+MAX_COUNTED_TILES = 1 << 16  # output tiles one launch may count (256 KiB of counters per device)
+
+
+@triton.jit
+def store_split_k(acc, offs_m, offs_n, M, N, pid_k, splits, tile, partials_ptr, out_ptr, bias_ptr, counters_ptr,
+                  HAS_BIAS: tl.constexpr, SPLIT_MODE: tl.constexpr):
+    """Write one program's fp32 tile acc [BLOCK_M, BLOCK_N] of split pid_k (of `splits`) the SPLIT_MODE way.
+
+    tile numbers the output tile among the launch's tiles (its counter). With LAST_SPLIT_SUMS the
+    partial is released (a barrier, then the atomic's release at GPU scope) before the program
+    counts in, and the last program reads the others' partials from L2 (.cg), after its acquire.
+    """
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    index = offs_m[:, None] * N + offs_n[None, :]
+    if SPLIT_MODE == ONE_SPLIT:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + index, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(partials_ptr + pid_k * M * N + index, acc, mask=mask)
+        if SPLIT_MODE == LAST_SPLIT_SUMS:
+            tl.debug_barrier()
+            arrived = tl.atomic_add(counters_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == splits - 1:
+                total = tl.zeros_like(acc)
+                for split in range(splits):
+                    total += tl.load(partials_ptr + split * M * N + index, mask=mask, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(out_ptr + index, total.to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(counters_ptr + tile, 0)
 
 
 @triton.jit
@@ -28,10 +76,9 @@ def _sum_splits_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.conste
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """partials fp32 [splits, M, N] -> their sum (+ bias) [M, N] in out_dtype, in one launch."""
+def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """partials fp32 [splits, M, N] -> their sum (+ bias) written into out [M, N], in one launch."""
     splits, m, n = partials.shape
-    out = torch.empty(m, n, dtype=out_dtype, device=partials.device)
     if m:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](partials, bias if bias is not None else out, out, m * n, n,
@@ -39,18 +86,56 @@ def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out_dtype: tor
     return out
 
 
-def split_k_output(m: int, n: int, k: int, block_k: int, splits: int, dtype: torch.dtype, device: torch.device
-                   ) -> tuple[torch.Tensor, int]:
-    """(output [splits, M, N], K per split) of a launch split `splits` ways along K in whole block_k tiles
-    (fewer splits when K is short): one split writes `dtype` directly, several write fp32 partials."""
+@dataclass(frozen=True)
+class SplitK:
+    """Where one split-K launch writes: pass partials, out and counters to the kernel with SPLIT_MODE = mode."""
+
+    mode: int  # ONE_SPLIT, SUM_LAUNCH or LAST_SPLIT_SUMS
+    splits: int
+    k_per_split: int
+    partials: torch.Tensor  # fp32 [splits, M, N] (the output itself with one split)
+    out: torch.Tensor  # [M, N] in the activation dtype
+    counters: torch.Tensor  # int32, one per output tile (LAST_SPLIT_SUMS), else any tensor
+
+    def has_bias_in_kernel(self, bias: torch.Tensor | None) -> bool:
+        """Whether the kernel adds the bias (SUM_LAUNCH adds it in its second launch)."""
+        return bias is not None and self.mode != SUM_LAUNCH.value
+
+    def result(self, bias: torch.Tensor | None) -> torch.Tensor:
+        """The [M, N] output, after the second launch where the mode has one."""
+        return sum_splits(self.partials, bias, self.out) if self.mode == SUM_LAUNCH.value else self.out
+
+
+def plan_split_k(m: int, n: int, k: int, block_k: int, splits: int, tiles: int, dtype: torch.dtype, device: torch.device,
+            reduce_in_kernel: bool = True) -> SplitK:
+    """The outputs of a launch of `tiles` output tiles split `splits` ways along K in whole block_k tiles
+    (fewer splits when K is short). The last split of a tile adds the partials where reduce_in_kernel
+    allows it: on a GPU, with counters for every tile, outside a CUDA-graph capture that would have to
+    allocate them."""
     k_per_split = triton.cdiv(triton.cdiv(k, splits), block_k) * block_k
-    splits = triton.cdiv(k, k_per_split)
-    return torch.empty(splits, m, n, dtype=dtype if splits == 1 else torch.float32, device=device), k_per_split
+    splits = triton.cdiv(k, k_per_split) if k else 1
+    out = torch.empty(m, n, dtype=dtype, device=device)
+    if splits == 1:
+        return SplitK(ONE_SPLIT.value, 1, k_per_split, out.unsqueeze(0), out, out)
+    partials = torch.empty(splits, m, n, dtype=torch.float32, device=device)
+    counters = _counters(device) if reduce_in_kernel and tiles <= MAX_COUNTED_TILES else None
+    if counters is None:
+        return SplitK(SUM_LAUNCH.value, splits, k_per_split, partials, out, out)
+    return SplitK(LAST_SPLIT_SUMS.value, splits, k_per_split, partials, out, counters)
 
 
-def reduce_splits(out: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """The [M, N] result of a split_k_output launch (with one split the kernel added the bias itself)."""
-    return out[0] if out.shape[0] == 1 else sum_splits(out, bias, dtype)
+def _counters(device: torch.device) -> torch.Tensor | None:
+    """The device's tile counters (all zero; made on first use), or None during a CUDA-graph capture that
+    would have to make them. Under the interpreter they are CPU tensors, and the sum runs the same way."""
+    key = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{torch.cuda.current_device()}"
+    if key not in _COUNTERS:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        _COUNTERS[key] = torch.zeros(MAX_COUNTED_TILES, dtype=torch.int32, device=key)
+    return _COUNTERS[key]
+
+
+_COUNTERS: dict[str, torch.Tensor] = {}
 
 
 def choose_split_k(tiles: int, k_tiles: int, programs_wanted: int, max_splits: int = 16) -> int:

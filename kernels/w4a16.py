@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
-from kernels.split_k import choose_split_k, multiprocessor_count, reduce_splits, split_k_output
+from kernels.split_k import choose_split_k, multiprocessor_count, plan_split_k, store_split_k
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
 # Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs of a
@@ -97,12 +97,12 @@ def _column_planes(x_tile, BLOCK_M: tl.constexpr, ROWS: tl.constexpr):
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, out_ptr,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr,
     M, N, K, stride_xm, k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-    EVEN: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT_MODE: tl.constexpr,
 ):
     # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
     # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
@@ -167,10 +167,8 @@ def _w4a16_kernel(
                     acc = tl.dot(x_hi if half else x_lo, w, acc, input_precision=DOT_PRECISION)
         if SCALE_PER_TILE:
             acc += tile * scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + pid_k * M * N + offs_m[:, None] * N + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    store_split_k(acc, offs_m, offs_n, M, N, pid_k, tl.num_programs(2), pid_m * tl.num_programs(1) + pid_n,
+                  partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 def _dot8_ptx(half: str, magic_pair: str) -> str:
@@ -229,17 +227,19 @@ def _x_pairs(x_words_ptr, word_cols, PRMT: tl.constexpr):
 
 @triton.jit
 def _w4a16_gemv_kernel(
-    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, k_per_split,
+    x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_xm,
+    k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
-    PTX: tl.constexpr,
+    PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr,
 ):
-    """out[split, m, n] = sum over this program's K split of x[m, k] * W[k, n], on the CUDA cores.
+    """out[m, n] = sum over K of x[m, k] * W[k, n], on the CUDA cores; this program adds its K split.
 
     Each program takes ROWS packed rows (8 * ROWS input rows, inside one group) of BLOCK_N
     columns per step and keeps [ROWS, BLOCK_N] fp32 partial sums, reduced across rows once.
-    (Loading the next step's packed rows before working on the current ones measured slower on
-    the H200: more registers, fewer resident warps.)
+    With LOAD_STAGES > 1 the loop's loads go through shared memory by asynchronous copies,
+    LOAD_STAGES - 1 steps ahead: more bytes in flight per SM without holding them in registers
+    (loading ahead into registers measured slower on the H200: more registers, fewer warps).
     """
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -248,7 +248,7 @@ def _w4a16_gemv_kernel(
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS):
+    for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS, num_stages=LOAD_STAGES):
         w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
         if EVEN_N:
             packed = tl.load(w_ptrs)
@@ -271,10 +271,9 @@ def _w4a16_gemv_kernel(
             pair0, pair1, pair2, pair3 = _x_pairs(x_row.to(tl.pointer_type(tl.int32)), cols // 2, True)
             part = _dot8(packed, pair0, pair1, pair2, pair3, zero16 | (zero16 << 16), PTX)
         acc += part * scale
-    out = tl.sum(acc, axis=0)
-    if HAS_BIAS:
-        out += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    tl.store(out_ptr + pid_k * M * N + row * N + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+    out = tl.sum(acc, axis=0)[None, :]
+    store_split_k(out, tl.full((1,), 0, tl.int32) + row, offs_n, M, N, pid_k, tl.num_programs(1),
+                  row * tl.num_programs(0) + pid_n, partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit
@@ -338,17 +337,19 @@ class W4A16Config:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
+    reduce_in_kernel: bool = True  # the last K split adds the partials (else a second launch; see kernels/split_k.py)
 
 
 @dataclass(frozen=True)
 class W4A16GemvConfig:
-    """Columns, packed rows per step, warps and K splits of one launch of the GEMV kernel."""
+    """Columns, packed rows per step, warps, load pipeline depth and K splits of one launch of the GEMV kernel."""
 
     block_n: int = 256
     rows: int = 16  # packed rows per step: 8 * rows input rows, which must lie in one group
     num_warps: int = 4
-    num_stages: int = 3
+    num_stages: int = 1  # > 1: loads go through shared memory, num_stages - 1 steps ahead
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
+    reduce_in_kernel: bool = True
 
 
 DEFAULT_GEMV = W4A16GemvConfig()
@@ -391,18 +392,19 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     m, k = x.shape
     n = qweight.shape[1]
     block_k = PACK_FACTOR * config.rows
-    splits = _split_count(triton.cdiv(n, config.block_n), triton.cdiv(k, block_k), config.split_k)
-    out, k_per_split = split_k_output(m, n, k, block_k, splits, x.dtype, x.device)
-    split_k = out.shape[0]
+    column_tiles = triton.cdiv(n, config.block_n)
+    splits = _split_count(column_tiles, triton.cdiv(k, block_k), config.split_k)
+    plan = plan_split_k(m, n, k, block_k, splits, m * column_tiles, x.dtype, x.device, config.reduce_in_kernel)
     dequant = _dequant_mode(x, scale_per_tile=True)  # the GEMV's steps always lie in one group
     if m:
-        _w4a16_gemv_kernel[(triton.cdiv(n, config.block_n), split_k, m)](
-            x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales, out,
-            m, n, k, x.stride(0), k_per_split, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None,
-            HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=config.rows,
-            BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0,
-            PTX=DOT8_PTX.get(dequant, ""), num_warps=config.num_warps, num_stages=config.num_stages)
-    return reduce_splits(out, bias, x.dtype)
+        _w4a16_gemv_kernel[(column_tiles, plan.splits, m)](
+            x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
+            plan.partials, plan.out, plan.counters, m, n, k, x.stride(0), plan.k_per_split, GROUP_SIZE=group_size,
+            HAS_ZEROS=zeros is not None, HAS_BIAS=plan.has_bias_in_kernel(bias), SYM_ZERO=float(SYMMETRIC_ZERO),
+            ROWS=config.rows, BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
+            EVEN_N=n % config.block_n == 0, PTX=DOT8_PTX.get(dequant, ""), LOAD_STAGES=config.num_stages,
+            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages)
+    return plan.result(bias)
 
 
 def _dequantized_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -473,21 +475,21 @@ def w4a16_matmul(
     dequant = _dequant_mode(x, scale_per_tile)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
     splits = _split_count(tiles, triton.cdiv(k, config.block_k), config.split_k)
-    out, k_per_split = split_k_output(m, n, k, config.block_k, splits, x.dtype, x.device)
-    split_k = out.shape[0]
+    plan = plan_split_k(m, n, k, config.block_k, splits, tiles, x.dtype, x.device, config.reduce_in_kernel)
     if m:
-        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), split_k)
+        grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), plan.splits)
         _w4a16_kernel[grid](
             x, qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight,
-            bias if bias is not None and split_k == 1 else scales, out,
-            m, n, k, x.stride(0), k_per_split,
+            bias if bias is not None else scales, plan.partials, plan.out, plan.counters,
+            m, n, k, x.stride(0), plan.k_per_split,
             GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
-            HAS_BIAS=bias is not None and split_k == 1, SYM_ZERO=float(SYMMETRIC_ZERO),
+            HAS_BIAS=plan.has_bias_in_kernel(bias), SYM_ZERO=float(SYMMETRIC_ZERO),
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
+            SPLIT_MODE=plan.mode,
             # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
             num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
-    return reduce_splits(out, bias, x.dtype)
+    return plan.result(bias)

@@ -85,29 +85,31 @@ def test_w4a16_matches_reference(m, dtype, group_size, zero_point):
     assert relative_error(out, ref.w4a16_matmul(x, qweight, scales, zeros, group)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
 @pytest.mark.parametrize("k,group_size", [(160, 32), (384, 128)])
-def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, k, group_size):
+def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, reduce_in_kernel, k, group_size):
     # N not a multiple of the tile, K split into uneven parts: every boundary is masked. Group 32 is
     # smaller than the K tile (each weight scaled); group 128 takes the one-scale-per-tile path.
     n, m = 72, 3
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group_size, True)
     x, bias = random(m, k, seed=2), random(n, seed=3)
-    config = W4A16Config(block_m=16, block_n=32, block_k=128, num_warps=1, num_stages=1, split_k=split_k)
+    config = W4A16Config(block_m=16, block_n=32, block_k=128, num_warps=1, num_stages=1, split_k=split_k,
+                         reduce_in_kernel=reduce_in_kernel)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias)
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
-def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, m, dtype):
+def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, reduce_in_kernel, m, dtype):
     # The CUDA-core GEMV (one program per row): N not a multiple of its tile, K split unevenly.
     k, n, group = 192, 72, 32
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
     scales, zeros = scales.to(dtype), zeros.to(dtype)
     x, bias = random(m, k, dtype=dtype, seed=2), random(n, dtype=dtype, seed=3)
-    config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k)
+    config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k,
+                             reduce_in_kernel=reduce_in_kernel)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
     assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
@@ -188,13 +190,14 @@ def test_fp8_matmul_matches_reference(m, out_dtype):
 
 @pytest.mark.parametrize("m", [1, 17])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_fp8_linear_matches_reference(m, dtype):
+@pytest.mark.parametrize("reduce_in_kernel", [True, False])
+def test_fp8_linear_matches_reference(m, dtype, reduce_in_kernel):
     # What a layer calls: per-token quantization, then the Triton GEMM with K split in two.
     k, n = 160, 48
     weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=10))
     x = random(m, k, dtype=dtype, seed=11) * torch.logspace(-2, 1, k, device=DEVICE).to(dtype)
     bias = random(n, seed=12).to(dtype)
-    config = Fp8Config(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
+    config = Fp8Config(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1, reduce_in_kernel=reduce_in_kernel)
     out = kernels.fp8_linear(x, weight, weight_scale, bias, config=config)
     assert out.dtype == dtype and out.shape == (m, n)
     assert relative_error(out, ref.fp8_linear(x, weight, weight_scale, bias)) < TOLERANCE[dtype]
@@ -228,6 +231,47 @@ def test_w4a16_bf16_gpu(m, k, n, group_size):
     x = random(m, k, dtype=torch.bfloat16, seed=1)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group)
     assert relative_error(out, ref.w4a16_matmul(x, qweight, scales, zeros, group)) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("config", [W4A16GemvConfig(num_stages=3), W4A16GemvConfig(block_n=128, num_stages=4, split_k=8),
+                                    W4A16GemvConfig(num_stages=1, reduce_in_kernel=False)], ids=str)
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+def test_w4a16_gemv_configs_bf16_gpu(config, k, n):
+    # Loads pipelined through shared memory, and both ways of adding the K splits.
+    qweight, scales, zeros = ref.quantize_w4(random(n, k, dtype=torch.bfloat16), 128, True)
+    x, bias = random(1, k, dtype=torch.bfloat16, seed=1), random(n, dtype=torch.bfloat16, seed=2)
+    out = kernels.w4a16_matmul(x, qweight, scales, zeros, 128, bias=bias, config=config)
+    expected = ref.w4a16_matmul(x, qweight, scales, zeros, 128, bias=bias)
+    assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_split_sums_in_kernel_are_deterministic_across_graph_replays_gpu():
+    # The last program of a tile adds the partials in split order: any race (a partial read before it
+    # was written, a counter not reset) shows up as a replay that differs from the first result.
+    k, n = 14336, 4096
+    qweight, scales, zeros = ref.quantize_w4(random(n, k, dtype=torch.bfloat16), 128, True)
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, dtype=torch.bfloat16, seed=3))
+    x = random(1, k, dtype=torch.bfloat16, seed=1)
+    x_q, x_scale = kernels.quantize_fp8_per_token(x)
+
+    def gemms() -> tuple[torch.Tensor, ...]:
+        return (kernels.w4a16_matmul(x, qweight, scales, zeros, 128, config=W4A16GemvConfig(split_k=16)),
+                kernels.w4a16_matmul(x.expand(16, k).contiguous(), qweight, scales, zeros, 128),
+                kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16))
+
+    first = [out.clone() for out in gemms()]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = gemms()
+    for _ in range(50):
+        graph.replay()
+        torch.cuda.synchronize()
+        for out, expected in zip(outs, first):
+            assert torch.equal(out, expected)
 
 
 @pytest.mark.gpu
