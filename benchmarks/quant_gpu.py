@@ -42,7 +42,7 @@ from engine.testing.quantized import QUANTIZED_FORMATS
 from kernels import quant_reference as ref
 from kernels.fp8 import Fp8Config
 from kernels.fp8 import default_config as fp8_default_config
-from kernels.w4a16 import W4A16Config, W4A16GemvConfig
+from kernels.w4a16 import DEFAULT_GEMV, W4A16Config, W4A16GemvConfig
 from kernels.w4a16 import default_config as w4a16_default_config
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
@@ -168,7 +168,7 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
     """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
     w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3),
                 (128, 256, 4, 3), (256, 128, 8, 3)]
-    gemv_tiles = [(256, 16, 4), (128, 16, 4), (128, 16, 2), (64, 16, 2), (256, 8, 4), (512, 16, 8)]  # block_n, rows, warps
+    gemv_tiles = [(128, 16, 2), (256, 16, 2), (64, 16, 1), (128, 8, 2), (128, 16, 4), (256, 16, 4)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
@@ -179,22 +179,27 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
             candidates = []
             block_m = max(16, min(128, triton.next_power_of_2(m)))
             if m <= 128 and "w4a16" in formats:  # row tiles under 64 take mma.sync, 64 and up wgmma
-                candidates.append(("w4a16", replace(w4a16_default_config(m), reduce_in_kernel=False)))
                 for w4_block_m in sorted({min(16, block_m), min(32, block_m), block_m}):
                     for block_n, block_k, warps, stages in w4_tiles:
                         for split in (0, 2, 4) if m <= 16 else (0, 2):
                             candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
             if m <= 4 and {"w4a16", "w4a16-gemv"} & set(formats):  # the CUDA-core GEMV, one program row per row
                 for block_n, packed_rows, warps in gemv_tiles:
-                    for stages in (1, 3, 4):  # 1: loads into registers; more: through shared memory, ahead
-                        for split in (0, 8, 16):
+                    for stages in (2, 3):  # loads through shared memory, stages - 1 steps ahead (1: registers)
+                        for split in (0, 4, 8):
                             candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split)))
-                candidates.append(("w4a16", W4A16GemvConfig(reduce_in_kernel=False)))  # A/B: a second launch adds
+            if m == 1 and "defaults" in formats:  # each default against the same launch adding its splits apart
+                candidates += [("w4a16", DEFAULT_GEMV), ("w4a16", replace(DEFAULT_GEMV, reduce_in_kernel=False))]
+            if 1 < m <= 128 and "defaults" in formats:
+                w4a16_tiles = w4a16_default_config(m)
+                candidates += [("w4a16", w4a16_tiles), ("w4a16", replace(w4a16_tiles, reduce_in_kernel=not w4a16_tiles.reduce_in_kernel))]
+            if "defaults" in formats:
+                fp8_tiles_now = fp8_default_config(m)
+                candidates += [("fp8", fp8_tiles_now), ("fp8", replace(fp8_tiles_now, reduce_in_kernel=not fp8_tiles_now.reduce_in_kernel))]
             if "fp8" in formats:
                 for block_n, block_k, warps in fp8_tiles:
                     for split in (0, 1, 2) if m <= 64 else (1,):
                         candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
-                candidates.append(("fp8", replace(fp8_default_config(m), reduce_in_kernel=False)))
             for fmt, config in candidates:
                 try:
                     us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)
@@ -248,7 +253,7 @@ def layer_totals(rows: list[dict]) -> list[dict]:
     for row in rows:
         totals.setdefault((row["M"], row["format"], row["config"]), []).append(row)
     layers = [{"M": m, "format": fmt, "config": config, "us": sum(r["us"] for r in parts),
-               "bf16_us": sum(r["us"] / r["x_bf16"] for r in parts), "max_err": max(r["err"] for r in parts)}
+               "bf16_us": sum(r["us"] * r["x_bf16"] for r in parts), "max_err": max(r["err"] for r in parts)}
               for (m, fmt, config), parts in totals.items() if len(parts) == gemms]
     return sorted(layers, key=lambda r: (r["M"], r["format"], r["us"]))
 
@@ -262,7 +267,8 @@ def main() -> None:
     parser.add_argument("--stack-model", choices=sorted(STACK_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--stack-formats", default=",".join(STACK_FORMATS))
     parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
-    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8")
+    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8, defaults (each default tile, with and "
+                             "without the in-kernel split sum)")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--formats", default="bf16,fp8,fp8-channel,fp8-online,awq,gptq,compressed-tensors",

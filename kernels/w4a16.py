@@ -6,7 +6,8 @@ along K). Three paths, by the number of activation rows M:
 - M = 1 (batch-1 decode, what 4-bit checkpoints are bought for): a GEMV on the
   CUDA cores. Each packed int32 is read once, and its eight weights are
   dequantized and multiplied in 16-bit pairs (lop3, packed subtract, packed fma),
-  the pair's sum widened to fp32 once per int32. No shared memory, no barriers.
+  the pair's sum widened to fp32 once per int32. The packed rows stream through
+  shared memory by asynchronous copies a few steps ahead of the arithmetic.
 - M = 2..DOT_MAX_M: a tensor-core kernel that dequantizes tile by tile inside the
   matmul. Each program loads a packed [BLOCK_K // 8, BLOCK_N] tile and feeds its
   eight nibble planes to tl.dot; two weights are made by one lop3 and one packed
@@ -344,10 +345,12 @@ class W4A16Config:
 class W4A16GemvConfig:
     """Columns, packed rows per step, warps, load pipeline depth and K splits of one launch of the GEMV kernel."""
 
-    block_n: int = 256
+    # The defaults are the H200 sweep's best (benchmarks/RESULTS.md, seventh session): 61 us for the 8B layer's
+    # four GEMMs, against 77 with 256 columns, four warps and loads into registers.
+    block_n: int = 128
     rows: int = 16  # packed rows per step: 8 * rows input rows, which must lie in one group
-    num_warps: int = 4
-    num_stages: int = 1  # > 1: loads go through shared memory, num_stages - 1 steps ahead
+    num_warps: int = 2
+    num_stages: int = 3  # > 1: loads go through shared memory, num_stages - 1 steps ahead
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
     reduce_in_kernel: bool = True
 
