@@ -260,7 +260,8 @@ def test_split_sums_in_kernel_are_deterministic_across_graph_replays_gpu():
 
     def gemms() -> tuple[torch.Tensor, ...]:
         return (kernels.w4a16_matmul(x, qweight, scales, zeros, 128, config=W4A16GemvConfig(split_k=16)),
-                kernels.w4a16_matmul(x.expand(16, k).contiguous(), qweight, scales, zeros, 128),
+                kernels.w4a16_matmul(x.expand(16, k).contiguous(), qweight, scales, zeros, 128,
+                                     config=W4A16Config(16, 64, 128, split_k=4, reduce_in_kernel=True)),
                 kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16))
 
     first = [out.clone() for out in gemms()]
