@@ -48,38 +48,35 @@ DEQUANT_CHUNK_BYTES = 256 << 20
 PROGRAMS_PER_SM = 2  # split K until about this many programs per SM (4 measured no better on the H200)
 MIN_BLOCK_K = PACK_FACTOR * MIN_DOT  # each of a K tile's eight nibble planes is one dot of K >= 16
 
-# How weights become 16-bit floats (see _dequantize_pair); MAGIC is the float whose mantissa the nibble fills.
+# How weights become 16-bit floats (see _dequantize_pair).
 DEQUANT_PLAIN = tl.constexpr(0)
 DEQUANT_FAST_BF16 = tl.constexpr(1)
 DEQUANT_FAST_FP16 = tl.constexpr(2)
-MAGIC = {DEQUANT_FAST_BF16.value: 128.0, DEQUANT_FAST_FP16.value: 1024.0}
+# The fast modes' 16-bit format: its PTX name, its torch dtype, and MAGIC, the float whose low mantissa bits a
+# nibble fills (one unit in the last place of MAGIC is 1.0, so MAGIC + q is exact).
+FAST_FORMATS = {DEQUANT_FAST_BF16.value: ("bf16", torch.bfloat16, 128.0),
+                DEQUANT_FAST_FP16.value: ("f16", torch.float16, 1024.0)}
+MAGIC = {mode: magic for mode, (_, _, magic) in FAST_FORMATS.items()}
 
 
 @triton.jit
-def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr):
+def _dequantize_pair(shifted, zero, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, OUT_DTYPE: tl.constexpr,
+                     PTX: tl.constexpr):
     """Nibbles 0 and 4 of each int32 of `shifted` (rows j and j + 4 of its eight) as (q - zero), exactly.
 
     DEQUANT_FAST_*: one lop3 ORs two nibbles into the mantissas of a 16-bit float pair
     (MAGIC + q each), one packed subtract takes MAGIC + zero off both: two weights in two
-    instructions, no integer-to-float conversion. DEQUANT_PLAIN does the same with
-    Triton arithmetic (the interpreter, fp32).
+    instructions, no integer-to-float conversion (PTX from PAIR_PTX). DEQUANT_PLAIN does
+    the same with Triton arithmetic (the interpreter, fp32).
     """
     if DEQUANT == DEQUANT_PLAIN:
         lo = ((shifted & 0xF).to(tl.float32) - zero).to(OUT_DTYPE)
         hi = (((shifted >> 16) & 0xF).to(tl.float32) - zero).to(OUT_DTYPE)
     else:
         zero16 = (zero + MAGIC).to(OUT_DTYPE).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-        zero_pair = zero16 | (zero16 << 16)
-        if DEQUANT == DEQUANT_FAST_BF16:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x43004300, 0xea; sub.rn.bf16x2 t, t, $3; "
-                "mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,r", [shifted, zero_pair], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b32 t; lop3.b32 t, $2, 0x000f000f, 0x64006400, 0xea; sub.rn.f16x2 t, t, $3; "
-                "mov.b32 {$0, $1}, t; }",
-                "=h,=h,r,r", [shifted, zero_pair], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        lo, hi = tl.inline_asm_elementwise(PTX, "=h,=h,r,r", [shifted, zero16 | (zero16 << 16)],
+                                           dtype=(tl.int16, tl.int16), is_pure=True, pack=1)
+        lo, hi = lo.to(OUT_DTYPE, bitcast=True), hi.to(OUT_DTYPE, bitcast=True)
     return lo, hi
 
 
@@ -103,7 +100,7 @@ def _w4a16_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-    EVEN: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT_MODE: tl.constexpr, PTX: tl.constexpr,
 ):
     # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
     # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
@@ -146,7 +143,7 @@ def _w4a16_kernel(
             x_lo = x_planes[j]
             x_hi = x_planes[j + 4]
             if SCALE_PER_TILE:
-                w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype)
+                w_lo, w_hi = _dequantize_pair(packed >> (4 * j), zero, DEQUANT, MAGIC, out_dtype, PTX)
                 tile = tl.dot(x_lo, w_lo, tile, input_precision=DOT_PRECISION)
                 tile = tl.dot(x_hi, w_hi, tile, input_precision=DOT_PRECISION)
             else:  # groups smaller than the tile, or in any order (g_idx): scale every weight
@@ -172,19 +169,37 @@ def _w4a16_kernel(
                   partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
-def _dot8_ptx(half: str, magic_pair: str) -> str:
-    """The PTX of _dot8 for one 16-bit format (bf16 or f16; magic_pair: MAGIC's bits, twice)."""
-    def pair(source: str) -> str:  # nibbles 0 and 4 of `source` as (q - zero), in t
-        return f"lop3.b32 t, {source}, 0x000f000f, {magic_pair}, 0xea; sub.rn.{half}x2 t, t, $6; "
+def _magic_pair(mode: int) -> str:
+    """MAGIC's 16 bits in the fast mode's format, twice, as a PTX constant."""
+    _, dtype, magic = FAST_FORMATS[mode]
+    bits = torch.tensor(magic, dtype=dtype).view(torch.int16).item() & 0xFFFF
+    return f"0x{bits:04x}{bits:04x}"
 
-    steps = [f"{pair('$1')}mul.rn.{half}x2 acc, t, $2; "]
-    steps += [f"shr.u32 p, $1, {4 * j}; {pair('p')}fma.rn.{half}x2 acc, t, ${2 + j}, acc; " for j in (1, 2, 3)]
+
+def _nibble_pair_ptx(mode: int, source: str, zero_pair: str) -> str:
+    """PTX: nibbles 0 and 4 of the int32 `source` as (q - zero) in the 16-bit pair t (zero_pair: MAGIC + zero,
+    twice): one lop3 into the mantissas of MAGIC, one packed subtract."""
+    half = FAST_FORMATS[mode][0]
+    return f"lop3.b32 t, {source}, 0x000f000f, {_magic_pair(mode)}, 0xea; sub.rn.{half}x2 t, t, {zero_pair}; "
+
+
+def _pair_ptx(mode: int) -> str:
+    """The PTX of _dequantize_pair: the pair t split into its two 16-bit halves."""
+    return "{ .reg .b32 t; " + _nibble_pair_ptx(mode, "$2", "$3") + "mov.b32 {$0, $1}, t; }"
+
+
+def _dot8_ptx(mode: int) -> str:
+    """The PTX of _dot8: four pairs of nibbles times their activation pairs, summed in a 16-bit pair, then fp32."""
+    half = FAST_FORMATS[mode][0]
+    steps = [f"{_nibble_pair_ptx(mode, '$1', '$6')}mul.rn.{half}x2 acc, t, $2; "]
+    steps += [f"shr.u32 p, $1, {4 * j}; {_nibble_pair_ptx(mode, 'p', '$6')}fma.rn.{half}x2 acc, t, ${2 + j}, acc; "
+              for j in (1, 2, 3)]
     return ("{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; " + "".join(steps)
             + f"mov.b32 {{lo, hi}}, acc; cvt.f32.{half} flo, lo; cvt.f32.{half} fhi, hi; add.f32 $0, flo, fhi; }}")
 
 
-DOT8_PTX = {DEQUANT_FAST_BF16.value: _dot8_ptx("bf16", "0x43004300"),
-            DEQUANT_FAST_FP16.value: _dot8_ptx("f16", "0x64006400")}
+PAIR_PTX = {mode: _pair_ptx(mode) for mode in FAST_FORMATS}
+DOT8_PTX = {mode: _dot8_ptx(mode) for mode in FAST_FORMATS}
 
 
 @triton.jit
@@ -493,7 +508,7 @@ def w4a16_matmul(
             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
             SCALE_PER_TILE=scale_per_tile, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN=k % config.block_k == 0 and n % config.block_n == 0,  # no K / N masks: k_per_split is whole tiles
-            SPLIT_MODE=plan.mode,
+            SPLIT_MODE=plan.mode, PTX=PAIR_PTX.get(dequant, ""),
             # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
             num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
         )
