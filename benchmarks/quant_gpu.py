@@ -42,6 +42,9 @@ from engine.testing.quantized import QUANTIZED_FORMATS
 from kernels import quant_reference as ref
 from kernels.fp8 import Fp8Config
 from kernels.fp8 import default_config as fp8_default_config
+from kernels.fp8 import takes_weight_only_gemv
+from kernels.fp8_gemv import DEFAULT_CONFIG as FP8_GEMV_DEFAULT
+from kernels.fp8_gemv import Fp8GemvConfig
 from kernels.w4a16 import DEFAULT_GEMV, W4A16Config, W4A16GemvConfig
 from kernels.w4a16 import default_config as w4a16_default_config
 
@@ -77,7 +80,7 @@ class GemmWeights:
                            ref.quantize_fp8_per_channel(weight) if "fp8" in formats else None)
 
 
-KernelConfig = W4A16Config | W4A16GemvConfig | Fp8Config | None
+KernelConfig = W4A16Config | W4A16GemvConfig | Fp8Config | Fp8GemvConfig | None
 
 
 def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None) -> Callable[[], torch.Tensor]:
@@ -86,6 +89,8 @@ def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig =
         return lambda: x @ w.bf16.t()
     if fmt == "w4a16":
         return lambda: kernels.w4a16_matmul(x, *w.w4, GROUP_SIZE, config=config)
+    if fmt == "fp8" and isinstance(config, Fp8GemvConfig):
+        return lambda: kernels.fp8_weight_only_gemv(x, *w.fp8, config=config)
     if fmt == "fp8":
         return lambda: kernels.fp8_linear(x, *w.fp8, config=config)
     raise ValueError(fmt)
@@ -114,6 +119,8 @@ def check(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig = None
     out = gemm_calls(fmt, x, w, config)()
     if fmt == "w4a16":
         expected = ref.w4a16_matmul(x, *w.w4, GROUP_SIZE)
+    elif isinstance(config, Fp8GemvConfig) or takes_weight_only_gemv(x, config):
+        expected = ref.fp8_weight_only_matmul(x, *w.fp8)
     else:
         expected = ref.fp8_linear(x, *w.fp8)
     return relative_error(out, expected)
@@ -170,6 +177,7 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
                 (128, 256, 4, 3), (256, 128, 8, 3)]
     gemv_tiles = [(128, 16, 2), (256, 16, 2), (64, 16, 1), (128, 8, 2), (128, 16, 4), (256, 16, 4)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
+    fp8_gemv_tiles = [(16, 512, 4), (8, 512, 2), (8, 1024, 4), (16, 256, 2), (32, 256, 4), (32, 512, 8), (4, 1024, 2)]
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
         copies = weight_copies(k, n)
@@ -193,6 +201,12 @@ def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
             if 1 < m <= 128 and "defaults" in formats:
                 w4a16_tiles = w4a16_default_config(m)
                 candidates += [("w4a16", w4a16_tiles), ("w4a16", replace(w4a16_tiles, reduce_in_kernel=not w4a16_tiles.reduce_in_kernel))]
+            if m <= 1 and {"fp8", "fp8-gemv"} & set(formats):  # the weight-only FP8 GEMV
+                for block_n, block_k, warps in fp8_gemv_tiles:
+                    for stages in (3, 4):
+                        candidates.append(("fp8", Fp8GemvConfig(block_n, block_k, warps, stages)))
+            if m <= 1 and "defaults" in formats:
+                candidates.append(("fp8", FP8_GEMV_DEFAULT))
             if "defaults" in formats:
                 fp8_tiles_now = fp8_default_config(m)
                 candidates += [("fp8", fp8_tiles_now), ("fp8", replace(fp8_tiles_now, reduce_in_kernel=not fp8_tiles_now.reduce_in_kernel))]
@@ -267,7 +281,7 @@ def main() -> None:
     parser.add_argument("--stack-model", choices=sorted(STACK_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--stack-formats", default=",".join(STACK_FORMATS))
     parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
-    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8, defaults (each default tile, with and "
+    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8, fp8-gemv (the GEMV only), defaults (each default tile, with and "
                              "without the in-kernel split sum)")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")

@@ -22,6 +22,7 @@ _LAZY = {
     "quantize_fp8_per_token": "kernels.fp8",
     "fp8_matmul": "kernels.fp8",
     "fp8_linear": "kernels.fp8",
+    "fp8_weight_only_gemv": "kernels.fp8_gemv",
 }
 
 __all__ = sorted(_LAZY)

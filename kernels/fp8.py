@@ -4,7 +4,9 @@ y = (x_q * x_scale) @ (w_q * w_scale)^T, x_scale per token (or one static
 scale), w_scale per output channel (kernels/quant_reference.py has the layout).
 
 fp8_linear is what a layer calls: per-token quantization (one program per row,
-the row read once into registers, the hardware's rounding cast), then the GEMM.
+the row read once into registers, the hardware's rounding cast), then the GEMM;
+one 16-bit row (batch-1 decode) instead takes the weight-only GEMV of
+kernels/fp8_gemv.py, unquantized.
 Decode batches (up to TRITON_MAX_M rows) take a Triton kernel: the weight tile
 is the left operand of an FP8 wgmma (K-major, 16-byte loads), the activation
 the narrow right one, and long K is split across programs so that reading the
@@ -24,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.fp8_gemv import GEMV_MAX_M, fp8_weight_only_gemv
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from kernels.split_k import plan_split_k, store_split_k
 
@@ -248,6 +251,11 @@ def fp8_matmul(
     return _triton_fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias, config)
 
 
+def takes_weight_only_gemv(x: torch.Tensor, config: Fp8Config | None) -> bool:
+    """Whether fp8_linear multiplies x unquantized (kernels/fp8_gemv.py): one 16-bit row, no tiles named."""
+    return config is None and x.shape[0] <= GEMV_MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -255,6 +263,12 @@ def fp8_linear(
     bias: torch.Tensor | None = None,
     config: Fp8Config | None = None,
 ) -> torch.Tensor:
-    """x [M, K] quantized per token, times the FP8 weight, in x's dtype: quant_reference.fp8_linear."""
+    """x [M, K] quantized per token, times the FP8 weight, in x's dtype: quant_reference.fp8_linear.
+
+    One row of 16-bit activations (batch-1 decode) takes the weight-only GEMV instead, unquantized
+    (kernels/fp8_gemv.py); a config names the Triton GEMM's tiles and keeps that path.
+    """
+    if takes_weight_only_gemv(x, config):
+        return fp8_weight_only_gemv(x, weight, weight_scale, bias)
     x_q, x_scale = quantize_fp8_per_token(x)
     return fp8_matmul(x_q, x_scale, weight, weight_scale, x.dtype, bias, config)

@@ -144,6 +144,15 @@ def fp8_matmul(
     return y.to(out_dtype)
 
 
+def fp8_weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight * weight_scale)^T (+ bias) in float32, cast to x's dtype: FP8 weights, 16-bit activations."""
+    y = x.float() @ (weight.float() * weight_scale.float().reshape(-1, 1)).t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

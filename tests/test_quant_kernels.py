@@ -16,6 +16,7 @@ import kernels
 from kernels import quant_reference as ref
 from kernels import w4a16
 from kernels.fp8 import Fp8Config
+from kernels.fp8_gemv import Fp8GemvConfig
 from kernels.w4a16 import DOT_MAX_M, W4A16Config, W4A16GemvConfig
 
 CUDA = torch.cuda.is_available()
@@ -203,6 +204,32 @@ def test_fp8_linear_matches_reference(m, dtype, reduce_in_kernel):
     assert relative_error(out, ref.fp8_linear(x, weight, weight_scale, bias)) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
+@pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
+def test_fp8_weight_only_gemv_with_bias_split_k_and_uneven_tiles(split_k, reduce_in_kernel, m, dtype):
+    # N not a multiple of the row tile, K not a multiple of the K tile and split unevenly: every mask.
+    k, n = 200, 40
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=10))
+    x = random(m, k, dtype=dtype, seed=11) * torch.logspace(-2, 1, k, device=DEVICE).to(dtype)
+    bias = random(n, seed=12).to(dtype)
+    config = Fp8GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1, split_k=split_k,
+                           reduce_in_kernel=reduce_in_kernel)
+    out = kernels.fp8_weight_only_gemv(x, weight, weight_scale, bias, config=config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert relative_error(out, ref.fp8_weight_only_matmul(x, weight, weight_scale, bias)) < TOLERANCE[dtype]
+
+
+def test_fp8_linear_takes_the_weight_only_gemv_for_one_16_bit_row():
+    # Batch-1 decode: no activation quantization, so the result is the 16-bit product's, not fp8_linear's.
+    k, n = 256, 48
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=10))
+    x = random(1, k, dtype=torch.float16, seed=11) * torch.logspace(-2, 1, k, device=DEVICE).to(torch.float16)
+    out = kernels.fp8_linear(x, weight, weight_scale)
+    weight_only = ref.fp8_weight_only_matmul(x, weight, weight_scale)
+    assert relative_error(out, weight_only) < TOLERANCE[torch.float16]
+    assert relative_error(out, weight_only) < relative_error(ref.fp8_linear(x, weight, weight_scale), weight_only)
+
+
 def test_fp8_matmul_with_one_static_activation_scale():
     k, n = 64, 48
     weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k))
@@ -290,6 +317,16 @@ def test_fp8_bf16_gpu(m, k, n):
     out = kernels.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     expected = ref.fp8_matmul(x_q, x_scale, weight, weight_scale, torch.bfloat16)
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.gpu
+@requires_gpu
+@pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
+def test_fp8_weight_only_gemv_bf16_gpu(k, n):
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, dtype=torch.bfloat16))
+    x, bias = random(1, k, dtype=torch.bfloat16, seed=1), random(n, dtype=torch.bfloat16, seed=2)
+    out = kernels.fp8_linear(x, weight, weight_scale, bias)
+    assert relative_error(out, ref.fp8_weight_only_matmul(x, weight, weight_scale, bias)) < TOLERANCE[torch.bfloat16]
 
 
 @pytest.mark.gpu
