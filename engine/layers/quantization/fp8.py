@@ -25,6 +25,7 @@ from torch import nn
 
 import kernels
 from engine.layers.quantization.base import PER_SHARD, VECTOR, DENSE, LinearMethod, add_param, replace_param
+from engine.layers.quantization.fp8_activation import Fp8Activation
 from kernels import quant_reference
 
 
@@ -68,6 +69,15 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = backend.fp8_linear(x2, layer.weight, layer.weight_scale, bias)
         return y.reshape(*x.shape[:-1], -1)
+
+    def takes_fp8_activation(self) -> bool:
+        return not self.scheme.static_activation  # a static scale is the checkpoint's, not the producer's to pick
+
+    def apply_fp8(self, layer: nn.Module, x: Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.takes_fp8_activation():
+            return super().apply_fp8(layer, x, bias)
+        backend = kernels if x.values.is_cuda else quant_reference
+        return backend.fp8_matmul(x.values, x.scale, layer.weight, layer.weight_scale, x.dtype, bias)
 
 
 def _quantizing_store(layer: nn.Module):
