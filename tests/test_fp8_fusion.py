@@ -285,7 +285,8 @@ def test_fused_norm_and_activation_give_an_fp8_mlp_the_same_inputs(m, hidden, in
         return (0.02 * torch.randn(*shape, generator=gen)).to(dtype=dtype, device=DEVICE)
 
     with torch.device(DEVICE):
-        gate_up, down = online_fp8_linear(weights(2 * intermediate, hidden)), online_fp8_linear(weights(hidden, intermediate))
+        gate_up = online_fp8_linear(weights(2 * intermediate, hidden))
+        down = online_fp8_linear(weights(hidden, intermediate))
         norm = RMSNorm(hidden, 1e-5)
     norm.weight.data = 1 + weights(hidden)
     x, residual = 50 * weights(m, hidden), 50 * weights(m, hidden)
