@@ -76,7 +76,7 @@ class LinearMethod:
         return False
 
     def apply_fp8(self, layer: nn.Module, x: Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
-        """The matmul on an input already quantized per token; only methods that take_fp8_activation have it."""
+        """The matmul on an input already quantized per token (methods whose takes_fp8_activation is True)."""
         raise TypeError(f"{type(self).__name__} takes 16-bit activations, not FP8 ones quantized per token")
 
 

@@ -11,6 +11,10 @@ float32 scale per output row, which is what the kernel reads. Static input
 scales of the parts are reduced to their maximum (each part's activation is
 the same tensor, so the largest scale is safe for all).
 
+With dynamic per-token activation scales a layer also takes its input already
+quantized (an Fp8Activation from the fused RMSNorm or SiLU-and-mul before it:
+apply_fp8), which skips the separate quantization launch.
+
 Online quantization (`--quantization fp8` on a 16-bit checkpoint) quantizes each
 checkpoint tensor slice as it is copied in, per output row, so neither host nor
 device ever holds a 16-bit copy of a layer's weight.
