@@ -68,6 +68,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
     ("norm", r"rms_?norm|layer_?norm"),
     ("rotary", r"rotary|rope"),
     ("activation", r"silu|gelu"),
+    # Only the separate launches: a norm or SiLU-and-mul that quantizes its output (_fp8_kernel) is above.
     ("FP8 activation quantization", r"quantize_per_token"),
     ("GEMM", r"gemm|gemv|cutlass|cublas|nvjet|xmma|splitk|_matmul|w4a16|_dequantize_kernel|sum_splits|aten::(mm|addmm|bmm|linear|matmul)$"),
     ("sampler", r"argmax|topk|sort|multinomial|exponential|softmax|cumsum"),

@@ -14,7 +14,9 @@ _LAZY = {
     "paged_decode_attention": "kernels.attention",
     "paged_prefill_attention": "kernels.attention",
     "rms_norm": "kernels.fused",
+    "rms_norm_fp8": "kernels.fused",
     "silu_and_mul": "kernels.fused",
+    "silu_and_mul_fp8": "kernels.fused",
     "apply_rotary": "kernels.fused",
     "fused_moe": "kernels.moe",
     "w4a16_matmul": "kernels.w4a16",
@@ -22,6 +24,7 @@ _LAZY = {
     "quantize_fp8_per_token": "kernels.fp8",
     "fp8_matmul": "kernels.fp8",
     "fp8_linear": "kernels.fp8",
+    "fp8_quantizes_activations": "kernels.fp8",
     "fp8_weight_only_gemv": "kernels.fp8_gemv",
 }
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -47,14 +46,12 @@ import triton
 import triton.language as tl
 
 from kernels.cache import kv_scales
+from kernels.interpreter import interpreted
 from kernels.reference import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
 MIN_DOT_M = 16  # the smallest M tl.dot accepts
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -312,7 +309,7 @@ def _check_layout(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor)
 def default_decode_config(head_dim: int, fp8_cache: bool = False) -> LaunchConfig:
     """Tiles of the decode kernel. An FP8 cache takes two warps: on the H200 the 8B shape at batch 256 and
     2,048 tokens took 341 us against 551 with four (benchmarks.attention_kernels --kv-cache-dtype fp8 --sweep)."""
-    if _interpreted():
+    if interpreted():
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1)
     return LaunchConfig(block_n=64 if head_dim <= 128 else 32, num_warps=2 if fp8_cache else 4, num_stages=2)
 
@@ -324,7 +321,7 @@ def _multiprocessor_count(device: int) -> int:
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int) -> int:
     """Enough splits to give every SM about two programs, never more than the context has tiles."""
-    if _interpreted():
+    if interpreted():
         target_programs = 2 * batch * num_kv_heads  # exercise the merge path in tests
     else:
         target_programs = 2 * _multiprocessor_count(torch.cuda.current_device())
@@ -381,15 +378,15 @@ def paged_decode_attention(
         _merge_splits_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=1 if _interpreted() else 2,
+            num_warps=1 if interpreted() else 2,
         )
     return out
 
 
 def default_prefill_config(head_dim: int, group: int) -> LaunchConfig:
     """About 64 (token, head) rows per program on the GPU, 16 under the interpreter."""
-    block_q = max(1, (MIN_DOT_M if _interpreted() else 64) // group)
-    if _interpreted():
+    block_q = max(1, (MIN_DOT_M if interpreted() else 64) // group)
+    if interpreted():
         return LaunchConfig(block_n=16, num_warps=1, num_stages=1, block_q=block_q)
     return LaunchConfig(block_n=64, num_warps=4, num_stages=2, block_q=block_q)
 

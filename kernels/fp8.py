@@ -19,7 +19,6 @@ otherwise, and under the Triton interpreter, the Triton kernel computes the same
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_gemv import GEMV_MAX_M, fp8_weight_only_gemv
+from kernels.interpreter import interpreted
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
 from kernels.split_k import plan_split_k, store_split_k
 
@@ -40,11 +40,8 @@ TRITON_MAX_M = 64
 K_PER_SPLIT = 7168
 TRITON_MAX_M_NARROW = 256
 TRITON_NARROW_N = 4096
-MAX_ROW_BLOCK = 16384  # quantize_fp8_per_token reads rows up to this long once (registers), longer ones twice
+MAX_ROW_BLOCK = 16384  # per-token quantizers read rows up to this long once (registers), longer ones twice
 
-
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -74,28 +71,69 @@ def _to_e4m3(v, EXACT_ROUNDING: tl.constexpr):
     return v.to(tl.float8e4nv)
 
 
-@triton.jit
-def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, stride_x, K, FP8_MAX_VALUE: tl.constexpr,
-                               MIN_SCALE: tl.constexpr, EXACT_ROUNDING: tl.constexpr, BLOCK: tl.constexpr):
-    """One row per program: max |x| / 448 is the row's scale (vLLM's floor keeps zero rows finite).
+_E4M3_MAX = tl.constexpr(FP8_MAX)
+_MIN_SCALE = tl.constexpr(FP8_MIN_SCALE)
 
-    When the row fits in one BLOCK it is read once and kept in registers; a longer row is
-    read twice (amax, then the scaled cast), in BLOCK-sized pieces.
+
+@triton.jit
+def e4m3_row_scale(amax):
+    """A row's per-token scale from its max |x|: amax / 448, floored as vLLM does so zero rows stay finite."""
+    return tl.maximum(amax / _E4M3_MAX, _MIN_SCALE)
+
+
+@triton.jit
+def scaled_to_e4m3(x, scale, EXACT_ROUNDING: tl.constexpr):
+    """float32 x / scale, clamped to +-448, as e4m3."""
+    return _to_e4m3(tl.clamp(x / scale, -_E4M3_MAX, _E4M3_MAX), EXACT_ROUNDING)
+
+
+@triton.jit
+def row_to_e4m3(x, EXACT_ROUNDING: tl.constexpr):
+    """A whole row held in registers (float32, masked lanes 0) -> (its e4m3 values, its float32 scale)."""
+    scale = e4m3_row_scale(tl.max(tl.abs(x), axis=0))
+    return scaled_to_e4m3(x, scale, EXACT_ROUNDING), scale
+
+
+@triton.jit
+def chunked_row_to_e4m3(src_ptr, K, out_ptr, scale_ptr, BLOCK: tl.constexpr, EXACT_ROUNDING: tl.constexpr,
+                        LOAD: tl.constexpr):
+    """Quantize one row of K values that LOAD(src_ptr, offsets, K) produces (float32, 0 past K).
+
+    When the row fits in one BLOCK it is produced once and kept in registers; a
+    longer row is produced twice (amax, then the scaled cast), BLOCK at a time.
+    Writes the K e4m3 values at out_ptr and the row's scale at scale_ptr.
     """
-    row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    x = LOAD(src_ptr, offs, K)
     amax = tl.abs(x)
     for start in range(BLOCK, K, BLOCK):
-        more = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(more))
-    scale = tl.maximum(tl.max(amax, axis=0) / FP8_MAX_VALUE, MIN_SCALE)
-    tl.store(scale_ptr + row, scale)
+        amax = tl.maximum(amax, tl.abs(LOAD(src_ptr, start + offs, K)))
+    scale = e4m3_row_scale(tl.max(amax, axis=0))
+    tl.store(scale_ptr, scale)
     for start in range(0, K, BLOCK):
         if start > 0:
-            x = tl.load(x_ptr + row * stride_x + start + offs, mask=start + offs < K, other=0.0).to(tl.float32)
-        q = _to_e4m3(tl.clamp(x / scale, -FP8_MAX_VALUE, FP8_MAX_VALUE), EXACT_ROUNDING)
-        tl.store(out_ptr + row * K + start + offs, q, mask=start + offs < K)
+            x = LOAD(src_ptr, start + offs, K)
+        tl.store(out_ptr + start + offs, scaled_to_e4m3(x, scale, EXACT_ROUNDING), mask=start + offs < K)
+
+
+@triton.jit
+def _load_float32(x_ptr, offs, K):
+    return tl.load(x_ptr + offs, mask=offs < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, stride_x, K, EXACT_ROUNDING: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    """One row per program: max |x| / 448 is the row's scale (vLLM's floor keeps zero rows finite)."""
+    row = tl.program_id(0)
+    chunked_row_to_e4m3(x_ptr + row * stride_x, K, out_ptr + row * K, scale_ptr + row, BLOCK, EXACT_ROUNDING,
+                        _load_float32)
+
+
+def row_block_and_warps(k: int) -> tuple[int, int]:
+    """BLOCK and num_warps of a one-program-per-row quantizer over rows of k values (small under the interpreter)."""
+    block = min(64 if interpreted() else MAX_ROW_BLOCK, triton.next_power_of_2(k))
+    return block, 1 if interpreted() else max(4, min(16, block // 1024))
 
 
 def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,11 +142,9 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     out = torch.empty(m, k, dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m:
-        interpreted = _interpreted()
-        block = min(64 if interpreted else MAX_ROW_BLOCK, triton.next_power_of_2(k))
-        _quantize_per_token_kernel[(m,)](
-            x, out, scale, x.stride(0), k, FP8_MAX_VALUE=FP8_MAX, MIN_SCALE=FP8_MIN_SCALE,
-            EXACT_ROUNDING=interpreted, BLOCK=block, num_warps=1 if interpreted else max(4, min(16, block // 1024)))
+        block, num_warps = row_block_and_warps(k)
+        _quantize_per_token_kernel[(m,)](x, out, scale, x.stride(0), k, EXACT_ROUNDING=interpreted(), BLOCK=block,
+                                         num_warps=num_warps)
     return out, scale
 
 
@@ -167,7 +203,7 @@ class Fp8Config:
 
 def default_config(m: int) -> Fp8Config:
     """Tiles by batch size, from the H200 sweep in benchmarks/quant_gpu.py."""
-    if _interpreted():
+    if interpreted():
         return Fp8Config(block_m=MIN_DOT, block_n=32, block_k=32, num_warps=1, num_stages=1)
     if m <= 16:
         return Fp8Config(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4)
@@ -182,11 +218,11 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
     m, k = a.shape
     n = weight.shape[0]
     config = config or default_config(m)
-    interpreted = _interpreted()
+    under_interpreter = interpreted()
     k_tiles = triton.cdiv(k, config.block_k)
     if config.split_k:
         split_k = config.split_k
-    elif interpreted:
+    elif under_interpreter:
         split_k = min(2, k_tiles)
     else:
         split_k = max(1, min(round(k / K_PER_SPLIT), k_tiles))
@@ -199,7 +235,8 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             bias if bias is not None else weight_scale, plan.partials, plan.out, plan.counters,
             m, n, k, a.stride(0) if a.stride(1) == 1 else k, plan.k_per_split,
             A_SCALE_PER_ROW=a_scale.numel() != 1, HAS_BIAS=plan.has_bias_in_kernel(bias),
-            UPCAST=interpreted or not _has_fp8_tensor_cores(a.device), EVEN=k % config.block_k == 0 and n % config.block_n == 0,
+            UPCAST=under_interpreter or not _has_fp8_tensor_cores(a.device),
+            EVEN=k % config.block_k == 0 and n % config.block_n == 0,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_MODE=plan.mode,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
@@ -220,7 +257,7 @@ def _scaled_mm_fits(x_q: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dt
     n, k = weight.shape
     return (
         _has_fp8_tensor_cores(x_q.device)
-        and not _interpreted()
+        and not interpreted()
         and k % SCALED_MM_ALIGNMENT == 0
         and n % SCALED_MM_ALIGNMENT == 0
         and out_dtype == torch.bfloat16
@@ -251,9 +288,16 @@ def fp8_matmul(
     return _triton_fp8_matmul(x_q, x_scale, weight, weight_scale, out_dtype, bias, config)
 
 
+def fp8_quantizes_activations(rows: int, dtype: torch.dtype) -> bool:
+    """Whether fp8_linear quantizes an activation of `rows` rows: one 16-bit row (batch-1 decode) is
+    multiplied unquantized by the weight-only GEMV (kernels/fp8_gemv.py), so a layer producing the
+    activation should not quantize it either."""
+    return not (rows <= GEMV_MAX_M and dtype in (torch.bfloat16, torch.float16))
+
+
 def takes_weight_only_gemv(x: torch.Tensor, config: Fp8Config | None) -> bool:
-    """Whether fp8_linear multiplies x unquantized (kernels/fp8_gemv.py): one 16-bit row, no tiles named."""
-    return config is None and x.shape[0] <= GEMV_MAX_M and x.dtype in (torch.bfloat16, torch.float16)
+    """Whether fp8_linear multiplies x unquantized: rows the GEMV takes, and no Triton GEMM tiles named."""
+    return config is None and not fp8_quantizes_activations(x.shape[0], x.dtype)
 
 
 def fp8_linear(

@@ -14,13 +14,13 @@ and are reduced across K once. The per-channel weight scale multiplies the sum.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.interpreter import interpreted
 from kernels.split_k import choose_split_k, multiprocessor_count, plan_split_k, store_split_k
 
 GEMV_MAX_M = 1  # rows fp8_linear sends here
@@ -31,9 +31,11 @@ PROGRAMS_PER_SM = 4  # K splits until about this many programs per SM
 class Fp8GemvConfig:
     """Rows, K tile, warps, load pipeline depth and K splits of one launch (benchmarks sweep these)."""
 
-    block_n: int = 16
+    # The H200 sweep's (benchmarks/RESULTS.md, seventh session): 71 us for the 8B layer's four GEMMs, against
+    # 80 for the Triton FP8 GEMM with its activation quantization, and 79 with 16 rows and four warps.
+    block_n: int = 8
     block_k: int = 512
-    num_warps: int = 4
+    num_warps: int = 2
     num_stages: int = 3  # > 1: loads go through shared memory, num_stages - 1 tiles ahead
     split_k: int = 0  # 0: about PROGRAMS_PER_SM programs per SM
     reduce_in_kernel: bool = True
@@ -69,14 +71,11 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, partials_ptr, out_ptr,
                   row * tl.num_programs(0) + pid_n, partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
              config: Fp8GemvConfig | None = None) -> torch.Tensor:
     """x [M, K] (16-bit or fp32) @ (weight fp8 [N, K] * weight_scale [N])^T (+ bias) -> [M, N] in x's dtype."""
-    config = config or (Fp8GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1) if _interpreted()
+    config = config or (Fp8GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1) if interpreted()
                         else DEFAULT_CONFIG)
     m, k = x.shape
     n = weight.shape[0]
@@ -87,7 +86,7 @@ def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     k_tiles = triton.cdiv(k, config.block_k)
     if config.split_k:
         splits = config.split_k
-    elif _interpreted():
+    elif interpreted():
         splits = min(2, k_tiles)
     else:
         splits = choose_split_k(row_tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(x.device.index or 0))

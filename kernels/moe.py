@@ -24,7 +24,6 @@ Semantics are those of kernels/moe_reference.fused_moe.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.fused import silu_and_mul
+from kernels.interpreter import interpreted
 
 
 @dataclass(frozen=True)
@@ -57,11 +57,11 @@ class GemvLaunchConfig:
 def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeLaunchConfig | GemvLaunchConfig:
     """The GEMV path while pairs rarely share an expert, then small tiles in M (decode), then wide ones."""
     num_pairs = num_tokens * top_k
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    under_interpreter = interpreted()
     if num_tokens == 1 or 4 * num_pairs <= num_experts:  # one token's K choices are distinct experts
-        return GemvLaunchConfig(block_n=16, block_k=32, num_warps=1) if interpreted else \
+        return GemvLaunchConfig(block_n=16, block_k=32, num_warps=1) if under_interpreter else \
             GemvLaunchConfig(block_n=16, block_k=64, num_warps=8)
-    if interpreted:
+    if under_interpreter:
         return MoeLaunchConfig(block_m=16, block_n=32, block_k=32, num_warps=1, num_stages=1)
     if num_pairs <= 2 * num_experts:
         return MoeLaunchConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)

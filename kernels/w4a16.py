@@ -26,13 +26,13 @@ bound by reading the weight, so the first two paths split K across programs
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from kernels.interpreter import interpreted
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import choose_split_k, multiprocessor_count, plan_split_k, store_split_k
 
@@ -334,12 +334,12 @@ def dequantize_w4a16(
     if not all(t is None or (t.stride(1) == 1 and t.stride(0) == qweight.stride(0)) for t in (qweight, scales, zeros)):
         raise ValueError("W4A16 qweight, scales and zeros must share one row stride, with contiguous rows")
     out = torch.empty(k, n, dtype=dtype, device=qweight.device)
-    rows, block_n = (16, 32) if _interpreted() else (16, 128)
+    rows, block_n = (16, 32) if interpreted() else (16, 128)
     if k and n:
         _dequantize_kernel[(triton.cdiv(k // PACK_FACTOR, rows), triton.cdiv(n, block_n))](
             qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight, out,
             n, k, qweight.stride(0), GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
-            SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=rows, BLOCK_N=block_n, num_warps=1 if _interpreted() else 4)
+            SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=rows, BLOCK_N=block_n, num_warps=1 if interpreted() else 4)
     return out
 
 
@@ -375,13 +375,10 @@ class W4A16GemvConfig:
 DEFAULT_GEMV = W4A16GemvConfig()
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
 
 def default_config(m: int) -> W4A16Config:
     """Tiles by batch size (up to DOT_MAX_M rows): small batches are bound by reading the weight."""
-    if _interpreted():
+    if interpreted():
         return W4A16Config(block_m=MIN_DOT, block_n=32, block_k=MIN_BLOCK_K, num_warps=1, num_stages=1)
     if m <= MIN_DOT:  # four K splits: 90 us for the 8B layer's four GEMMs at M = 16 against 98 chosen by shape
         return W4A16Config(block_m=MIN_DOT, block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4)
@@ -392,7 +389,7 @@ def default_config(m: int) -> W4A16Config:
 
 def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
     """The inline-PTX dequantization on GPUs for 16-bit activations with whole-tile groups; plain otherwise."""
-    if _interpreted() or not scale_per_tile or x.dtype not in (torch.bfloat16, torch.float16):
+    if interpreted() or not scale_per_tile or x.dtype not in (torch.bfloat16, torch.float16):
         return DEQUANT_PLAIN.value
     return DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value
 
@@ -402,7 +399,7 @@ def _split_count(tiles: int, k_tiles: int, requested: int) -> int:
     the path)."""
     if requested:
         return requested
-    if _interpreted():
+    if interpreted():
         return min(2, k_tiles)
     return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
 

@@ -30,6 +30,8 @@ from engine.sequence import Request as EngineRequest
     ("_merge_splits_kernel", "attention"),
     ("_silu_and_mul_kernel", "activation"),
     ("_quantize_per_token_kernel", "FP8 activation quantization"),
+    ("_rms_norm_fp8_kernel", "norm"),  # quantizing in the norm's launch: the launch is the norm's
+    ("_silu_and_mul_fp8_kernel", "activation"),
     ("_fp8_matmul_kernel", "GEMM"),
     ("_dequantize_kernel", "GEMM"),
     ("ncclDevKernel_AllReduce_Sum_bf16_RING_LL(ncclDevKernelArgsStorage<4096ul>)", "all-reduce/NCCL"),

@@ -20,6 +20,7 @@ from torch import nn
 
 from engine.layers.quantization import current_linear_method
 from engine.layers.quantization.base import DENSE, VECTOR, ParamLayout, add_param
+from engine.layers.quantization.fp8_activation import Fp8Activation, LinearInput
 from engine.layers.tensor_parallel import all_reduce, divide, tp_rank_and_size
 from engine.layers.weights import ShapeMismatchError, check_shape
 
@@ -102,8 +103,18 @@ class _ParallelLinear(nn.Module):
         else:
             target.copy_(tensor)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+    @property
+    def takes_fp8_activation(self) -> bool:
+        """Whether forward also takes an Fp8Activation: the layer before may then quantize its output for it."""
+        return self.quant_method.takes_fp8_activation()
+
+    def matmul(self, x: LinearInput, bias: torch.Tensor | None) -> torch.Tensor:
+        if isinstance(x, Fp8Activation):
+            return self.quant_method.apply_fp8(self, x, bias)
+        return self.quant_method.apply(self, x, bias)
+
+    def forward(self, x: LinearInput) -> torch.Tensor:
+        return self.matmul(x, self.bias)
 
 
 def _packed(features: int, pack: int) -> int:
@@ -229,6 +240,6 @@ class RowParallelLinear(_ParallelLinear):
     def input_sharded(self) -> bool:
         return True
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant_method.apply(self, x, self.bias if self.tp_rank == 0 else None)
+    def forward(self, x: LinearInput) -> torch.Tensor:
+        y = self.matmul(x, self.bias if self.tp_rank == 0 else None)
         return all_reduce(y) if self.tp_size > 1 else y

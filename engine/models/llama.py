@@ -24,6 +24,7 @@ from engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from engine.layers.layernorm import RMSNorm
 from engine.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from engine.layers.moe import MIXTRAL_EXPERT_PROJECTIONS, QWEN_EXPERT_PROJECTIONS, ExpertProjections, SparseMoeBlock
+from engine.layers.quantization.fp8_activation import LinearInput
 from engine.layers.rotary_embedding import RotaryEmbedding, apply_rotary
 from engine.model_config import ModelConfig
 
@@ -51,7 +52,7 @@ class LlamaAttention(nn.Module):
                               sliding_window=config.layer_windows[layer_index])
 
     def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
+        self, hidden: LinearInput, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
         num_heads, num_kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
@@ -72,15 +73,17 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=config.mlp_bias)
-        self.act_fn = GATED_ACTIVATIONS[config.hidden_act]()
+        activation = GATED_ACTIVATIONS[config.hidden_act]
+        # SiLU-and-mul quantizes its output for an FP8 down_proj in its own launch (GeGLU has no kernel).
+        self.act_fn = activation(fp8_output=activation.fused_on_cuda and self.down_proj.takes_fp8_activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: LinearInput) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 def enter_layer(
     input_layernorm: RMSNorm, hidden: torch.Tensor, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[LinearInput, torch.Tensor]:
     """(normed input, residual stream): the first layer starts the stream, later ones add the last output to it."""
     if residual is None:
         return input_layernorm(hidden), hidden
@@ -99,13 +102,20 @@ def make_mlp(config: ModelConfig, layer_index: int) -> nn.Module:
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Where the projection after a norm takes FP8 activations quantized per token (qkv_proj; a dense
+    MLP's gate_up_proj, not the experts' router), the norm quantizes its output for it in its own launch.
+    """
+
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.self_attn = LlamaAttention(config, layer_index)
         self.mlp_name = MLP_MODULE_NAME.get(config.architecture, "mlp")
-        self.add_module(self.mlp_name, make_mlp(config, layer_index))
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        mlp = make_mlp(config, layer_index)
+        self.add_module(self.mlp_name, mlp)
+        size, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(size, eps, fp8_output=self.self_attn.qkv_proj.takes_fp8_activation)
+        mlp_takes_fp8 = isinstance(mlp, LlamaMLP) and mlp.gate_up_proj.takes_fp8_activation
+        self.post_attention_layernorm = RMSNorm(size, eps, fp8_output=mlp_takes_fp8)
 
     def forward(
         self,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from engine.layers.quantization.fp8_activation import Fp8Activation
 from kernels import cpu_linear
 
 
@@ -69,6 +70,14 @@ class LinearMethod:
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return cpu_linear.linear(x, layer.weight, bias)
+
+    def takes_fp8_activation(self) -> bool:
+        """Whether apply_fp8 runs: the input is quantized per token anyway, so its producer may do it instead."""
+        return False
+
+    def apply_fp8(self, layer: nn.Module, x: Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
+        """The matmul on an input already quantized per token (methods whose takes_fp8_activation is True)."""
+        raise TypeError(f"{type(self).__name__} takes 16-bit activations, not FP8 ones quantized per token")
 
 
 def replace_param(layer: nn.Module, name: str, value: torch.Tensor | None) -> None:

@@ -11,6 +11,10 @@ float32 scale per output row, which is what the kernel reads. Static input
 scales of the parts are reduced to their maximum (each part's activation is
 the same tensor, so the largest scale is safe for all).
 
+With dynamic per-token activation scales a layer also takes its input already
+quantized (an Fp8Activation from the fused RMSNorm or SiLU-and-mul before it:
+apply_fp8), which skips the separate quantization launch.
+
 Online quantization (`--quantization fp8` on a 16-bit checkpoint) quantizes each
 checkpoint tensor slice as it is copied in, per output row, so neither host nor
 device ever holds a 16-bit copy of a layer's weight.
@@ -25,6 +29,7 @@ from torch import nn
 
 import kernels
 from engine.layers.quantization.base import PER_SHARD, VECTOR, DENSE, LinearMethod, add_param, replace_param
+from engine.layers.quantization.fp8_activation import Fp8Activation
 from kernels import quant_reference
 
 
@@ -68,6 +73,15 @@ class Fp8LinearMethod(LinearMethod):
         else:
             y = backend.fp8_linear(x2, layer.weight, layer.weight_scale, bias)
         return y.reshape(*x.shape[:-1], -1)
+
+    def takes_fp8_activation(self) -> bool:
+        return not self.scheme.static_activation  # a static scale is the checkpoint's, not the producer's to pick
+
+    def apply_fp8(self, layer: nn.Module, x: Fp8Activation, bias: torch.Tensor | None) -> torch.Tensor:
+        if not self.takes_fp8_activation():
+            return super().apply_fp8(layer, x, bias)
+        backend = kernels if x.values.is_cuda else quant_reference
+        return backend.fp8_matmul(x.values, x.scale, layer.weight, layer.weight_scale, x.dtype, bias)
 
 
 def _quantizing_store(layer: nn.Module):
