@@ -49,19 +49,36 @@ def rows_of_many_magnitudes(rows: int, width: int, dtype: torch.dtype, seed: int
 
 
 def assert_same_fp8(values: torch.Tensor, scale: torch.Tensor, expected: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """The same e4m3 bytes and the same float32 scales."""
+    """The same e4m3 bytes and the same float32 scales (under the interpreter, exactly).
+
+    On the GPU two kernels may sum a row's squares in different orders, and Triton's fp32 division
+    is not correctly rounded, so a scale can differ in its last bit (seen on the H200). A value that
+    lies on a rounding boundary then lands one e4m3 step away: allowed for one value in a thousand.
+    """
     expected_values, expected_scale = expected
     assert values.dtype == ref.FP8_DTYPE and scale.dtype == torch.float32
     assert values.shape == expected_values.shape and scale.shape == expected_scale.shape
-    assert torch.equal(values.view(torch.uint8), expected_values.view(torch.uint8))
-    assert torch.equal(scale, expected_scale)
+    assert_same_codes(values, expected_values)
+    if values.is_cuda:
+        torch.testing.assert_close(scale, expected_scale, rtol=1e-6, atol=0)
+    else:
+        assert torch.equal(scale, expected_scale)
+
+
+def assert_same_codes(values: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal e4m3 values (as numbers: -0 == 0); on the GPU a few may be one step away (assert_same_fp8)."""
+    if not values.is_cuda:
+        assert torch.equal(values.float(), expected.float())
+        return
+    codes, expected_codes = values.view(torch.uint8).int(), expected.view(torch.uint8).int()
+    moved = (codes != expected_codes) & ((values.float() != 0) | (expected.float() != 0))
+    assert moved.float().mean() <= 1e-3 and ((codes - expected_codes)[moved].abs() == 1).all()
 
 
 def assert_same_as_torch(values: torch.Tensor, scale: torch.Tensor, activation: torch.Tensor) -> None:
     """The values and scales torch's quantizer gives; torch keeps the sign of a negative value that
     rounds to zero and the interpreter's cast does not, so values are compared as numbers (-0 == 0)."""
-    expected_values, expected_scale = ref.quantize_fp8_per_token(activation)
-    assert torch.equal(values.float(), expected_values.float()) and torch.equal(scale, expected_scale)
+    assert_same_fp8(values, scale, ref.quantize_fp8_per_token(activation))
 
 
 def assert_zero_row_takes_the_floor(values: torch.Tensor, scale: torch.Tensor) -> None:
@@ -285,7 +302,7 @@ def test_fused_norm_and_activation_give_an_fp8_mlp_the_same_inputs(m, hidden, in
     gen = torch.Generator().manual_seed(m)
 
     def weights(*shape: int) -> torch.Tensor:
-        return (0.02 * torch.randn(*shape, generator=gen)).to(dtype=dtype, device=DEVICE)
+        return (0.02 * torch.randn(*shape, generator=gen, device="cpu")).to(dtype=dtype, device=DEVICE)
 
     with torch.device(DEVICE):
         gate_up = online_fp8_linear(weights(2 * intermediate, hidden))
@@ -298,9 +315,13 @@ def test_fused_norm_and_activation_give_an_fp8_mlp_the_same_inputs(m, hidden, in
     def mlp(fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
         norm.fp8_output = fused
         normed, residual_out = norm(x, residual)
-        assert isinstance(normed, Fp8Activation) is fused
+        # One 16-bit row is not quantized at all: the FP8 linear takes it to the weight-only GEMV.
+        assert isinstance(normed, Fp8Activation) is (fused and kernels.fp8_quantizes_activations(m, dtype))
         return down(SiluAndMul(fp8_output=fused)(gate_up(normed))), residual_out
 
     (fused_out, fused_residual), (out, residual_out) = mlp(True), mlp(False)
     assert torch.equal(fused_residual, residual_out)
-    assert torch.equal(fused_out, out)
+    if DEVICE == "cuda":  # a few activations may be one e4m3 step apart (assert_same_fp8)
+        assert float((fused_out.float() - out.float()).norm() / out.float().norm()) < 1e-3
+    else:
+        assert torch.equal(fused_out, out)
