@@ -24,6 +24,7 @@ _LAZY = {
     "quantize_fp8_per_token": "kernels.fp8",
     "fp8_matmul": "kernels.fp8",
     "fp8_linear": "kernels.fp8",
+    "fp8_static_linear": "kernels.fp8",
     "fp8_quantizes_activations": "kernels.fp8",
     "fp8_weight_only_gemv": "kernels.fp8_gemv",
 }

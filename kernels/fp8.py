@@ -6,7 +6,8 @@ scale), w_scale per output channel (kernels/quant_reference.py has the layout).
 fp8_linear is what a layer calls: per-token quantization (one program per row,
 the row read once into registers, the hardware's rounding cast), then the GEMM;
 one 16-bit row (batch-1 decode) instead takes the weight-only GEMV of
-kernels/fp8_gemv.py, unquantized.
+kernels/fp8_gemv.py, unquantized. fp8_static_linear is the same for a
+checkpoint's static input scale.
 Decode batches (up to TRITON_MAX_M rows) take a Triton kernel: the weight tile
 is the left operand of an FP8 wgmma (K-major, 16-byte loads), the activation
 the narrow right one, and long K is split across programs so that reading the
@@ -27,7 +28,7 @@ import triton.language as tl
 
 from kernels.fp8_gemv import GEMV_MAX_M, fp8_weight_only_gemv
 from kernels.interpreter import interpreted
-from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE
+from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, quantize_fp8_static
 from kernels.split_k import plan_split_k, store_split_k
 
 SCALED_MM_ALIGNMENT = 16  # cuBLASLt FP8: K and N multiples of 16
@@ -316,3 +317,12 @@ def fp8_linear(
         return fp8_weight_only_gemv(x, weight, weight_scale, bias)
     x_q, x_scale = quantize_fp8_per_token(x)
     return fp8_matmul(x_q, x_scale, weight, weight_scale, x.dtype, bias, config)
+
+
+def fp8_static_linear(x: torch.Tensor, input_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] quantized with a checkpoint's static input scale, times the FP8 weight:
+    quant_reference.fp8_static_linear; one 16-bit row takes the weight-only GEMV, as in fp8_linear."""
+    if takes_weight_only_gemv(x, None):
+        return fp8_weight_only_gemv(x, weight, weight_scale, bias)
+    return fp8_matmul(quantize_fp8_static(x, input_scale), input_scale, weight, weight_scale, x.dtype, bias)

@@ -153,6 +153,12 @@ def fp8_weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: 
     return y.to(x.dtype)
 
 
+def fp8_static_linear(x: torch.Tensor, input_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] quantized with a checkpoint's one static input scale, then fp8_matmul, in x's dtype."""
+    return fp8_matmul(quantize_fp8_static(x, input_scale), input_scale, weight, weight_scale, x.dtype, bias)
+
+
 def fp8_linear(
     x: torch.Tensor,
     weight: torch.Tensor,

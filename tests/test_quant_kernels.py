@@ -230,6 +230,19 @@ def test_fp8_linear_takes_the_weight_only_gemv_for_one_16_bit_row():
     assert relative_error(out, weight_only) < relative_error(ref.fp8_linear(x, weight, weight_scale), weight_only)
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_fp8_static_linear_matches_reference_and_takes_the_gemv_for_one_row(m):
+    # A checkpoint's static input scale: several rows are quantized with it; one 16-bit row is not.
+    k, n = 96, 40
+    weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=13))
+    x, bias = random(m, k, dtype=torch.float16, seed=14), random(n, dtype=torch.float16, seed=15)
+    input_scale = x.abs().max().float().reshape(1) / ref.FP8_MAX
+    out = kernels.fp8_static_linear(x, input_scale, weight, weight_scale, bias)
+    expected = (ref.fp8_weight_only_matmul(x, weight, weight_scale, bias) if m == 1
+                else ref.fp8_static_linear(x, input_scale, weight, weight_scale, bias))
+    assert out.dtype == x.dtype and relative_error(out, expected) < TOLERANCE[torch.float16]
+
+
 def test_fp8_matmul_with_one_static_activation_scale():
     k, n = 64, 48
     weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k))

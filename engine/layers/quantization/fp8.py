@@ -68,8 +68,7 @@ class Fp8LinearMethod(LinearMethod):
         backend = kernels if x.is_cuda else quant_reference
         x2 = x.reshape(-1, x.shape[-1])
         if self.scheme.static_activation:
-            x_q = quant_reference.quantize_fp8_static(x2, layer.input_scale)
-            y = backend.fp8_matmul(x_q, layer.input_scale, layer.weight, layer.weight_scale, x.dtype, bias)
+            y = backend.fp8_static_linear(x2, layer.input_scale, layer.weight, layer.weight_scale, bias)
         else:
             y = backend.fp8_linear(x2, layer.weight, layer.weight_scale, bias)
         return y.reshape(*x.shape[:-1], -1)
