@@ -5,12 +5,13 @@ fill a GPU, and they are bound by reading the weight, so the quantized GEMMs
 split K across programs; each split writes an fp32 partial [M, N]. The partials
 are added in one of two ways:
 
-- LAST_SPLIT_SUMS (the default): each program counts itself in on its
-  output tile with an atomic; the program that arrives last adds the tile's
-  partials (and the bias), writes the result and resets the counter. No second
-  launch, which at batch 1 costs about as much as the sum itself.
-- SUM_LAUNCH: a second small launch adds them (sum_splits). Used where the
-  counters do not fit, and kept for A/B runs in benchmarks/quant_gpu.py.
+- LAST_SPLIT_SUMS: each program counts itself in on its output tile with an
+  atomic; the program that arrives last adds the tile's partials (and the bias),
+  writes the result and resets the counter. No second launch, which at batch 1
+  costs about as much as the sum itself.
+- SUM_LAUNCH: a second small launch adds them (sum_splits). Used where a kernel's
+  config says so (measured faster for the W4A16 tensor-core kernel), where the
+  counters do not fit, and for A/B runs in benchmarks/quant_gpu.py.
 
 Counters live in one zeroed int32 buffer per device, reset by the programs that
 use them, so they are zero between launches (launches on one stream do not overlap).

@@ -21,7 +21,9 @@ along K). Three paths, by the number of activation rows M:
 
 Decode-sized GEMMs give too few output tiles to fill an H200's 132 SMs and are
 bound by reading the weight, so the first two paths split K across programs
-(split-K) and one more small launch adds the fp32 partial sums (and the bias).
+(split-K). The GEMV's last split of a tile adds the fp32 partial sums (and the
+bias) in the same launch; the tensor-core kernel leaves that to one more small
+launch, which measured faster for it (kernels/split_k.py).
 """
 
 from __future__ import annotations
