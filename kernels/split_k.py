@@ -15,6 +15,9 @@ are added in one of two ways:
 
 Counters live in one zeroed int32 buffer per device, reset by the programs that
 use them, so they are zero between launches (launches on one stream do not overlap).
+Two split GEMMs running at once on two streams of a device would share them: the
+engine runs its forward pass on one stream, and a new side stream doing GEMMs
+must pass reduce_in_kernel=False or get counters of its own.
 """
 
 from __future__ import annotations
