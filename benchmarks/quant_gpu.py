@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import random
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -96,8 +98,8 @@ def gemm_calls(fmt: str, x: torch.Tensor, w: GemmWeights, config: KernelConfig =
     raise ValueError(fmt)
 
 
-def graph_us(calls: list[Callable[[], torch.Tensor]], replays: int = 10) -> float:
-    """µs per call, the calls captured back to back in one CUDA graph (how decode runs them: no launch gaps)."""
+def captured(calls: list[Callable[[], torch.Tensor]]) -> torch.cuda.CUDAGraph:
+    """The calls captured back to back in one CUDA graph (how decode runs them: no launch gaps), replayed once."""
     for call in calls:  # compile and warm up outside the capture
         call()
     torch.cuda.synchronize()
@@ -106,7 +108,12 @@ def graph_us(calls: list[Callable[[], torch.Tensor]], replays: int = 10) -> floa
         for call in calls:
             call()
     graph.replay()
-    return 1e6 * cuda_time_s(graph.replay, warmup=2, repeat=replays) / len(calls)
+    return graph
+
+
+def graph_us(calls: list[Callable[[], torch.Tensor]], replays: int = 10) -> float:
+    """µs per call of the calls captured in one CUDA graph."""
+    return 1e6 * cuda_time_s(captured(calls).replay, warmup=2, repeat=replays) / len(calls)
 
 
 def weight_copies(k: int, n: int) -> list[GemmWeights]:
@@ -171,58 +178,85 @@ def decode_stack_rows(model: str, formats: tuple[str, ...], batches: list[int]) 
     return rows
 
 
-def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
-    """Tile / warp / split-K choices of the Triton paths at decode and mixed batch sizes (picks the defaults)."""
+SWEEP_PASSES = 3  # rounds of the sweep's timings, each in a fresh random order of the candidates
+
+
+def sweep_candidates(m: int, formats: set[str]) -> list[tuple[str, KernelConfig]]:
+    """The (format, config) pairs the sweep times at M rows: Triton tiles of each path asked for, and with
+    "defaults" each default config next to the same launch with the other way of adding its K splits."""
     w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3),
                 (128, 256, 4, 3), (256, 128, 8, 3)]
     gemv_tiles = [(128, 16, 2), (256, 16, 2), (64, 16, 1), (128, 8, 2), (128, 16, 4), (256, 16, 4)]  # block_n, rows, warps
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     fp8_gemv_tiles = [(16, 512, 4), (8, 512, 2), (8, 1024, 4), (16, 256, 2), (32, 256, 4), (32, 512, 8), (4, 1024, 2)]
+    candidates: list[tuple[str, KernelConfig]] = []
+    block_m = max(16, min(128, triton.next_power_of_2(m)))
+    if m <= 128 and "w4a16" in formats:  # row tiles under 64 take mma.sync, 64 and up wgmma
+        for w4_block_m in sorted({min(16, block_m), min(32, block_m), block_m}):
+            for block_n, block_k, warps, stages in w4_tiles:
+                for split in (0, 2, 4) if m <= 16 else (0, 2):
+                    candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
+    if m <= 4 and formats & {"w4a16", "w4a16-gemv"}:  # the CUDA-core GEMV, one program row per row
+        for block_n, packed_rows, warps in gemv_tiles:
+            for stages in (2, 3):  # loads through shared memory, stages - 1 steps ahead (1: registers)
+                for split in (0, 4, 8):
+                    candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split)))
+    if m == 1 and formats & {"fp8", "fp8-gemv"}:  # the weight-only FP8 GEMV
+        for block_n, block_k, warps in fp8_gemv_tiles:
+            for stages in (3, 4):
+                candidates.append(("fp8", Fp8GemvConfig(block_n, block_k, warps, stages)))
+    if "fp8" in formats:
+        for block_n, block_k, warps in fp8_tiles:
+            for split in (0, 1, 2) if m <= 64 else (1,):
+                candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
+    if "defaults" in formats:
+        defaults: list[tuple[str, KernelConfig]] = [("fp8", fp8_default_config(m))]
+        if m == 1:
+            defaults += [("w4a16", DEFAULT_GEMV), ("fp8", FP8_GEMV_DEFAULT)]
+        elif m <= 128:
+            defaults.append(("w4a16", w4a16_default_config(m)))
+        for fmt, config in defaults:
+            candidates += [(fmt, config), (fmt, replace(config, reduce_in_kernel=not config.reduce_in_kernel))]
+    return list(dict.fromkeys(candidates))  # a default that is also a listed tile is timed once
+
+
+def interleaved_us(graphs: list[tuple[torch.cuda.CUDAGraph, int]], passes: int = SWEEP_PASSES) -> list[float]:
+    """µs per call of each captured (graph, calls in it): the median of `passes` rounds, each round in a new
+    random order. Timed back to back in a fixed order, the first of two candidates tended to measure slower
+    (the same compiled kernel: 38.6 then 35.0 µs), so no candidate always follows the same one."""
+    rng = random.Random(0)
+    times: list[list[float]] = [[] for _ in graphs]
+    order = list(range(len(graphs)))
+    for _ in range(passes):
+        rng.shuffle(order)
+        for index in order:
+            graph, calls = graphs[index]
+            times[index].append(1e6 * cuda_time_s(graph.replay, warmup=1, repeat=3) / calls)
+    return [statistics.median(samples) for samples in times]
+
+
+def sweep_rows(batches: list[int], formats: list[str]) -> list[dict]:
+    """Every sweep candidate at each batch on the four 8B GEMMs, timed against bf16 in the same rounds."""
     rows = []
     for name, (k, n) in LLAMA_8B_GEMMS.items():
         copies = weight_copies(k, n)
         for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bf16 = graph_us([gemm_calls("bf16", x, w) for w in copies])
-            candidates = []
-            block_m = max(16, min(128, triton.next_power_of_2(m)))
-            if m <= 128 and "w4a16" in formats:  # row tiles under 64 take mma.sync, 64 and up wgmma
-                for w4_block_m in sorted({min(16, block_m), min(32, block_m), block_m}):
-                    for block_n, block_k, warps, stages in w4_tiles:
-                        for split in (0, 2, 4) if m <= 16 else (0, 2):
-                            candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
-            if m <= 4 and {"w4a16", "w4a16-gemv"} & set(formats):  # the CUDA-core GEMV, one program row per row
-                for block_n, packed_rows, warps in gemv_tiles:
-                    for stages in (2, 3):  # loads through shared memory, stages - 1 steps ahead (1: registers)
-                        for split in (0, 4, 8):
-                            candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split)))
-            if m == 1 and "defaults" in formats:  # each default against the same launch adding its splits apart
-                candidates += [("w4a16", DEFAULT_GEMV), ("w4a16", replace(DEFAULT_GEMV, reduce_in_kernel=False))]
-            if 1 < m <= 128 and "defaults" in formats:
-                w4a16_tiles = w4a16_default_config(m)
-                candidates += [("w4a16", w4a16_tiles), ("w4a16", replace(w4a16_tiles, reduce_in_kernel=not w4a16_tiles.reduce_in_kernel))]
-            if m <= 1 and {"fp8", "fp8-gemv"} & set(formats):  # the weight-only FP8 GEMV
-                for block_n, block_k, warps in fp8_gemv_tiles:
-                    for stages in (3, 4):
-                        candidates.append(("fp8", Fp8GemvConfig(block_n, block_k, warps, stages)))
-            if m <= 1 and "defaults" in formats:
-                candidates.append(("fp8", FP8_GEMV_DEFAULT))
-            if "defaults" in formats:
-                fp8_tiles_now = fp8_default_config(m)
-                candidates += [("fp8", fp8_tiles_now), ("fp8", replace(fp8_tiles_now, reduce_in_kernel=not fp8_tiles_now.reduce_in_kernel))]
-            if "fp8" in formats:
-                for block_n, block_k, warps in fp8_tiles:
-                    for split in (0, 1, 2) if m <= 64 else (1,):
-                        candidates.append(("fp8", Fp8Config(block_m, block_n, block_k, warps, 4, split)))
-            for fmt, config in candidates:
+            timed: list[tuple[str, KernelConfig, float]] = []
+            graphs = [(captured([gemm_calls("bf16", x, w) for w in copies]), len(copies))]
+            for fmt, config in sweep_candidates(m, set(formats)):
                 try:
-                    us = graph_us([gemm_calls(fmt, x, w, config) for w in copies], replays=5)
+                    graph = captured([gemm_calls(fmt, x, w, config) for w in copies])
                     error = check(fmt, x, copies[0], config)
                 except Exception as exc:  # a tile that does not fit in shared memory, etc.
                     print(f"{name} M={m} {fmt} {config}: {type(exc).__name__}: {str(exc)[:120]}", file=sys.stderr)
                     continue
-                rows.append({"gemm": name, "M": m, "format": fmt, "config": str(config), "us": us, "x_bf16": bf16 / us,
-                             "err": error})
+                graphs.append((graph, len(copies)))
+                timed.append((fmt, config, error))
+            bf16, *candidate_us = interleaved_us(graphs)
+            rows += [{"gemm": name, "M": m, "format": fmt, "config": str(config), "us": us, "x_bf16": bf16 / us,
+                      "err": error} for (fmt, config, error), us in zip(timed, candidate_us, strict=True)]
+            del graphs
         del copies
         torch.cuda.empty_cache()
     return rows

@@ -6,11 +6,13 @@ Figures here are worked out by hand from small synthetic inputs.
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from benchmarks.kernel_trace import STEP_MARKER, cpu_activities, family_of, step_windows, summarize_trace
+from benchmarks.quant_gpu import sweep_candidates
 from benchmarks.roofline import Chunk, ModelCost, model_cost, simulate_schedule, step_roofline_seconds
 from benchmarks.workloads import Request
 from engine.block_manager import BlockManager
@@ -165,3 +167,12 @@ def test_moe_steps_read_only_the_experts_their_tokens_can_reach():
     assert one[0] == pytest.approx(cost.weight_bytes - unread)
     assert many[0] == pytest.approx(cost.weight_bytes)
     assert many[1] == pytest.approx(one[1] + 2 * 4095 * (cost.weight_bytes - cost.lm_head_bytes - unread) / 2)
+
+
+@pytest.mark.parametrize("m", [1, 16, 256])
+def test_the_sweep_times_each_default_both_ways_of_adding_k_splits(m):
+    candidates = sweep_candidates(m, {"defaults", "w4a16-gemv", "fp8-gemv"})
+    assert len(candidates) == len(set(candidates))  # a default that is also a listed tile is timed once
+    defaults = [(fmt, config) for fmt, config in candidates
+                if (fmt, replace(config, reduce_in_kernel=not config.reduce_in_kernel)) in candidates]
+    assert {fmt for fmt, _ in defaults} == ({"fp8", "w4a16"} if m <= 128 else {"fp8"})
