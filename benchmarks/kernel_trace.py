@@ -52,10 +52,10 @@ from benchmarks.common import save_json
 from benchmarks.latency import (add_engine_arguments, all_decoding, decode_ms_per_token, engine_config,
                                 graph_replay_ms, random_prompt)
 from benchmarks.workloads import MODEL_SHAPES, QUANTIZED_GROUP_SIZE, quantized_model_folder, token_id_limit
-from engine.testing.quantized import QUANTIZED_FORMATS
 from engine import SamplingParams
 from engine.llm_engine import LLMEngine
 from engine.output_processor import OutputKind
+from engine.testing.quantized import QUANTIZED_FORMATS
 
 STEP_MARKER = "kernel_trace/step"
 OTHER = "elementwise/other"

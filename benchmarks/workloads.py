@@ -40,13 +40,13 @@ def model_folder(shape: str, root: str | Path) -> Path:
 
 def quantized_model_folder(model: str, fmt: str, root: str | Path) -> tuple[Path, str | None]:
     """(folder, --quantization) for a format name: bf16, fp8-online, or one of QUANTIZED_FORMATS."""
+    from engine.testing.quantized import quantize_model_folder, write_random_quantized_folder
+
     if fmt == "bf16":
         return model_folder(model, root), None
     if fmt == "fp8-online":
         return model_folder(model, root), "fp8"
     target = Path(root) / f"{model}-{fmt}"
-    from engine.testing.quantized import quantize_model_folder, write_random_quantized_folder
-
     if not (target / "model.safetensors.index.json").exists():
         shutil.rmtree(target, ignore_errors=True)
         family, size = MODEL_SHAPES[model]

@@ -53,7 +53,6 @@ LOG2E = 1.4426950408889634
 MIN_DOT_M = 16  # the smallest M tl.dot accepts
 
 
-
 @triton.jit
 def _load_kv_tile(k_cache_ptr, v_cache_ptr, block_table_row_ptr, positions, valid, cache_head_offset,
                   stride_cache_block, stride_cache_slot, offs_d, PAGE_SIZE: tl.constexpr):

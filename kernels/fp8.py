@@ -44,7 +44,6 @@ TRITON_NARROW_N = 4096
 MAX_ROW_BLOCK = 16384  # per-token quantizers read rows up to this long once (registers), longer ones twice
 
 
-
 @triton.jit
 def _round_to_e4m3(v):
     """v (float32, |v| <= 448) rounded to the nearest e4m3 value, still float32.

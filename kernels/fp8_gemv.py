@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import interpreted
-from kernels.split_k import choose_split_k, multiprocessor_count, plan_split_k, store_split_k
+from kernels.split_k import plan_split_k, split_count, store_split_k
 
 GEMV_MAX_M = 1  # rows fp8_linear sends here
 PROGRAMS_PER_SM = 4  # K splits until about this many programs per SM
@@ -71,9 +71,8 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, partials_ptr, out_ptr,
                   row * tl.num_programs(0) + pid_n, partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
-
-def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None,
-             config: Fp8GemvConfig | None = None) -> torch.Tensor:
+def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         bias: torch.Tensor | None = None, config: Fp8GemvConfig | None = None) -> torch.Tensor:
     """x [M, K] (16-bit or fp32) @ (weight fp8 [N, K] * weight_scale [N])^T (+ bias) -> [M, N] in x's dtype."""
     config = config or (Fp8GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1) if interpreted()
                         else DEFAULT_CONFIG)
@@ -83,13 +82,7 @@ def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
         raise ValueError(f"FP8 weight {list(weight.shape)} does not match K={k}")
     x = x if x.stride(1) == 1 else x.contiguous()
     row_tiles = triton.cdiv(n, config.block_n)
-    k_tiles = triton.cdiv(k, config.block_k)
-    if config.split_k:
-        splits = config.split_k
-    elif interpreted():
-        splits = min(2, k_tiles)
-    else:
-        splits = choose_split_k(row_tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(x.device.index or 0))
+    splits = split_count(row_tiles, triton.cdiv(k, config.block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, config.block_k, splits, m * row_tiles, x.dtype, x.device, config.reduce_in_kernel)
     if m:
         weight_scale = weight_scale.float().contiguous()

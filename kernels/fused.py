@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.fp8 import chunked_row_to_e4m3, interpreted, row_block_and_warps, row_to_e4m3
+from kernels.fp8 import chunked_row_to_e4m3, row_block_and_warps, row_to_e4m3
+from kernels.interpreter import interpreted
 from kernels.quant_reference import FP8_DTYPE
 
 

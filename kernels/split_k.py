@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.interpreter import interpreted
+
 # How a launch's K splits reach the output (the kernels' SPLIT_MODE).
 ONE_SPLIT = tl.constexpr(0)  # no split: the program writes the output (and adds the bias)
 SUM_LAUNCH = tl.constexpr(1)  # splits write fp32 partials; sum_splits adds them in a second launch
@@ -110,8 +112,8 @@ class SplitK:
         return sum_splits(self.partials, bias, self.out) if self.mode == SUM_LAUNCH.value else self.out
 
 
-def plan_split_k(m: int, n: int, k: int, block_k: int, splits: int, tiles: int, dtype: torch.dtype, device: torch.device,
-            reduce_in_kernel: bool = True) -> SplitK:
+def plan_split_k(m: int, n: int, k: int, block_k: int, splits: int, tiles: int, dtype: torch.dtype,
+                 device: torch.device, reduce_in_kernel: bool = True) -> SplitK:
     """The outputs of a launch of `tiles` output tiles split `splits` ways along K in whole block_k tiles
     (fewer splits when K is short). The last split of a tile adds the partials where reduce_in_kernel
     allows it: on a GPU, with counters for every tile, outside a CUDA-graph capture that would have to
@@ -140,6 +142,17 @@ def _counters(device: torch.device) -> torch.Tensor | None:
 
 
 _COUNTERS: dict[str, torch.Tensor] = {}
+
+
+def split_count(tiles: int, k_tiles: int, requested: int, programs_per_sm: int, device: torch.device) -> int:
+    """`requested` K splits, or about programs_per_sm programs per SM of the device (two splits under the
+    interpreter, to exercise the path)."""
+    if requested:
+        return requested
+    if interpreted():
+        return min(2, k_tiles)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return choose_split_k(tiles, k_tiles, programs_per_sm * multiprocessor_count(index))
 
 
 def choose_split_k(tiles: int, k_tiles: int, programs_wanted: int, max_splits: int = 16) -> int:

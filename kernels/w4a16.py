@@ -36,7 +36,7 @@ import triton.language as tl
 
 from kernels.interpreter import interpreted
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
-from kernels.split_k import choose_split_k, multiprocessor_count, plan_split_k, store_split_k
+from kernels.split_k import plan_split_k, split_count, store_split_k
 
 MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
 # Larger batches dequantize the weight and call cuBLAS. On the H200 that path took the four 8B GEMMs of a
@@ -377,7 +377,6 @@ class W4A16GemvConfig:
 DEFAULT_GEMV = W4A16GemvConfig()
 
 
-
 def default_config(m: int) -> W4A16Config:
     """Tiles by batch size (up to DOT_MAX_M rows): small batches are bound by reading the weight."""
     if interpreted():
@@ -396,23 +395,13 @@ def _dequant_mode(x: torch.Tensor, scale_per_tile: bool) -> int:
     return DEQUANT_FAST_BF16.value if x.dtype == torch.bfloat16 else DEQUANT_FAST_FP16.value
 
 
-def _split_count(tiles: int, k_tiles: int, requested: int) -> int:
-    """`requested` K splits, or about PROGRAMS_PER_SM programs per SM (two under the interpreter, to exercise
-    the path)."""
-    if requested:
-        return requested
-    if interpreted():
-        return min(2, k_tiles)
-    return choose_split_k(tiles, k_tiles, PROGRAMS_PER_SM * multiprocessor_count(torch.cuda.current_device()))
-
-
 def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                 group_size: int, bias: torch.Tensor | None, config: W4A16GemvConfig) -> torch.Tensor:
     m, k = x.shape
     n = qweight.shape[1]
     block_k = PACK_FACTOR * config.rows
     column_tiles = triton.cdiv(n, config.block_n)
-    splits = _split_count(column_tiles, triton.cdiv(k, block_k), config.split_k)
+    splits = split_count(column_tiles, triton.cdiv(k, block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, block_k, splits, m * column_tiles, x.dtype, x.device, config.reduce_in_kernel)
     dequant = _dequant_mode(x, scale_per_tile=True)  # the GEMV's steps always lie in one group
     if m:
@@ -493,7 +482,7 @@ def w4a16_matmul(
     scale_per_tile = g_idx is None and group_size % config.block_k == 0
     dequant = _dequant_mode(x, scale_per_tile)
     tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
-    splits = _split_count(tiles, triton.cdiv(k, config.block_k), config.split_k)
+    splits = split_count(tiles, triton.cdiv(k, config.block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, config.block_k, splits, tiles, x.dtype, x.device, config.reduce_in_kernel)
     if m:
         grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), plan.splits)
