@@ -12,6 +12,8 @@
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
 #       and the baseline's, kernel tests; 8B decode in bf16 and AWQ
 #   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's and FP8 tiles at batch 1
+#   OUT=out bash benchmarks/gpu_runs.sh quant-tests  # the FP8 fusion and quantized-kernel tests on the GPU
+#   OUT=out bash benchmarks/gpu_runs.sh l2-probe     # batch-1 GEMVs: from HBM, from L2, and with an L2 prefetch
 #   OUT=out bash benchmarks/gpu_runs.sh quant-tiles  # W4A16 tensor-core tiles at 16-128 rows (mma.sync vs wgmma)
 #   OUT=out GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_runs.sh perplexity   # issue 13's
 #       perplexity table on the GPU (bf16, FP8, W4A16 RTN, FP8 KV)
@@ -89,7 +91,7 @@ throughput() {  # throughput TREE...
 }
 
 for mode in "$@"; do
-  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv|quant-tiles|perplexity|attention-fp8) ;; *) write_models ;; esac
+  case $mode in kernels|moe|moe-model|profile|quant-ab|quant-gemv|quant-tiles|quant-tests|l2-probe|perplexity|attention-fp8) ;; *) write_models ;; esac
   case $mode in
     tests) step gpu-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_cuda_graphs.py -x ;;
     kernels) step kernel-tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_moe.py \
@@ -104,6 +106,10 @@ for mode in "$@"; do
                   --out "$OUT/quant-gemm-$tree.json"
               done
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
+    quant-tests) step quant-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_fp8_fusion.py \
+                   tests/test_quant_kernels.py ;;
+    # Batch-1 GEMVs from HBM, from L2, streamed without arithmetic, and behind a spin with an L2 prefetch.
+    l2-probe) step l2-probe 200 $PY -m benchmarks.l2_probe --out "$OUT/l2-probe.json" ;;
     quant-gemv) step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
                 step quant-sweep-gemv 300 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
                   --sweep-batches 1 --sweep-formats w4a16-gemv,fp8 --out "$OUT/quant-sweep-gemv.json" ;;
