@@ -71,11 +71,11 @@ def stream_call(qweight: torch.Tensor, out: torch.Tensor, splits: int) -> Callab
 def graph_us(calls: list[Callable[[], object]], side: list[Callable[[], object]] | None = None) -> float:
     """µs per call of the calls in one CUDA graph; side[i] (if given) runs on a second stream beside a spin
     of SPIN_US that precedes calls[i], and the call waits for both."""
-    main = torch.cuda.current_stream()
     other = torch.cuda.Stream()
     cycles = int(SPIN_US * torch.cuda.get_device_properties(0).clock_rate / 1e3)
 
     def run() -> None:
+        main = torch.cuda.current_stream()  # the capture's own stream while capturing
         for index, call in enumerate(calls):
             if side is not None:
                 other.wait_stream(main)
