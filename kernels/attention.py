@@ -47,6 +47,7 @@ import triton.language as tl
 
 from kernels.cache import kv_scales
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.reference import FP8_DTYPE
 
 LOG2E = 1.4426950408889634
@@ -101,8 +102,9 @@ def _decode_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -161,8 +163,9 @@ def _decode_kernel(
 @triton.jit
 def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, stride_ob, stride_oh,
-    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * tl.num_programs(1) + head
@@ -208,7 +211,7 @@ def _prefill_kernel(
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SLIDING: tl.constexpr, FP8: tl.constexpr,
+    SLIDING: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
 ):
     """One program: BLOCK_Q query tokens of one sequence x all GROUP heads of one KV head.
 
@@ -217,6 +220,7 @@ def _prefill_kernel(
     group and decode rows (one token) in a mixed batch still fill the
     tensor-core M dimension with useful heads.
     """
+    wait_for_previous(PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     seq = _sequence_of_tile(query_start_loc_ptr, tile, num_seqs, BLOCK_Q)
@@ -371,13 +375,13 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(MIN_DOT_M, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         PAGE_SIZE=page_size, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
         DOT_PRECISION=_dot_precision(q.dtype), FP8=fp8,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
             partial_out, partial_lse, out, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
-            num_warps=1 if interpreted() else 2,
+            num_warps=1 if interpreted() else 2, **launch_options(q.device),
         )
     return out
 
@@ -432,6 +436,6 @@ def paged_prefill_attention(
         BLOCK_Q=config.block_q, BLOCK_M=max(MIN_DOT_M, triton.next_power_of_2(config.block_q * group)),
         BLOCK_N=config.block_n, DOT_PRECISION=_dot_precision(q.dtype), SLIDING=sliding_window is not None,
         FP8=fp8,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(q.device),
     )
     return out

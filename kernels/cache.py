@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.reference import FP8_DTYPE, FP8_MAX
 
 
@@ -22,8 +23,9 @@ def _store_kvcache_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_slot, stride_cache_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_HD: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    BLOCK_HD: tl.constexpr, FP8: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot < 0:
@@ -70,6 +72,7 @@ def store_kvcache(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_HD=triton.next_power_of_2(num_kv_heads * head_dim), FP8=fp8, FP8_MAX=FP8_MAX,
+        **launch_options(key.device),
     )
 
 

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from kernels.fp8_gemv import GEMV_MAX_M, fp8_weight_only_gemv
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, quantize_fp8_static
 from kernels.split_k import plan_split_k, store_split_k
 
@@ -123,8 +124,9 @@ def _load_float32(x_ptr, offs, K):
 
 @triton.jit
 def _quantize_per_token_kernel(x_ptr, out_ptr, scale_ptr, stride_x, K, EXACT_ROUNDING: tl.constexpr,
-                               BLOCK: tl.constexpr):
+                               BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One row per program: max |x| / 448 is the row's scale (vLLM's floor keeps zero rows finite)."""
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     chunked_row_to_e4m3(x_ptr + row * stride_x, K, out_ptr + row * K, scale_ptr + row, BLOCK, EXACT_ROUNDING,
                         _load_float32)
@@ -144,7 +146,7 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     if m:
         block, num_warps = row_block_and_warps(k)
         _quantize_per_token_kernel[(m,)](x, out, scale, x.stride(0), k, EXACT_ROUNDING=interpreted(), BLOCK=block,
-                                         num_warps=num_warps)
+                                         num_warps=num_warps, **launch_options(x.device))
     return out, scale
 
 
@@ -152,9 +154,10 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 def _fp8_matmul_kernel(
     a_ptr, a_scale_ptr, b_ptr, b_scale_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_am,
     k_per_split, A_SCALE_PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, EVEN: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[split] = (a_q * a_scale) @ (b * b_scale)^T over this program's K split."""
+    wait_for_previous(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -238,7 +241,7 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
             UPCAST=under_interpreter or not _has_fp8_tensor_cores(a.device),
             EVEN=k % config.block_k == 0 and n % config.block_n == 0,
             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, SPLIT_MODE=plan.mode,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(a.device),
         )
     return plan.result(bias)
 

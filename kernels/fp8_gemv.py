@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.split_k import plan_split_k, split_count, store_split_k
 
 GEMV_MAX_M = 1  # rows fp8_linear sends here
@@ -47,8 +48,9 @@ DEFAULT_CONFIG = Fp8GemvConfig()
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_xm,
                      k_per_split, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr):
+                     EVEN: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = w_scale[n] * sum over K of x[m, k] * w[n, k]; this program adds its K split of row m."""
+    wait_for_previous(PDL)
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -91,5 +93,6 @@ def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
             plan.counters, m, n, k, x.stride(0), plan.k_per_split, HAS_BIAS=plan.has_bias_in_kernel(bias),
             BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN=k % config.block_k == 0 and n % config.block_n == 0, LOAD_STAGES=config.num_stages,
-            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages)
+            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch_options(x.device))
     return plan.result(bias)

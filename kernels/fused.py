@@ -21,6 +21,7 @@ import triton.language as tl
 
 from kernels.fp8 import chunked_row_to_e4m3, row_block_and_warps, row_to_e4m3
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.quant_reference import FP8_DTYPE
 
 
@@ -46,7 +47,8 @@ def _rms_norm_row(x_ptr, residual_ptr, residual_out_ptr, weight_ptr, stride_x, s
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, residual_ptr, residual_out_ptr, weight_ptr, out_ptr, stride_x, stride_r, eps,
-                     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                     HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     y = _rms_norm_row(x_ptr, residual_ptr, residual_out_ptr, weight_ptr, stride_x, stride_r, eps, HIDDEN, BLOCK,
                       HAS_RESIDUAL)
     offs = tl.arange(0, BLOCK)
@@ -56,8 +58,9 @@ def _rms_norm_kernel(x_ptr, residual_ptr, residual_out_ptr, weight_ptr, out_ptr,
 @triton.jit
 def _rms_norm_fp8_kernel(x_ptr, residual_ptr, residual_out_ptr, weight_ptr, out_ptr, scale_ptr, stride_x, stride_r,
                          eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                         EXACT_ROUNDING: tl.constexpr):
+                         EXACT_ROUNDING: tl.constexpr, PDL: tl.constexpr):
     """The norm's row (rounded to the activation dtype, as the unfused output is) quantized per token to e4m3."""
+    wait_for_previous(PDL)
     y = _rms_norm_row(x_ptr, residual_ptr, residual_out_ptr, weight_ptr, stride_x, stride_r, eps, HIDDEN, BLOCK,
                       HAS_RESIDUAL)
     q, scale = row_to_e4m3(y, EXACT_ROUNDING)
@@ -76,7 +79,7 @@ def _launch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual
     residual_out = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else None
     if x2.shape[0]:
         common = dict(HIDDEN=hidden, BLOCK=triton.next_power_of_2(hidden), HAS_RESIDUAL=residual is not None,
-                      num_warps=4 if hidden <= 4096 else 8)
+                      num_warps=4 if hidden <= 4096 else 8, **launch_options(x.device))
         args = (x2, residual2, residual_out if residual_out is not None else out, weight, out)
         if scale is None:
             _rms_norm_kernel[(x2.shape[0],)](*args, x2.stride(0), residual2.stride(0), eps, **common)
@@ -119,7 +122,8 @@ def _silu_and_mul_at(x_ptr, offs, D):
 
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, D: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, D: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     y = _silu_and_mul_at(x_ptr + row * stride_x, offs, D)
@@ -128,8 +132,9 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, D: tl.constexpr, BLOCK: tl.co
 
 @triton.jit
 def _silu_and_mul_fp8_kernel(x_ptr, out_ptr, scale_ptr, stride_x, D: tl.constexpr, BLOCK: tl.constexpr,
-                             EXACT_ROUNDING: tl.constexpr):
+                             EXACT_ROUNDING: tl.constexpr, PDL: tl.constexpr):
     """One row per program (its scale needs the whole row): silu(gate) * up quantized per token to e4m3."""
+    wait_for_previous(PDL)
     row = tl.program_id(0)
     chunked_row_to_e4m3(x_ptr + row * stride_x, D, out_ptr + row * D, scale_ptr + row, BLOCK, EXACT_ROUNDING,
                         _silu_and_mul_at)
@@ -143,7 +148,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(d))
     if x2.shape[0]:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(d, block))](x2, out, x2.stride(0), D=d, BLOCK=block,
-                                                                    num_warps=4)
+                                                                    num_warps=4, **launch_options(x.device))
     return out.view(*x.shape[:-1], d)
 
 
@@ -159,13 +164,16 @@ def silu_and_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x2.shape[0]:
         block, num_warps = row_block_and_warps(d)
         _silu_and_mul_fp8_kernel[(x2.shape[0],)](x2, out, scale, x2.stride(0), D=d, BLOCK=block,
-                                                 EXACT_ROUNDING=interpreted(), num_warps=num_warps)
+                                                 EXACT_ROUNDING=interpreted(), num_warps=num_warps,
+                                                 **launch_options(x.device))
     return out, scale
 
 
 @triton.jit
 def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_cs,
-                   NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr):
+                   NUM_HEADS: tl.constexpr, HALF: tl.constexpr, HEADS_PAD: tl.constexpr, HALF_PAD: tl.constexpr,
+                   PDL: tl.constexpr):
+    wait_for_previous(PDL)
     token = tl.program_id(0)
     heads = tl.arange(0, HEADS_PAD)[:, None]
     offs = tl.arange(0, HALF_PAD)[None, :]
@@ -198,6 +206,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
         _rotary_kernel[(num_tokens,)](
             x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0),
             NUM_HEADS=num_heads, HALF=half, HEADS_PAD=triton.next_power_of_2(num_heads),
-            HALF_PAD=triton.next_power_of_2(half), num_warps=4,
+            HALF_PAD=triton.next_power_of_2(half), num_warps=4, **launch_options(x.device),
         )
     return out

@@ -32,6 +32,7 @@ import triton.language as tl
 
 from kernels.fused import silu_and_mul
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 
 
 @dataclass(frozen=True)
@@ -106,9 +107,10 @@ def _grouped_gemm_kernel(
     stride_am, stride_we, stride_wn, stride_cm,
     A_ROWS_PER_PAIR: tl.constexpr,  # A holds one row per token (K choices share it) or one per pair
     TOP_K: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     """C[pair, n] = A[row(pair)] . W[expert, n] (x routing weight) for one expert's BLOCK_M pairs."""
+    wait_for_previous(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
@@ -154,7 +156,7 @@ def _grouped_gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, alignment
         A_ROWS_PER_PAIR=rows_per_pair, TOP_K=top_k, MUL_ROUTING_WEIGHT=topk_weights is not None,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        num_warps=config.num_warps, num_stages=config.num_stages, **launch_options(a.device),
     )
 
 
@@ -164,9 +166,10 @@ def _expert_gemv_kernel(
     N, K,
     stride_am, stride_we, stride_wn, stride_cm,
     A_ROWS_PER_PAIR: tl.constexpr, TOP_K: tl.constexpr, MUL_ROUTING_WEIGHT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """C[pair, n] = A[row(pair)] . W[expert(pair), n] (x routing weight) for one pair's BLOCK_N outputs."""
+    wait_for_previous(PDL)
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(expert_ids_ptr + pair).to(tl.int64)
@@ -204,6 +207,7 @@ def _expert_gemv(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, expert_ids
         a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         A_ROWS_PER_PAIR=rows_per_pair, TOP_K=top_k, MUL_ROUTING_WEIGHT=topk_weights is not None,
         BLOCK_N=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
+        **launch_options(a.device),
     )
 
 

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 
 # How a launch's K splits reach the output (the kernels' SPLIT_MODE).
 ONE_SPLIT = tl.constexpr(0)  # no split: the program writes the output (and adds the bias)
@@ -71,7 +72,8 @@ def store_split_k(acc, offs_m, offs_n, M, N, pid_k, splits, tile, partials_ptr, 
 
 @triton.jit
 def _sum_splits_kernel(partials_ptr, bias_ptr, out_ptr, MN, N, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK: tl.constexpr):
+                       BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -88,7 +90,8 @@ def sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, out: torch.Ten
     if m:
         block = 1024
         _sum_splits_kernel[(triton.cdiv(m * n, block),)](partials, bias if bias is not None else out, out, m * n, n,
-                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block)
+                                                         SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block,
+                                                         **launch_options(out.device))
     return out
 
 

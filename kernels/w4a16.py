@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import interpreted
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import plan_split_k, split_count, store_split_k
 
@@ -102,11 +103,12 @@ def _w4a16_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
     SYM_ZERO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr, SCALE_PER_TILE: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
-    EVEN: tl.constexpr, SPLIT_MODE: tl.constexpr, PTX: tl.constexpr,
+    EVEN: tl.constexpr, SPLIT_MODE: tl.constexpr, PTX: tl.constexpr, PDL: tl.constexpr,
 ):
     # Row 8r + j of a K tile is nibble j of packed row r. Instead of interleaving the eight
     # nibble planes into one [BLOCK_K, BLOCK_N] weight tile (a register shuffle), the tile is
     # eight dots: plane j [BLOCK_K // 8, BLOCK_N] against the activation columns 8r + j.
+    wait_for_previous(PDL)
     ROWS: tl.constexpr = BLOCK_K // 8
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -249,7 +251,7 @@ def _w4a16_gemv_kernel(
     k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
-    PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr,
+    PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum over K of x[m, k] * W[k, n], on the CUDA cores; this program adds its K split.
 
@@ -259,6 +261,7 @@ def _w4a16_gemv_kernel(
     LOAD_STAGES - 1 steps ahead: more bytes in flight per SM without holding them in registers
     (loading ahead into registers measured slower on the H200: more registers, fewer warps).
     """
+    wait_for_previous(PDL)
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
@@ -297,7 +300,7 @@ def _w4a16_gemv_kernel(
 @triton.jit
 def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N, K, stride_row,
                        GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_G_IDX: tl.constexpr,
-                       SYM_ZERO: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                       SYM_ZERO: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """ROWS packed rows (8 * ROWS input rows) x BLOCK_N columns of the weight, written to out [K, N].
 
     qweight, scales and zeros may be column slices of wider tensors (row stride stride_row).
@@ -305,6 +308,7 @@ def _dequantize_kernel(qweight_ptr, scales_ptr, zeros_ptr, g_idx_ptr, out_ptr, N
     The eight input rows of one packed row share a group (groups are multiples of 8 rows), so
     scales and zeros are read once per packed row; with g_idx each weight looks its group up.
     """
+    wait_for_previous(PDL)
     offs_r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_r < K // 8)[:, None] & (offs_n < N)[None, :]
@@ -341,7 +345,8 @@ def dequantize_w4a16(
         _dequantize_kernel[(triton.cdiv(k // PACK_FACTOR, rows), triton.cdiv(n, block_n))](
             qweight, scales, zeros if zeros is not None else scales, g_idx if g_idx is not None else qweight, out,
             n, k, qweight.stride(0), GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, HAS_G_IDX=g_idx is not None,
-            SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=rows, BLOCK_N=block_n, num_warps=1 if interpreted() else 4)
+            SYM_ZERO=float(SYMMETRIC_ZERO), ROWS=rows, BLOCK_N=block_n, num_warps=1 if interpreted() else 4,
+            **launch_options(qweight.device))
     return out
 
 
@@ -411,7 +416,8 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             HAS_ZEROS=zeros is not None, HAS_BIAS=plan.has_bias_in_kernel(bias), SYM_ZERO=float(SYMMETRIC_ZERO),
             ROWS=config.rows, BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN_N=n % config.block_n == 0, PTX=DOT8_PTX.get(dequant, ""), LOAD_STAGES=config.num_stages,
-            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages)
+            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
+            **launch_options(x.device))
     return plan.result(bias)
 
 
@@ -499,5 +505,6 @@ def w4a16_matmul(
             SPLIT_MODE=plan.mode, PTX=PAIR_PTX.get(dequant, ""),
             # fp32 activations (and their per-row scales) take 4x the shared memory per pipeline stage
             num_warps=config.num_warps, num_stages=config.num_stages if x.element_size() <= 2 else min(config.num_stages, 2),
+            **launch_options(x.device),
         )
     return plan.result(bias)
