@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import interpreted
-from kernels.pdl import L2_PREFETCH_BYTES, launch_options, prefetch_to_l2, wait_for_previous
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.split_k import plan_split_k, split_count, store_split_k
 
 GEMV_MAX_M = 1  # rows fp8_linear sends here
@@ -48,22 +48,15 @@ DEFAULT_CONFIG = Fp8GemvConfig()
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_xm,
                      k_per_split, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH_ROW_BYTES: tl.constexpr):
-    """out[m, n] = w_scale[n] * sum over K of x[m, k] * w[n, k]; this program adds its K split of row m.
-
-    With PREFETCH_ROW_BYTES, the start of each of its weight rows is asked into L2 before the PDL wait.
-    """
+                     EVEN: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr):
+    """out[m, n] = w_scale[n] * sum over K of x[m, k] * w[n, k]; this program adds its K split of row m."""
+    wait_for_previous(PDL)
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if PREFETCH_ROW_BYTES > 0:
-        prefetch_to_l2((w_ptr + offs_n * K + k_start).to(tl.pointer_type(tl.int8)),
-                       tl.where(mask_n, tl.minimum(k_end - k_start, PREFETCH_ROW_BYTES), 0))
-    wait_for_previous(PDL)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOAD_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         w_ptrs = w_ptr + offs_n[:, None] * K + offs_k[None, :]
@@ -93,16 +86,13 @@ def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     row_tiles = triton.cdiv(n, config.block_n)
     splits = split_count(row_tiles, triton.cdiv(k, config.block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, config.block_k, splits, m * row_tiles, x.dtype, x.device, config.reduce_in_kernel)
-    options = launch_options(x.device)
-    weight = weight.contiguous()
-    prefetch = options["PDL"] and k % 16 == 0 and weight.data_ptr() % 16 == 0
     if m:
         weight_scale = weight_scale.float().contiguous()
         _fp8_gemv_kernel[(row_tiles, plan.splits, m)](
-            x, weight, weight_scale, bias if bias is not None else weight_scale, plan.partials, plan.out,
+            x, weight.contiguous(), weight_scale, bias if bias is not None else weight_scale, plan.partials, plan.out,
             plan.counters, m, n, k, x.stride(0), plan.k_per_split, HAS_BIAS=plan.has_bias_in_kernel(bias),
             BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN=k % config.block_k == 0 and n % config.block_n == 0, LOAD_STAGES=config.num_stages,
             SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
-            PREFETCH_ROW_BYTES=L2_PREFETCH_BYTES // config.block_n if prefetch else 0, **options)
+            **launch_options(x.device))
     return plan.result(bias)

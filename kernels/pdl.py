@@ -11,10 +11,6 @@ earlier kernel writes or reads, in every program, before any early exit. That ke
 of a plain stream: when a kernel passes its wait, the previous kernel is complete, and that one
 passed its own wait only after its predecessor was complete. At most two kernels overlap.
 
-A GEMV's weights do not depend on the previous kernel, so the batch-1 GEMVs first ask for the
-start of their weight slice in L2 (`prefetch_to_l2`), then wait: the bytes stream in while the
-previous kernel (a norm, the attention) still runs.
-
 KUBELLM_PDL=0 turns it off (benchmarks compare the two in one process); under the Triton
 interpreter, on CPUs and on GPUs before Hopper it is off.
 """
@@ -33,7 +29,6 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from kernels.interpreter import interpreted
 
 LAUNCHER_SUPPORTS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-L2_PREFETCH_BYTES = 32 << 10  # of its weight slice, per GEMV program, asked into L2 before it waits
 
 
 @functools.cache
@@ -61,14 +56,3 @@ def wait_for_previous(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
-
-
-@triton.jit
-def prefetch_to_l2(starts, sizes):
-    """Ask the copy engine to pull each [start, start + size) bytes into L2; no registers or loads are used.
-
-    starts: int8 pointers, 16-byte aligned; sizes: int32 multiples of 16 (<= 0 skips that one).
-    """
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
-        "=r,l,r", [starts, sizes], dtype=tl.int32, is_pure=False, pack=1)

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from kernels.interpreter import interpreted
-from kernels.pdl import L2_PREFETCH_BYTES, launch_options, prefetch_to_l2, wait_for_previous
+from kernels.pdl import launch_options, wait_for_previous
 from kernels.quant_reference import PACK_FACTOR, SYMMETRIC_ZERO
 from kernels.split_k import plan_split_k, split_count, store_split_k
 
@@ -252,7 +252,6 @@ def _w4a16_gemv_kernel(
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
     PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
-    PREFETCH_ROWS: tl.constexpr,
 ):
     """out[m, n] = sum over K of x[m, k] * W[k, n], on the CUDA cores; this program adds its K split.
 
@@ -261,21 +260,15 @@ def _w4a16_gemv_kernel(
     With LOAD_STAGES > 1 the loop's loads go through shared memory by asynchronous copies,
     LOAD_STAGES - 1 steps ahead: more bytes in flight per SM without holding them in registers
     (loading ahead into registers measured slower on the H200: more registers, fewer warps).
-    With PREFETCH_ROWS, the first packed rows of its slice are asked into L2 before the PDL wait.
     """
-    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    k_start = pid_k * k_per_split
-    if PREFETCH_ROWS > 0:
-        rows = k_start // 8 + tl.arange(0, PREFETCH_ROWS)
-        in_slice = rows < tl.minimum(k_start + k_per_split, K) // 8
-        prefetch_to_l2((qweight_ptr + rows * N + pid_n * BLOCK_N).to(tl.pointer_type(tl.int8)),
-                       tl.where(in_slice, BLOCK_N * 4, 0))
     wait_for_previous(PDL)
+    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
     mask_n = offs_n < N
     x_row = x_ptr + row * stride_xm
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
     for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS, num_stages=LOAD_STAGES):
         w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
         if EVEN_N:
@@ -416,9 +409,6 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     splits = split_count(column_tiles, triton.cdiv(k, block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, block_k, splits, m * column_tiles, x.dtype, x.device, config.reduce_in_kernel)
     dequant = _dequant_mode(x, scale_per_tile=True)  # the GEMV's steps always lie in one group
-    options = launch_options(x.device)
-    whole_aligned_rows = n % config.block_n == 0 and config.block_n % 4 == 0 and qweight.data_ptr() % 16 == 0
-    prefetch_rows = L2_PREFETCH_BYTES // (4 * config.block_n) if options["PDL"] and whole_aligned_rows else 0
     if m:
         _w4a16_gemv_kernel[(column_tiles, plan.splits, m)](
             x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
@@ -427,7 +417,7 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
             ROWS=config.rows, BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN_N=n % config.block_n == 0, PTX=DOT8_PTX.get(dequant, ""), LOAD_STAGES=config.num_stages,
             SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
-            PREFETCH_ROWS=prefetch_rows, **options)
+            **launch_options(x.device))
     return plan.result(bias)
 
 
