@@ -14,6 +14,7 @@
 #   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's and FP8 tiles at batch 1
 #   OUT=out bash benchmarks/gpu_runs.sh quant-tests  # the FP8 fusion and quantized-kernel tests on the GPU
 #   OUT=out bash benchmarks/gpu_runs.sh l2-probe     # batch-1 GEMVs: from HBM, from L2, and with an L2 prefetch
+#   OUT=out bash benchmarks/gpu_runs.sh pdl-ab       # 8B batch-1 decode with and without programmatic dependent launch
 #   OUT=out bash benchmarks/gpu_runs.sh quant-tiles  # W4A16 tensor-core tiles at 16-128 rows (mma.sync vs wgmma)
 #   OUT=out GGUF=path/to/SmolLM2-135M-Instruct.Q4_1.gguf bash benchmarks/gpu_runs.sh perplexity   # issue 13's
 #       perplexity table on the GPU (bf16, FP8, W4A16 RTN, FP8 KV)
@@ -108,6 +109,12 @@ for mode in "$@"; do
               step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x ;;
     quant-tests) step quant-tests 300 $PY -m pytest -q -p no:cacheprovider tests/test_fp8_fusion.py \
                    tests/test_quant_kernels.py ;;
+    # 8B batch-1 decode in bf16, FP8 and W4A16 with programmatic dependent launch, then without (KUBELLM_PDL=0).
+    pdl-ab) for pdl in 1 0; do
+              step "decode-b1-pdl$pdl" 110 env KUBELLM_PDL=$pdl $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
+                --decode --model llama-3.1-8b --model-root "$ROOT" --formats bf16,fp8-online,awq --batches 1 \
+                --out "$OUT/b1-pdl$pdl.json"
+            done ;;
     # Batch-1 GEMVs from HBM, from L2, streamed without arithmetic, and behind a spin with an L2 prefetch.
     l2-probe) step l2-probe 200 $PY -m benchmarks.l2_probe --out "$OUT/l2-probe.json" ;;
     quant-gemv) step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
