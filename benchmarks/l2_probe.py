@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 import kernels
-from benchmarks.common import cuda_time_s, print_table, save_json
-from benchmarks.quant_gpu import GROUP_SIZE, L2_FLUSH_BYTES, LLAMA_8B_GEMMS, GemmWeights
+from benchmarks.common import print_table, save_json
+from benchmarks.quant_gpu import LLAMA_8B_GEMMS, GemmWeights, gemm_calls, graph_us, weight_copies
 
 SPIN_US = 8.0
 PREFETCH_CHUNK = 64 << 10  # bytes per cp.async.bulk.prefetch.L2
@@ -68,42 +68,22 @@ def stream_call(qweight: torch.Tensor, out: torch.Tensor, splits: int) -> Callab
                                         STAGES=config.num_stages, num_warps=config.num_warps)
 
 
-def graph_us(calls: list[Callable[[], object]], side: list[Callable[[], object]] | None = None) -> float:
-    """µs per call of the calls in one CUDA graph; side[i] (if given) runs on a second stream beside a spin
-    of SPIN_US that precedes calls[i], and the call waits for both."""
-    other = torch.cuda.Stream()
-    cycles = int(SPIN_US * torch.cuda.get_device_properties(0).clock_rate / 1e3)
+def spin_cycles() -> int:
+    return int(SPIN_US * torch.cuda.get_device_properties(0).clock_rate / 1e3)
 
-    def run() -> None:
+
+def behind_spin(call: Callable[[], object], side: Callable[[], object], other: torch.cuda.Stream
+                ) -> Callable[[], object]:
+    """call after a spin of SPIN_US; side runs on the stream `other` beside the spin, and call waits for both."""
+    def run() -> object:
         main = torch.cuda.current_stream()  # the capture's own stream while capturing
-        for index, call in enumerate(calls):
-            if side is not None:
-                other.wait_stream(main)
-                torch.cuda._sleep(cycles)
-                with torch.cuda.stream(other):
-                    side[index]()
-                main.wait_stream(other)
-            call()
-
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return 1e6 * cuda_time_s(graph.replay, warmup=2, repeat=10) / len(calls)
-
-
-def spin_only_us(count: int) -> float:
-    cycles = int(SPIN_US * torch.cuda.get_device_properties(0).clock_rate / 1e3)
-    return graph_us([lambda: torch.cuda._sleep(cycles)] * count)
-
-
-def gemv(fmt: str, x: torch.Tensor, w: GemmWeights) -> Callable[[], torch.Tensor]:
-    if fmt == "bf16":
-        return lambda: x @ w.bf16.t()
-    if fmt == "w4a16":
-        return lambda: kernels.w4a16_matmul(x, *w.w4, GROUP_SIZE)
-    return lambda: kernels.fp8_linear(x, *w.fp8)
+        other.wait_stream(main)
+        torch.cuda._sleep(spin_cycles())
+        with torch.cuda.stream(other):
+            side()
+        main.wait_stream(other)
+        return call()
+    return run
 
 
 def weight_tensors(fmt: str, w: GemmWeights) -> list[torch.Tensor]:
@@ -116,20 +96,21 @@ def weight_tensors(fmt: str, w: GemmWeights) -> list[torch.Tensor]:
 
 def rows() -> list[dict]:
     table = []
+    other = torch.cuda.Stream()
     for name, (k, n) in LLAMA_8B_GEMMS.items():
-        copies = [GemmWeights.random(k, n) for _ in range(max(2, -(-L2_FLUSH_BYTES // (2 * k * n))))]
+        copies = weight_copies(k, n)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         calls = 2 * len(copies)
         for fmt in ("bf16", "w4a16", "fp8"):
-            cold = [gemv(fmt, x, copies[i % len(copies)]) for i in range(calls)]
-            hot = [gemv(fmt, x, copies[0])] * calls
+            cold = [gemm_calls(fmt, x, copies[i % len(copies)]) for i in range(calls)]
             prefetches = [lambda w=copies[i % len(copies)]: [prefetch_l2(t) for t in weight_tensors(fmt, w)]
                           for i in range(calls)]
-            spins = [lambda: None] * calls
             row = {"gemm": name, "format": fmt, "MB": sum(t.numel() * t.element_size()
                                                          for t in weight_tensors(fmt, copies[0])) / 1e6,
-                   "cold_us": graph_us(cold), "hot_us": graph_us(hot),
-                   "behind_spin_us": graph_us(cold, spins), "behind_spin_prefetched_us": graph_us(cold, prefetches)}
+                   "cold_us": graph_us(cold), "hot_us": graph_us([gemm_calls(fmt, x, copies[0])] * calls),
+                   "behind_spin_us": graph_us([behind_spin(call, lambda: None, other) for call in cold]),
+                   "behind_spin_prefetched_us": graph_us([behind_spin(call, prefetch, other)
+                                                          for call, prefetch in zip(cold, prefetches, strict=True)])}
             if fmt == "w4a16":
                 out = torch.zeros(n, device="cuda", dtype=torch.int32)
                 for splits in (1, 2, 4, 8):
@@ -145,7 +126,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out")
     args = parser.parse_args()
-    spin = spin_only_us(64)
+    spin = graph_us([lambda: torch.cuda._sleep(spin_cycles())] * 64)
     print(f"spin alone: {spin:.2f} µs per call (asked {SPIN_US})")
     table = rows()
     print_table(table, "batch-1 GEMVs: cold, L2-hot, streamed, behind a spin with and without an L2 prefetch (µs)")
