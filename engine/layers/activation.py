@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.layers.quantization.fp8_activation import Fp8Activation, LinearInput
+from engine.layers.quantization.fp8_activation import Fp8Activation, LinearInput, quantized_by_producer
 
 
 class GatedActivation(nn.Module):
@@ -35,7 +35,7 @@ class SiluAndMul(GatedActivation):
 
     def forward(self, x: torch.Tensor) -> LinearInput:
         if x.is_cuda:  # one Triton launch instead of two kernels and an intermediate (and the quantization's)
-            if self.fp8_output and kernels.fp8_quantizes_activations(x.numel() // x.shape[-1], x.dtype):
+            if quantized_by_producer(self.fp8_output, x):
                 values, scale = kernels.silu_and_mul_fp8(x)
                 return Fp8Activation(values, scale, x.dtype)
             return kernels.silu_and_mul(x)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
-from engine.layers.quantization.fp8_activation import Fp8Activation, LinearInput
+from engine.layers.quantization.fp8_activation import Fp8Activation, LinearInput, quantized_by_producer
 
 
 class RMSNorm(nn.Module):
@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
     ) -> LinearInput | tuple[LinearInput, torch.Tensor]:
         """norm(x), or with a residual: (norm(x + residual), x + residual) — the pre-norm block's add fused in."""
         if x.is_cuda and self.fused_on_cuda:  # one Triton launch instead of ~8 torch kernels, same rounding
-            if self.fp8_output and kernels.fp8_quantizes_activations(x.numel() // x.shape[-1], x.dtype):
+            if quantized_by_producer(self.fp8_output, x):
                 values, scale, residual_out = kernels.rms_norm_fp8(x, self.weight, self.eps, residual)
                 normed = Fp8Activation(values, scale, x.dtype)
                 return normed if residual_out is None else (normed, residual_out)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+import kernels
+
 
 @dataclass(frozen=True)
 class Fp8Activation:
@@ -28,3 +30,9 @@ class Fp8Activation:
 
 # What a linear layer takes: a 16-bit activation, or (FP8 layers with per-token scales only) its quantized form.
 LinearInput = torch.Tensor | Fp8Activation
+
+
+def quantized_by_producer(fp8_output: bool, x: torch.Tensor) -> bool:
+    """Whether a fused norm or activation built with fp8_output quantizes its (CUDA) output of x: where the FP8
+    linear after it would quantize it (not one 16-bit row: kernels.fp8_quantizes_activations)."""
+    return fp8_output and kernels.fp8_quantizes_activations(x.numel() // x.shape[-1], x.dtype)
