@@ -12,7 +12,6 @@
 #   OUT=out BASE=.baseline bash benchmarks/gpu_runs.sh quant-ab quant-decode   # W4A16: GEMMs of this tree
 #       and the baseline's, kernel tests; 8B decode in bf16 and AWQ
 #   OUT=out bash benchmarks/gpu_runs.sh quant-gemv   # kernel tests, then the W4A16 GEMV's and FP8 tiles at batch 1
-#   OUT=out bash benchmarks/gpu_runs.sh gemv-tma     # batch-1 GEMV tests, then TMA-loaded GEMV tiles against the defaults
 #   OUT=out bash benchmarks/gpu_runs.sh quant-tests  # the FP8 fusion and quantized-kernel tests on the GPU
 #   OUT=out bash benchmarks/gpu_runs.sh l2-probe     # batch-1 GEMVs: from HBM, from L2, and with an L2 prefetch
 #   OUT=out bash benchmarks/gpu_runs.sh pdl-ab       # 8B batch-1 decode with and without programmatic dependent launch
@@ -121,11 +120,6 @@ for mode in "$@"; do
     quant-gemv) step quant-kernel-tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -x
                 step quant-sweep-gemv 300 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
                   --sweep-batches 1 --sweep-formats w4a16-gemv,fp8 --out "$OUT/quant-sweep-gemv.json" ;;
-    # The batch-1 GEMVs with their packed / FP8 weight tiles loaded by the TMA (tensor descriptors): kernel tests,
-    # then a sweep of TMA tiles against the defaults.
-    gemv-tma) step gemv-tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_quant_kernels.py -k gemv
-              step gemv-tma-sweep 330 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
-                --sweep-batches 1 --sweep-formats w4a16-gemv,fp8-gemv,tma,defaults --out "$OUT/gemv-tma-sweep.json" ;;
     # W4A16 tensor-core tiles between 16 and 128 rows: mma.sync row tiles (16, 32) against wgmma ones (64, 128).
     quant-tiles) step quant-sweep-tiles 420 $PY -m benchmarks.quant_gpu --skip-gemm --stack-batches '' \
                    --sweep-batches 16,32,64,128 --sweep-formats w4a16 --out "$OUT/quant-sweep-tiles.json" ;;

@@ -190,8 +190,6 @@ def sweep_candidates(m: int, formats: set[str]) -> list[tuple[str, KernelConfig]
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     fp8_gemv_tiles = [(16, 512, 4), (8, 512, 2), (8, 1024, 4), (16, 256, 2), (32, 256, 4), (32, 512, 8), (4, 1024, 2)]
     candidates: list[tuple[str, KernelConfig]] = []
-    # GEMV loads through shared memory, stages - 1 steps ahead, by cp.async or by the TMA ("tma": the TMA only)
-    gemv_loads = [(3, True), (4, True)] if "tma" in formats else [(2, False), (3, False), (3, True), (4, True)]
     block_m = max(16, min(128, triton.next_power_of_2(m)))
     if m <= 128 and "w4a16" in formats:  # row tiles under 64 take mma.sync, 64 and up wgmma
         for w4_block_m in sorted({min(16, block_m), min(32, block_m), block_m}):
@@ -200,13 +198,13 @@ def sweep_candidates(m: int, formats: set[str]) -> list[tuple[str, KernelConfig]
                     candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
     if m <= 4 and formats & {"w4a16", "w4a16-gemv"}:  # the CUDA-core GEMV, one program row per row
         for block_n, packed_rows, warps in gemv_tiles:
-            for stages, tma in gemv_loads:
+            for stages in (2, 3):  # loads through shared memory, stages - 1 steps ahead (1: registers)
                 for split in (0, 4, 8):
-                    candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split, tma=tma)))
+                    candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split)))
     if m == 1 and formats & {"fp8", "fp8-gemv"}:  # the weight-only FP8 GEMV
         for block_n, block_k, warps in fp8_gemv_tiles:
-            for stages, tma in gemv_loads:
-                candidates.append(("fp8", Fp8GemvConfig(block_n, block_k, warps, stages, tma=tma)))
+            for stages in (3, 4):
+                candidates.append(("fp8", Fp8GemvConfig(block_n, block_k, warps, stages)))
     if "fp8" in formats:
         for block_n, block_k, warps in fp8_tiles:
             for split in (0, 1, 2) if m <= 64 else (1,):
@@ -317,7 +315,7 @@ def main() -> None:
     parser.add_argument("--stack-model", choices=sorted(STACK_SHAPES), default="llama-3.1-8b")
     parser.add_argument("--stack-formats", default=",".join(STACK_FORMATS))
     parser.add_argument("--sweep-batches", default="", help="sweep Triton tile configs at these batches")
-    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8, fp8-gemv (the GEMV only), tma (GEMVs: TMA loads only), defaults (each default tile, with and "
+    parser.add_argument("--sweep-formats", default="w4a16,fp8", help="w4a16, w4a16-gemv (the GEMV only), fp8, fp8-gemv (the GEMV only), defaults (each default tile, with and "
                              "without the in-kernel split sum)")
     parser.add_argument("--decode", action="store_true", help="also time end-to-end decode per format")
     parser.add_argument("--model", choices=sorted(MODEL_SHAPES), default="llama-3.1-8b")

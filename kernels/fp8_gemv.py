@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import interpreted
 from kernels.pdl import launch_options, wait_for_previous
@@ -41,7 +40,6 @@ class Fp8GemvConfig:
     num_stages: int = 3  # > 1: loads go through shared memory, num_stages - 1 tiles ahead
     split_k: int = 0  # 0: about PROGRAMS_PER_SM programs per SM
     reduce_in_kernel: bool = True
-    tma: bool = False  # weight tiles loaded by the tensor memory accelerator (a tensor descriptor), not cp.async
 
 
 DEFAULT_CONFIG = Fp8GemvConfig()
@@ -50,8 +48,7 @@ DEFAULT_CONFIG = Fp8GemvConfig()
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_xm,
                      k_per_split, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     EVEN: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
-                     TMA: tl.constexpr):
+                     EVEN: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr):
     """out[m, n] = w_scale[n] * sum over K of x[m, k] * w[n, k]; this program adds its K split of row m."""
     wait_for_previous(PDL)
     pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -62,16 +59,12 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, w_scale_ptr, bias_ptr, partials_ptr, out_ptr,
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=LOAD_STAGES):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        if TMA:  # w_ptr is a tensor descriptor: the copy engine moves the tile (zeros past the edges)
-            w = w_ptr.load([pid_n * BLOCK_N, k0])
-        elif EVEN:
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :])
-        else:
-            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & (offs_k < k_end)[None, :],
-                        other=0.0)
+        w_ptrs = w_ptr + offs_n[:, None] * K + offs_k[None, :]
         if EVEN:
+            w = tl.load(w_ptrs)
             x = tl.load(x_ptr + row * stride_xm + offs_k)
         else:
+            w = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_k < k_end)[None, :], other=0.0)
             x = tl.load(x_ptr + row * stride_xm + offs_k, mask=offs_k < k_end, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     scale = tl.load(w_scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -93,15 +86,13 @@ def fp8_weight_only_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: to
     row_tiles = triton.cdiv(n, config.block_n)
     splits = split_count(row_tiles, triton.cdiv(k, config.block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, config.block_k, splits, m * row_tiles, x.dtype, x.device, config.reduce_in_kernel)
-    weight = weight.contiguous()
-    tma = config.tma and weight.data_ptr() % 16 == 0 and k % 16 == 0  # TMA needs 16-byte aligned rows
     if m:
         weight_scale = weight_scale.float().contiguous()
         _fp8_gemv_kernel[(row_tiles, plan.splits, m)](
-            x, TensorDescriptor.from_tensor(weight, [config.block_n, config.block_k]) if tma else weight, weight_scale, bias if bias is not None else weight_scale, plan.partials, plan.out,
+            x, weight.contiguous(), weight_scale, bias if bias is not None else weight_scale, plan.partials, plan.out,
             plan.counters, m, n, k, x.stride(0), plan.k_per_split, HAS_BIAS=plan.has_bias_in_kernel(bias),
             BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN=k % config.block_k == 0 and n % config.block_n == 0, LOAD_STAGES=config.num_stages,
-            SPLIT_MODE=plan.mode, TMA=tma, num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
             **launch_options(x.device))
     return plan.result(bias)

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from kernels.interpreter import interpreted
 from kernels.pdl import launch_options, wait_for_previous
@@ -252,7 +251,7 @@ def _w4a16_gemv_kernel(
     k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
-    PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
+    PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum over K of x[m, k] * W[k, n], on the CUDA cores; this program adds its K split.
 
@@ -271,13 +270,11 @@ def _w4a16_gemv_kernel(
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS, num_stages=LOAD_STAGES):
-        if TMA:  # qweight_ptr is a tensor descriptor: the copy engine moves the tile
-            packed = qweight_ptr.load([k0 // 8, pid_n * BLOCK_N])
-        elif EVEN_N:
-            packed = tl.load(qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :])
+        w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
+        if EVEN_N:
+            packed = tl.load(w_ptrs)
         else:
-            packed = tl.load(qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :],
-                             other=0)
+            packed = tl.load(w_ptrs, mask=mask_n[None, :], other=0)
         group = k0 // GROUP_SIZE
         scale = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_ZEROS:
@@ -380,7 +377,6 @@ class W4A16GemvConfig:
     num_stages: int = 3  # > 1: loads go through shared memory, num_stages - 1 steps ahead
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
     reduce_in_kernel: bool = True  # 59.6 against 63.1 us with a second launch
-    tma: bool = False  # packed tiles loaded by the tensor memory accelerator (a tensor descriptor), not cp.async
 
 
 DEFAULT_GEMV = W4A16GemvConfig()
@@ -413,16 +409,14 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     splits = split_count(column_tiles, triton.cdiv(k, block_k), config.split_k, PROGRAMS_PER_SM, x.device)
     plan = plan_split_k(m, n, k, block_k, splits, m * column_tiles, x.dtype, x.device, config.reduce_in_kernel)
     dequant = _dequant_mode(x, scale_per_tile=True)  # the GEMV's steps always lie in one group
-    tma = config.tma and qweight.data_ptr() % 16 == 0 and n % 4 == 0  # TMA needs 16-byte aligned rows
-    weight = TensorDescriptor.from_tensor(qweight, [config.rows, config.block_n]) if tma else qweight
     if m:
         _w4a16_gemv_kernel[(column_tiles, plan.splits, m)](
-            x, weight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
+            x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
             plan.partials, plan.out, plan.counters, m, n, k, x.stride(0), plan.k_per_split, GROUP_SIZE=group_size,
             HAS_ZEROS=zeros is not None, HAS_BIAS=plan.has_bias_in_kernel(bias), SYM_ZERO=float(SYMMETRIC_ZERO),
             ROWS=config.rows, BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
             EVEN_N=n % config.block_n == 0, PTX=DOT8_PTX.get(dequant, ""), LOAD_STAGES=config.num_stages,
-            SPLIT_MODE=plan.mode, TMA=tma, num_warps=config.num_warps, num_stages=config.num_stages,
+            SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
             **launch_options(x.device))
     return plan.result(bias)
 

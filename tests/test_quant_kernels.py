@@ -101,18 +101,16 @@ def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, reduce_in_kernel, k, 
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("split_k,reduce_in_kernel,tma", [(1, True, False), (3, True, False), (3, False, False),
-                                                           (3, True, True)])
+@pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
-def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, reduce_in_kernel, tma, m, dtype):
-    # The CUDA-core GEMV (one program per row): N not a multiple of its tile, K split unevenly; packed
-    # tiles by pointer loads or through a tensor descriptor (which pads the last column tile with zeros).
+def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, reduce_in_kernel, m, dtype):
+    # The CUDA-core GEMV (one program per row): N not a multiple of its tile, K split unevenly.
     k, n, group = 192, 72, 32
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
     scales, zeros = scales.to(dtype), zeros.to(dtype)
     x, bias = random(m, k, dtype=dtype, seed=2), random(n, dtype=dtype, seed=3)
     config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k,
-                             reduce_in_kernel=reduce_in_kernel, tma=tma)
+                             reduce_in_kernel=reduce_in_kernel)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
     assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
@@ -206,18 +204,16 @@ def test_fp8_linear_matches_reference(m, dtype, reduce_in_kernel):
     assert relative_error(out, ref.fp8_linear(x, weight, weight_scale, bias)) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("split_k,reduce_in_kernel,tma", [(1, True, False), (3, True, False), (3, False, False),
-                                                           (3, True, True)])
+@pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
 @pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
-def test_fp8_weight_only_gemv_with_bias_split_k_and_uneven_tiles(split_k, reduce_in_kernel, tma, m, dtype):
-    # N not a multiple of the row tile, K not a multiple of the K tile and split unevenly: every mask, or
-    # with a tensor descriptor the zeros it pads past the weight's edges.
-    k, n = 208, 40
+def test_fp8_weight_only_gemv_with_bias_split_k_and_uneven_tiles(split_k, reduce_in_kernel, m, dtype):
+    # N not a multiple of the row tile, K not a multiple of the K tile and split unevenly: every mask.
+    k, n = 200, 40
     weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, seed=10))
     x = random(m, k, dtype=dtype, seed=11) * torch.logspace(-2, 1, k, device=DEVICE).to(dtype)
     bias = random(n, seed=12).to(dtype)
     config = Fp8GemvConfig(block_n=16, block_k=32, num_warps=1, num_stages=1, split_k=split_k,
-                           reduce_in_kernel=reduce_in_kernel, tma=tma)
+                           reduce_in_kernel=reduce_in_kernel)
     out = kernels.fp8_weight_only_gemv(x, weight, weight_scale, bias, config=config)
     assert out.dtype == dtype and out.shape == (m, n)
     assert relative_error(out, ref.fp8_weight_only_matmul(x, weight, weight_scale, bias)) < TOLERANCE[dtype]
@@ -280,8 +276,7 @@ def test_w4a16_bf16_gpu(m, k, n, group_size):
 @pytest.mark.gpu
 @requires_gpu
 @pytest.mark.parametrize("config", [W4A16GemvConfig(num_stages=3), W4A16GemvConfig(block_n=128, num_stages=4, split_k=8),
-                                    W4A16GemvConfig(num_stages=1, reduce_in_kernel=False),
-                                    W4A16GemvConfig(num_stages=4, tma=True)], ids=str)
+                                    W4A16GemvConfig(num_stages=1, reduce_in_kernel=False)], ids=str)
 @pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
 def test_w4a16_gemv_configs_bf16_gpu(config, k, n):
     # Loads pipelined through shared memory, and both ways of adding the K splits.
@@ -339,13 +334,11 @@ def test_fp8_bf16_gpu(m, k, n):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("config", [None, Fp8GemvConfig(block_k=256, num_stages=4, tma=True)], ids=str)
 @pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
-def test_fp8_weight_only_gemv_bf16_gpu(k, n, config):
+def test_fp8_weight_only_gemv_bf16_gpu(k, n):
     weight, weight_scale = ref.quantize_fp8_per_channel(random(n, k, dtype=torch.bfloat16))
     x, bias = random(1, k, dtype=torch.bfloat16, seed=1), random(n, dtype=torch.bfloat16, seed=2)
-    out = (kernels.fp8_linear(x, weight, weight_scale, bias) if config is None
-           else kernels.fp8_weight_only_gemv(x, weight, weight_scale, bias, config=config))
+    out = kernels.fp8_linear(x, weight, weight_scale, bias)
     assert relative_error(out, ref.fp8_weight_only_matmul(x, weight, weight_scale, bias)) < TOLERANCE[torch.bfloat16]
 
 
