@@ -187,6 +187,7 @@ def sweep_candidates(m: int, formats: set[str]) -> list[tuple[str, KernelConfig]
     w4_tiles = [(64, 128, 4, 4), (64, 128, 4, 3), (32, 128, 4, 4), (128, 128, 4, 4), (128, 128, 8, 4), (64, 256, 4, 3),
                 (128, 256, 4, 3), (256, 128, 8, 3)]
     gemv_tiles = [(128, 16, 2), (256, 16, 2), (64, 16, 1), (128, 8, 2), (128, 16, 4), (256, 16, 4)]  # block_n, rows, warps
+    gemv_rows_tiles = [(128, 8, 2), (64, 8, 1), (256, 8, 4), (128, 16, 2), (128, 4, 2)]
     fp8_tiles = [(64, 256, 4), (128, 128, 4), (64, 128, 4), (32, 256, 4), (128, 256, 8)]
     fp8_gemv_tiles = [(16, 512, 4), (8, 512, 2), (8, 1024, 4), (16, 256, 2), (32, 256, 4), (32, 512, 8), (4, 1024, 2)]
     candidates: list[tuple[str, KernelConfig]] = []
@@ -196,11 +197,17 @@ def sweep_candidates(m: int, formats: set[str]) -> list[tuple[str, KernelConfig]
             for block_n, block_k, warps, stages in w4_tiles:
                 for split in (0, 2, 4) if m <= 16 else (0, 2):
                     candidates.append(("w4a16", W4A16Config(w4_block_m, block_n, block_k, warps, stages, split)))
-    if m <= 4 and formats & {"w4a16", "w4a16-gemv"}:  # the CUDA-core GEMV, one program row per row
+    if m == 1 and formats & {"w4a16", "w4a16-gemv"}:  # the CUDA-core GEMV
         for block_n, packed_rows, warps in gemv_tiles:
             for stages in (2, 3):  # loads through shared memory, stages - 1 steps ahead (1: registers)
                 for split in (0, 4, 8):
                     candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, stages, split)))
+    if 1 < m <= 8 and formats & {"w4a16", "w4a16-gemv"}:  # the GEMV with several rows per dequantized tile
+        for block_n, packed_rows, warps in gemv_rows_tiles:
+            for block_m in sorted({min(m, 2), min(triton.next_power_of_2(m), 4)}):
+                for split in (0, 8):
+                    candidates.append(("w4a16", W4A16GemvConfig(block_n, packed_rows, warps, 3, split,
+                                                                 block_m=block_m)))
     if m == 1 and formats & {"fp8", "fp8-gemv"}:  # the weight-only FP8 GEMV
         for block_n, block_k, warps in fp8_gemv_tiles:
             for stages in (3, 4):

@@ -192,30 +192,43 @@ def _pair_ptx(mode: int) -> str:
     return "{ .reg .b32 t; " + _nibble_pair_ptx(mode, "$2", "$3") + "mov.b32 {$0, $1}, t; }"
 
 
-def _dot8_ptx(mode: int) -> str:
-    """The PTX of _dot8: four pairs of nibbles times their activation pairs, summed in a 16-bit pair, then fp32."""
+def _word_ptx(mode: int) -> str:
+    """The PTX of _dequantize_word: the four nibble pairs (j, j + 4) of an int32, each as (q - zero) in a 16-bit
+    pair, out of one lop3 and one packed subtract per pair."""
+    steps = [_nibble_pair_ptx(mode, "$4", "$5") + "mov.b32 $0, t; "]
+    steps += [f"shr.u32 p, $4, {4 * j}; {_nibble_pair_ptx(mode, 'p', '$5')}mov.b32 ${j}, t; " for j in (1, 2, 3)]
+    return "{ .reg .b32 t, p; " + "".join(steps) + "}"
+
+
+def _dot_pairs_ptx(mode: int) -> str:
+    """The PTX of _dot_pairs: four weight pairs times their activation pairs, summed in a 16-bit pair, then fp32."""
     half = FAST_FORMATS[mode][0]
-    steps = [f"{_nibble_pair_ptx(mode, '$1', '$6')}mul.rn.{half}x2 acc, t, $2; "]
-    steps += [f"shr.u32 p, $1, {4 * j}; {_nibble_pair_ptx(mode, 'p', '$6')}fma.rn.{half}x2 acc, t, ${2 + j}, acc; "
-              for j in (1, 2, 3)]
-    return ("{ .reg .b32 t, p, acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; " + "".join(steps)
-            + f"mov.b32 {{lo, hi}}, acc; cvt.f32.{half} flo, lo; cvt.f32.{half} fhi, hi; add.f32 $0, flo, fhi; }}")
+    return (f"{{ .reg .b32 acc; .reg .b16 lo, hi; .reg .f32 flo, fhi; mul.rn.{half}x2 acc, $1, $5; "
+            f"fma.rn.{half}x2 acc, $2, $6, acc; fma.rn.{half}x2 acc, $3, $7, acc; fma.rn.{half}x2 acc, $4, $8, acc; "
+            f"mov.b32 {{lo, hi}}, acc; cvt.f32.{half} flo, lo; cvt.f32.{half} fhi, hi; add.f32 $0, flo, fhi; }}")
 
 
 PAIR_PTX = {mode: _pair_ptx(mode) for mode in FAST_FORMATS}
-DOT8_PTX = {mode: _dot8_ptx(mode) for mode in FAST_FORMATS}
+WORD_PTX = {mode: _word_ptx(mode) for mode in FAST_FORMATS}
+DOT_PAIRS_PTX = {mode: _dot_pairs_ptx(mode) for mode in FAST_FORMATS}
 
 
 @triton.jit
-def _dot8(packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair, PTX: tl.constexpr):
-    """Per int32 of `packed`: the fp32 sum over its eight nibbles j of (q_j - zero) * x_j.
+def _dequantize_word(packed, zero_pair, PTX: tl.constexpr):
+    """Per int32 of `packed`: its eight weights (q_j - zero) as four 16-bit pairs (w_j, w_{j+4}), j = 0..3.
 
-    x_pair{j} holds the row's 16-bit activations (x_j, x_{j+4}) packed in one int32. Each
-    pair of weights is one lop3 (two nibbles into the mantissas of 128.0 / 1024.0), one packed
-    subtract of (MAGIC + zero) and one packed fma into a 16-bit pair accumulator; the pair
-    is widened to fp32 once per int32 (PTX from DOT8_PTX).
+    Each pair is one lop3 (two nibbles into the mantissas of 128.0 / 1024.0) and one packed subtract of
+    (MAGIC + zero) (PTX from WORD_PTX). The GEMV dequantizes a tile once for all its activation rows.
     """
-    return tl.inline_asm_elementwise(PTX, "=f,r,r,r,r,r,r", [packed, x_pair0, x_pair1, x_pair2, x_pair3, zero_pair],
+    return tl.inline_asm_elementwise(PTX, "=r,=r,=r,=r,r,r", [packed, zero_pair],
+                                     dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_pairs(w0, w1, w2, w3, x0, x1, x2, x3, PTX: tl.constexpr):
+    """The fp32 sum of w_j . x_j over four 16-bit pairs: packed fmas into a 16-bit pair, widened to fp32 once per
+    int32 of weights (PTX from DOT_PAIRS_PTX)."""
+    return tl.inline_asm_elementwise(PTX, "=f,r,r,r,r,r,r,r,r", [w0, w1, w2, w3, x0, x1, x2, x3],
                                      dtype=tl.float32, is_pure=True, pack=1)
 
 
@@ -231,18 +244,20 @@ def _halves(a, b, HIGH: tl.constexpr, PRMT: tl.constexpr):
 
 
 @triton.jit
-def _x_pairs(x_words_ptr, word_cols, PRMT: tl.constexpr):
-    """The activation pairs (x_j, x_{j+4}), j = 0..3, of each packed row, as four int32 columns.
+def _x_pairs(x_words_ptr, row_words, word_cols, PRMT: tl.constexpr):
+    """The activation pairs (x_j, x_{j+4}), j = 0..3, of each packed row, as four int32 [rows, packed rows] tensors.
 
+    row_words: each activation row's offset in 32-bit words (masked-off rows pass a negative offset and read 0).
     One 16-byte load per packed row reads its eight 16-bit activations as four words
     (x0 x1) (x2 x3) (x4 x5) (x6 x7); one byte permute per pair regroups them.
     """
-    words = tl.load(x_words_ptr + word_cols[:, None] + tl.arange(0, 4)[None, :])
-    even, odd = tl.split(tl.reshape(words, (words.shape[0], 2, 2)))  # (w0, w2), (w1, w3)
+    offsets = row_words[:, None, None] + word_cols[None, :, None] + tl.arange(0, 4)[None, None, :]
+    words = tl.load(x_words_ptr + offsets, mask=row_words[:, None, None] >= 0, other=0)
+    even, odd = tl.split(tl.reshape(words, (words.shape[0], words.shape[1], 2, 2)))  # (w0, w2), (w1, w3)
     w0, w2 = tl.split(even)
     w1, w3 = tl.split(odd)
-    return (_halves(w0, w2, False, PRMT)[:, None], _halves(w0, w2, True, PRMT)[:, None],
-            _halves(w1, w3, False, PRMT)[:, None], _halves(w1, w3, True, PRMT)[:, None])
+    return (_halves(w0, w2, False, PRMT), _halves(w0, w2, True, PRMT),
+            _halves(w1, w3, False, PRMT), _halves(w1, w3, True, PRMT))
 
 
 @triton.jit
@@ -250,24 +265,26 @@ def _w4a16_gemv_kernel(
     x_ptr, qweight_ptr, scales_ptr, zeros_ptr, bias_ptr, partials_ptr, out_ptr, counters_ptr, M, N, K, stride_xm,
     k_per_split,
     GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr, SYM_ZERO: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr, EVEN_N: tl.constexpr,
-    PTX: tl.constexpr, LOAD_STAGES: tl.constexpr, SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, DEQUANT: tl.constexpr, MAGIC: tl.constexpr,
+    EVEN_N: tl.constexpr, WORD_PTX: tl.constexpr, DOT_PTX: tl.constexpr, LOAD_STAGES: tl.constexpr,
+    SPLIT_MODE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[m, n] = sum over K of x[m, k] * W[k, n], on the CUDA cores; this program adds its K split.
 
-    Each program takes ROWS packed rows (8 * ROWS input rows, inside one group) of BLOCK_N
-    columns per step and keeps [ROWS, BLOCK_N] fp32 partial sums, reduced across rows once.
-    With LOAD_STAGES > 1 the loop's loads go through shared memory by asynchronous copies,
-    LOAD_STAGES - 1 steps ahead: more bytes in flight per SM without holding them in registers
+    Each program takes BLOCK_M activation rows and ROWS packed rows (8 * ROWS input rows, inside one
+    group) of BLOCK_N columns per step. It dequantizes that weight tile once and multiplies it into
+    every one of its activation rows, keeping [BLOCK_M, ROWS, BLOCK_N] fp32 partial sums, reduced
+    across ROWS once. With LOAD_STAGES > 1 the loop's loads go through shared memory by asynchronous
+    copies, LOAD_STAGES - 1 steps ahead: more bytes in flight per SM without holding them in registers
     (loading ahead into registers measured slower on the H200: more registers, fewer warps).
     """
     wait_for_previous(PDL)
-    pid_n, pid_k, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_r = tl.arange(0, ROWS)
-    mask_n = offs_n < N
-    x_row = x_ptr + row * stride_xm
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    mask_m, mask_n = offs_m < M, offs_n < N
+    acc = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     for k0 in tl.range(k_start, tl.minimum(k_start + k_per_split, K), 8 * ROWS, num_stages=LOAD_STAGES):
         w_ptrs = qweight_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :]
@@ -283,18 +300,21 @@ def _w4a16_gemv_kernel(
             zero = tl.full((1, BLOCK_N), SYM_ZERO, tl.float32)
         cols = k0 + 8 * offs_r  # the first input row of each packed row
         if DEQUANT == DEQUANT_PLAIN:
-            part = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            part = tl.zeros((BLOCK_M, ROWS, BLOCK_N), dtype=tl.float32)
             for j in tl.static_range(8):
-                x_j = tl.load(x_row + cols + j).to(tl.float32)[:, None]
-                part += (((packed >> (4 * j)) & 0xF).to(tl.float32) - zero) * x_j
+                x_j = tl.load(x_ptr + offs_m[:, None] * stride_xm + (cols + j)[None, :], mask=mask_m[:, None],
+                              other=0.0).to(tl.float32)
+                part += ((((packed >> (4 * j)) & 0xF).to(tl.float32) - zero)[None, :, :]) * x_j[:, :, None]
         else:
             zero16 = (zero + MAGIC).to(x_ptr.dtype.element_ty).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-            pair0, pair1, pair2, pair3 = _x_pairs(x_row.to(tl.pointer_type(tl.int32)), cols // 2, True)
-            part = _dot8(packed, pair0, pair1, pair2, pair3, zero16 | (zero16 << 16), PTX)
-        acc += part * scale
-    out = tl.sum(acc, axis=0)[None, :]
-    store_split_k(out, tl.full((1,), 0, tl.int32) + row, offs_n, M, N, pid_k, tl.num_programs(1),
-                  row * tl.num_programs(0) + pid_n, partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
+            w0, w1, w2, w3 = _dequantize_word(packed, zero16 | (zero16 << 16), WORD_PTX)
+            row_words = tl.where(mask_m, offs_m * (stride_xm // 2), -1)
+            x0, x1, x2, x3 = _x_pairs(x_ptr.to(tl.pointer_type(tl.int32)), row_words, cols // 2, True)
+            part = _dot_pairs(w0[None, :, :], w1[None, :, :], w2[None, :, :], w3[None, :, :], x0[:, :, None],
+                              x1[:, :, None], x2[:, :, None], x3[:, :, None], DOT_PTX)
+        acc += part * scale[None, :, :]
+    store_split_k(tl.sum(acc, axis=1), offs_m, offs_n, M, N, pid_k, tl.num_programs(1), pid_m * tl.num_programs(0) + pid_n,
+                  partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
 
 
 @triton.jit
@@ -377,6 +397,7 @@ class W4A16GemvConfig:
     num_stages: int = 3  # > 1: loads go through shared memory, num_stages - 1 steps ahead
     split_k: int = 0  # 0: choose from the shape (see choose_split_k)
     reduce_in_kernel: bool = True  # 59.6 against 63.1 us with a second launch
+    block_m: int = 1  # activation rows per program, all multiplied by one dequantized weight tile
 
 
 DEFAULT_GEMV = W4A16GemvConfig()
@@ -405,17 +426,20 @@ def _w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     m, k = x.shape
     n = qweight.shape[1]
     block_k = PACK_FACTOR * config.rows
-    column_tiles = triton.cdiv(n, config.block_n)
-    splits = split_count(column_tiles, triton.cdiv(k, block_k), config.split_k, PROGRAMS_PER_SM, x.device)
-    plan = plan_split_k(m, n, k, block_k, splits, m * column_tiles, x.dtype, x.device, config.reduce_in_kernel)
+    column_tiles, row_blocks = triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m)
+    splits = split_count(column_tiles * row_blocks, triton.cdiv(k, block_k), config.split_k, PROGRAMS_PER_SM,
+                         x.device)
+    plan = plan_split_k(m, n, k, block_k, splits, row_blocks * column_tiles, x.dtype, x.device,
+                        config.reduce_in_kernel)
     dequant = _dequant_mode(x, scale_per_tile=True)  # the GEMV's steps always lie in one group
     if m:
-        _w4a16_gemv_kernel[(column_tiles, plan.splits, m)](
+        _w4a16_gemv_kernel[(column_tiles, plan.splits, row_blocks)](
             x, qweight, scales, zeros if zeros is not None else scales, bias if bias is not None else scales,
             plan.partials, plan.out, plan.counters, m, n, k, x.stride(0), plan.k_per_split, GROUP_SIZE=group_size,
             HAS_ZEROS=zeros is not None, HAS_BIAS=plan.has_bias_in_kernel(bias), SYM_ZERO=float(SYMMETRIC_ZERO),
-            ROWS=config.rows, BLOCK_N=config.block_n, DEQUANT=dequant, MAGIC=MAGIC.get(dequant, 0.0),
-            EVEN_N=n % config.block_n == 0, PTX=DOT8_PTX.get(dequant, ""), LOAD_STAGES=config.num_stages,
+            BLOCK_M=config.block_m, ROWS=config.rows, BLOCK_N=config.block_n, DEQUANT=dequant,
+            MAGIC=MAGIC.get(dequant, 0.0), EVEN_N=n % config.block_n == 0, WORD_PTX=WORD_PTX.get(dequant, ""),
+            DOT_PTX=DOT_PAIRS_PTX.get(dequant, ""), LOAD_STAGES=config.num_stages,
             SPLIT_MODE=plan.mode, num_warps=config.num_warps, num_stages=config.num_stages,
             **launch_options(x.device))
     return plan.result(bias)

@@ -102,15 +102,16 @@ def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, reduce_in_kernel, k, 
 
 
 @pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
-@pytest.mark.parametrize("m,dtype", [(1, torch.float32), (2, torch.float16)])
-def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, reduce_in_kernel, m, dtype):
-    # The CUDA-core GEMV (one program per row): N not a multiple of its tile, K split unevenly.
+@pytest.mark.parametrize("m,block_m,dtype", [(1, 1, torch.float32), (2, 1, torch.float16), (3, 2, torch.float32),
+                                             (3, 4, torch.float16)])
+def test_w4a16_gemv_with_bias_split_k_and_uneven_columns(split_k, reduce_in_kernel, m, block_m, dtype):
+    # The CUDA-core GEMV: N not a multiple of its tile, K split unevenly, and row blocks the rows do not fill.
     k, n, group = 192, 72, 32
     qweight, scales, zeros = ref.quantize_w4(random(n, k), group, True)
     scales, zeros = scales.to(dtype), zeros.to(dtype)
     x, bias = random(m, k, dtype=dtype, seed=2), random(n, dtype=dtype, seed=3)
     config = W4A16GemvConfig(block_n=32, rows=4, num_warps=1, num_stages=1, split_k=split_k,
-                             reduce_in_kernel=reduce_in_kernel)
+                             reduce_in_kernel=reduce_in_kernel, block_m=block_m)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group, bias=bias)
     assert out.dtype == dtype and relative_error(out, expected) < TOLERANCE[dtype]
@@ -275,13 +276,16 @@ def test_w4a16_bf16_gpu(m, k, n, group_size):
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("config", [W4A16GemvConfig(num_stages=3), W4A16GemvConfig(block_n=128, num_stages=4, split_k=8),
-                                    W4A16GemvConfig(num_stages=1, reduce_in_kernel=False)], ids=str)
+@pytest.mark.parametrize("m,config", [(1, W4A16GemvConfig(num_stages=3)),
+                                      (1, W4A16GemvConfig(block_n=128, num_stages=4, split_k=8)),
+                                      (1, W4A16GemvConfig(num_stages=1, reduce_in_kernel=False)),
+                                      (2, W4A16GemvConfig(rows=8, block_m=2)), (3, W4A16GemvConfig(rows=8, block_m=4))],
+                         ids=str)
 @pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
-def test_w4a16_gemv_configs_bf16_gpu(config, k, n):
-    # Loads pipelined through shared memory, and both ways of adding the K splits.
+def test_w4a16_gemv_configs_bf16_gpu(m, config, k, n):
+    # Loads pipelined through shared memory, both ways of adding the K splits, and several rows per program.
     qweight, scales, zeros = ref.quantize_w4(random(n, k, dtype=torch.bfloat16), 128, True)
-    x, bias = random(1, k, dtype=torch.bfloat16, seed=1), random(n, dtype=torch.bfloat16, seed=2)
+    x, bias = random(m, k, dtype=torch.bfloat16, seed=1), random(n, dtype=torch.bfloat16, seed=2)
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, 128, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, 128, bias=bias)
     assert relative_error(out, expected) < TOLERANCE[torch.bfloat16]
@@ -357,9 +361,10 @@ def test_fp8_triton_path_matches_scaled_mm_gpu():
 @triton.jit
 def _x_pairs_probe(x_ptr, out_ptr, ROWS: tl.constexpr):
     offs_r = tl.arange(0, ROWS)
-    pairs = w4a16._x_pairs(x_ptr.to(tl.pointer_type(tl.int32)), offs_r * 4, False)  # prmt: GPU only
+    row_words = tl.full((1,), 0, tl.int32)
+    pairs = w4a16._x_pairs(x_ptr.to(tl.pointer_type(tl.int32)), row_words, offs_r * 4, False)  # prmt: GPU only
     for j in tl.static_range(4):
-        tl.store(out_ptr + j * ROWS + offs_r[:, None], pairs[j])
+        tl.store(out_ptr + j * ROWS + offs_r[None, :], pairs[j])
 
 
 def test_w4a16_gemv_regroups_activations_into_nibble_pairs():
