@@ -47,7 +47,7 @@ from kernels.fp8 import default_config as fp8_default_config
 from kernels.fp8 import takes_weight_only_gemv
 from kernels.fp8_gemv import DEFAULT_CONFIG as FP8_GEMV_DEFAULT
 from kernels.fp8_gemv import Fp8GemvConfig
-from kernels.w4a16 import DEFAULT_GEMV, W4A16Config, W4A16GemvConfig
+from kernels.w4a16 import GEMV_CONFIGS, W4A16Config, W4A16GemvConfig
 from kernels.w4a16 import default_config as w4a16_default_config
 
 LLAMA_8B_GEMMS = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672), "down": (14336, 4096)}
@@ -219,8 +219,10 @@ def sweep_candidates(m: int, formats: set[str]) -> list[tuple[str, KernelConfig]
     if "defaults" in formats:
         defaults: list[tuple[str, KernelConfig]] = [("fp8", fp8_default_config(m))]
         if m == 1:
-            defaults += [("w4a16", DEFAULT_GEMV), ("fp8", FP8_GEMV_DEFAULT)]
-        elif m <= 128:
+            defaults.append(("fp8", FP8_GEMV_DEFAULT))
+        if m in GEMV_CONFIGS:
+            defaults.append(("w4a16", GEMV_CONFIGS[m]))
+        if 1 < m <= 128:  # the tensor-core kernel's tiles, also where the GEMV is the default
             defaults.append(("w4a16", w4a16_default_config(m)))
         for fmt, config in defaults:
             candidates += [(fmt, config), (fmt, replace(config, reduce_in_kernel=not config.reduce_in_kernel))]

@@ -155,13 +155,27 @@ def split_count(tiles: int, k_tiles: int, requested: int, programs_per_sm: int, 
     if interpreted():
         return min(2, k_tiles)
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return choose_split_k(tiles, k_tiles, programs_per_sm * multiprocessor_count(index))
+    return choose_split_k(tiles, k_tiles, programs_per_sm, multiprocessor_count(index))
 
 
-def choose_split_k(tiles: int, k_tiles: int, programs_wanted: int, max_splits: int = 16) -> int:
-    """K splits so that tiles * splits reaches programs_wanted, keeping each split at least 4 K tiles long."""
-    wanted = math.ceil(programs_wanted / tiles)
-    return max(1, min(wanted, k_tiles // 4, max_splits))
+def choose_split_k(tiles: int, k_tiles: int, programs_per_sm: int, processors: int, max_splits: int = 16) -> int:
+    """K splits for `tiles` output tiles of k_tiles K tiles each, every split at least 4 K tiles long.
+
+    The launch lasts about as long as its busiest SM: ceil(programs / SMs) programs of the longest split.
+    Of the split counts within 5% of the least such work, the one nearest ceil(programs_per_sm * SMs /
+    tiles) wins (more programs hide more latency). Aiming at that count alone can leave a partial last
+    round: Llama-3.1-8B's down_proj W4A16 GEMV took 19.1 us in 9 splits (288 programs on 132 SMs) against
+    14.4 in 8.
+    """
+    def busiest_sm_k_tiles(splits: int) -> int:
+        per_split = math.ceil(k_tiles / splits)
+        return math.ceil(tiles * math.ceil(k_tiles / per_split) / processors) * per_split
+
+    wanted = math.ceil(programs_per_sm * processors / tiles)
+    candidates = range(1, max(1, min(k_tiles // 4, max_splits)) + 1)
+    least = min(busiest_sm_k_tiles(splits) for splits in candidates)
+    return min((splits for splits in candidates if busiest_sm_k_tiles(splits) <= 1.05 * least),
+               key=lambda splits: abs(splits - wanted))
 
 
 @functools.cache

@@ -3,12 +3,13 @@
 The layout is the one in kernels/quant_reference.py (int32 [K // 8, N], groups
 along K). Three paths, by the number of activation rows M:
 
-- M = 1 (batch-1 decode, what 4-bit checkpoints are bought for): a GEMV on the
-  CUDA cores. Each packed int32 is read once, and its eight weights are
-  dequantized and multiplied in 16-bit pairs (lop3, packed subtract, packed fma),
-  the pair's sum widened to fp32 once per int32. The packed rows stream through
-  shared memory by asynchronous copies a few steps ahead of the arithmetic.
-- M = 2..DOT_MAX_M: a tensor-core kernel that dequantizes tile by tile inside the
+- M = 1, 2 (decode of one or two sequences, what 4-bit checkpoints are bought
+  for): a GEMV on the CUDA cores. Each packed int32 is read once, and its eight
+  weights are dequantized in 16-bit pairs (lop3, packed subtract) once for all
+  the rows, then multiplied by packed fmas, each row's pair sum widened to fp32
+  once per int32. The packed rows stream through shared memory by asynchronous
+  copies a few steps ahead of the arithmetic.
+- M up to DOT_MAX_M: a tensor-core kernel that dequantizes tile by tile inside the
   matmul. Each program loads a packed [BLOCK_K // 8, BLOCK_N] tile and feeds its
   eight nibble planes to tl.dot; two weights are made by one lop3 and one packed
   subtract (the "magic number" trick: a nibble ORed into the mantissa of 128.0 in
@@ -44,7 +45,6 @@ MIN_DOT = 16  # the smallest M / N / K tl.dot accepts
 # layer 333 us at M = 256 against the tensor-core kernel's 564, but 334 against 314 at M = 128
 # (benchmarks/RESULTS.md).
 DOT_MAX_M = 128
-GEMV_MAX_M = 1  # rows the CUDA-core GEMV takes
 # The dense copy of a weight is made (and dropped) this much at a time: every Llama-3.1-8B weight in one
 # piece (gate_up: 235 MB), the 70B shape's gate_up (940 MB) in four.
 DEQUANT_CHUNK_BYTES = 256 << 20
@@ -400,7 +400,11 @@ class W4A16GemvConfig:
     block_m: int = 1  # activation rows per program, all multiplied by one dequantized weight tile
 
 
-DEFAULT_GEMV = W4A16GemvConfig()
+# The GEMV's tiles by activation rows, from the H200 sweeps (benchmarks/RESULTS.md, ninth session). Two rows share
+# each dequantized tile: 69.6 us for the 8B layer's four GEMMs, against 86.1 for the tensor-core kernel. At four
+# rows the tensor-core kernel is faster (86.2 against 97.7).
+GEMV_CONFIGS = {1: W4A16GemvConfig(), 2: W4A16GemvConfig(block_n=64, rows=8, num_warps=1, split_k=8, block_m=2)}
+DEFAULT_GEMV = GEMV_CONFIGS[1]
 
 
 def default_config(m: int) -> W4A16Config:
@@ -486,7 +490,7 @@ def w4a16_matmul(
     With g_idx the group of each row is looked up (any order); otherwise rows
     k*G..(k+1)*G-1 form group k. Groups that are a multiple of the K tile (128, per
     channel) take the fast path: one scale per tile, weights dequantized two per instruction.
-    Up to GEMV_MAX_M rows take the GEMV where its groups fit; batches above DOT_MAX_M rows
+    Batches of GEMV_CONFIGS' sizes take the GEMV where its groups fit; batches above DOT_MAX_M rows
     dequantize and call cuBLAS. A config picks one kernel and its tiles instead.
     """
     m, k = x.shape
@@ -502,8 +506,8 @@ def w4a16_matmul(
             raise ValueError(f"the W4A16 GEMV cannot run {config} here: it needs 8 * rows to divide the group "
                              f"size ({group_size}) and K ({k}), no g_idx, and 4-byte aligned activation rows")
         return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, config)
-    if config is None and m <= GEMV_MAX_M and _gemv_fits(x, group_size, g_idx, DEFAULT_GEMV):
-        return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, DEFAULT_GEMV)
+    if config is None and m in GEMV_CONFIGS and _gemv_fits(x, group_size, g_idx, GEMV_CONFIGS[m]):
+        return _w4a16_gemv(x, qweight, scales, zeros, group_size, bias, GEMV_CONFIGS[m])
     if m > DOT_MAX_M and config is None:
         return _dequantized_matmul(x, qweight, scales, zeros, group_size, g_idx, bias)
     config = config if isinstance(config, W4A16Config) else default_config(m)

@@ -17,6 +17,7 @@ from kernels import quant_reference as ref
 from kernels import w4a16
 from kernels.fp8 import Fp8Config
 from kernels.fp8_gemv import Fp8GemvConfig
+from kernels.split_k import choose_split_k
 from kernels.w4a16 import DOT_MAX_M, W4A16Config, W4A16GemvConfig
 
 CUDA = torch.cuda.is_available()
@@ -99,6 +100,17 @@ def test_w4a16_split_k_with_bias_and_uneven_tiles(split_k, reduce_in_kernel, k, 
     out = kernels.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias, config=config)
     expected = ref.w4a16_matmul(x, qweight, scales, zeros, group_size, bias=bias)
     assert relative_error(out, expected) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("tiles,k_tiles,expected", [
+    (32, 112, 8),  # Llama-3.1-8B down_proj GEMV: 9 splits would give 288 programs, three on some of 132 SMs
+    (32, 32, 8),  # o_proj: 8 splits, two programs per SM
+    (224, 32, 4),  # gate_up: already 224 programs; a few splits more each cost the same on the busiest SM
+    (48, 3, 1),  # K too short to split (every split keeps at least 4 K tiles)
+])
+def test_split_k_fills_every_sm_without_a_partial_last_round(tiles, k_tiles, expected):
+    splits = choose_split_k(tiles, k_tiles, programs_per_sm=2, processors=132)
+    assert splits == expected
 
 
 @pytest.mark.parametrize("split_k,reduce_in_kernel", [(1, True), (3, True), (3, False)])
@@ -263,7 +275,7 @@ LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("m", [1, 16, 64, 256])
+@pytest.mark.parametrize("m", [1, 2, 3, 16, 64, 256])
 @pytest.mark.parametrize("k,n", LLAMA_8B_SHAPES)
 @pytest.mark.parametrize("group_size", [128, -1])
 def test_w4a16_bf16_gpu(m, k, n, group_size):
