@@ -37,7 +37,6 @@ What makes them fast on Hopper:
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -46,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels.cache import kv_scales
+from kernels.gpu import multiprocessor_count
 from kernels.interpreter import interpreted
 from kernels.pdl import launch_options, wait_for_previous
 from kernels.reference import FP8_DTYPE
@@ -317,17 +317,12 @@ def default_decode_config(head_dim: int, fp8_cache: bool = False) -> LaunchConfi
     return LaunchConfig(block_n=64 if head_dim <= 128 else 32, num_warps=2 if fp8_cache else 4, num_stages=2)
 
 
-@functools.cache
-def _multiprocessor_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, block_n: int) -> int:
     """Enough splits to give every SM about two programs, never more than the context has tiles."""
     if interpreted():
         target_programs = 2 * batch * num_kv_heads  # exercise the merge path in tests
     else:
-        target_programs = 2 * _multiprocessor_count(torch.cuda.current_device())
+        target_programs = 2 * multiprocessor_count(torch.cuda.current_device())
     wanted = math.ceil(target_programs / (batch * num_kv_heads))
     return max(1, min(wanted, math.ceil(max_context / block_n), 32))
 

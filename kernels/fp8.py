@@ -19,7 +19,6 @@ otherwise, and under the Triton interpreter, the Triton kernel computes the same
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.fp8_gemv import GEMV_MAX_M, fp8_weight_only_gemv
+from kernels.gpu import capability, device_index
 from kernels.interpreter import interpreted
 from kernels.pdl import launch_options, wait_for_previous
 from kernels.quant_reference import FP8_DTYPE, FP8_MAX, FP8_MIN_SCALE, quantize_fp8_static
@@ -247,12 +247,7 @@ def _triton_fp8_matmul(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Ten
 
 
 def _has_fp8_tensor_cores(device: torch.device) -> bool:
-    return device.type == "cuda" and _capability(device.index if device.index is not None else 0) >= (8, 9)
-
-
-@functools.cache
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
+    return device.type == "cuda" and capability(device_index(device)) >= (8, 9)
 
 
 def _scaled_mm_fits(x_q: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype) -> bool:

@@ -17,7 +17,6 @@ interpreter, on CPUs and on GPUs before Hopper it is off.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -26,21 +25,17 @@ import triton.language as tl
 from triton.backends.nvidia.compiler import CUDAOptions
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from kernels.gpu import capability, device_index
 from kernels.interpreter import interpreted
 
 LAUNCHER_SUPPORTS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
-
-
-@functools.cache
-def _hopper_or_newer(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def enabled(device: torch.device) -> bool:
     """Whether kernels on `device` are launched with PDL now."""
     return (device.type == "cuda" and LAUNCHER_SUPPORTS_PDL and not interpreted()
             and os.environ.get("KUBELLM_PDL", "1") != "0"
-            and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
+            and capability(device_index(device)) >= (9, 0))
 
 
 def launch_options(device: torch.device) -> dict[str, bool]:

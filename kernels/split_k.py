@@ -22,7 +22,6 @@ must pass reduce_in_kernel=False or get counters of its own.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.gpu import device_index, multiprocessor_count
 from kernels.interpreter import interpreted
 from kernels.pdl import launch_options, wait_for_previous
 
@@ -136,7 +136,7 @@ def plan_split_k(m: int, n: int, k: int, block_k: int, splits: int, tiles: int, 
 def _counters(device: torch.device) -> torch.Tensor | None:
     """The device's tile counters (all zero; made on first use), or None during a CUDA-graph capture that
     would have to make them. Under the interpreter they are CPU tensors, and the sum runs the same way."""
-    key = str(device) if device.type != "cuda" or device.index is not None else f"cuda:{torch.cuda.current_device()}"
+    key = f"cuda:{device_index(device)}" if device.type == "cuda" else str(device)
     if key not in _COUNTERS:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
@@ -154,8 +154,7 @@ def split_count(tiles: int, k_tiles: int, requested: int, programs_per_sm: int, 
         return requested
     if interpreted():
         return min(2, k_tiles)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return choose_split_k(tiles, k_tiles, programs_per_sm, multiprocessor_count(index))
+    return choose_split_k(tiles, k_tiles, programs_per_sm, multiprocessor_count(device_index(device)))
 
 
 def choose_split_k(tiles: int, k_tiles: int, programs_per_sm: int, processors: int, max_splits: int = 16) -> int:
@@ -177,7 +176,3 @@ def choose_split_k(tiles: int, k_tiles: int, programs_per_sm: int, processors: i
     return min((splits for splits in candidates if busiest_sm_k_tiles(splits) <= 1.05 * least),
                key=lambda splits: abs(splits - wanted))
 
-
-@functools.cache
-def multiprocessor_count(device: int) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
