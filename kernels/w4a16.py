@@ -313,8 +313,9 @@ def _w4a16_gemv_kernel(
             part = _dot_pairs(w0[None, :, :], w1[None, :, :], w2[None, :, :], w3[None, :, :], x0[:, :, None],
                               x1[:, :, None], x2[:, :, None], x3[:, :, None], DOT_PTX)
         acc += part * scale[None, :, :]
-    store_split_k(tl.sum(acc, axis=1), offs_m, offs_n, M, N, pid_k, tl.num_programs(1), pid_m * tl.num_programs(0) + pid_n,
-                  partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS, SPLIT_MODE)
+    store_split_k(tl.sum(acc, axis=1), offs_m, offs_n, M, N, pid_k, tl.num_programs(1),
+                  pid_m * tl.num_programs(0) + pid_n, partials_ptr, out_ptr, bias_ptr, counters_ptr, HAS_BIAS,
+                  SPLIT_MODE)
 
 
 @triton.jit
