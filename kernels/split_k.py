@@ -22,6 +22,7 @@ must pass reduce_in_kernel=False or get counters of its own.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -157,6 +158,7 @@ def split_count(tiles: int, k_tiles: int, requested: int, programs_per_sm: int, 
     return choose_split_k(tiles, k_tiles, programs_per_sm, multiprocessor_count(device_index(device)))
 
 
+@functools.cache  # a pure function of a launch's shape, asked on every launch that does not give its splits
 def choose_split_k(tiles: int, k_tiles: int, programs_per_sm: int, processors: int, max_splits: int = 16) -> int:
     """K splits for `tiles` output tiles of k_tiles K tiles each, every split at least 4 K tiles long.
 
@@ -171,8 +173,8 @@ def choose_split_k(tiles: int, k_tiles: int, programs_per_sm: int, processors: i
         return math.ceil(tiles * math.ceil(k_tiles / per_split) / processors) * per_split
 
     wanted = math.ceil(programs_per_sm * processors / tiles)
-    candidates = range(1, max(1, min(k_tiles // 4, max_splits)) + 1)
-    least = min(busiest_sm_k_tiles(splits) for splits in candidates)
-    return min((splits for splits in candidates if busiest_sm_k_tiles(splits) <= 1.05 * least),
+    work = {splits: busiest_sm_k_tiles(splits) for splits in range(1, max(1, min(k_tiles // 4, max_splits)) + 1)}
+    least = min(work.values())
+    return min((splits for splits, busiest in work.items() if busiest <= 1.05 * least),
                key=lambda splits: abs(splits - wanted))
 
